@@ -1,0 +1,206 @@
+"""Sigma schedules (EDM parametrisation) and conversions between VP time, discrete timesteps and sigma.
+
+Every schedule is a 1-D float64 tensor of ``steps + 1`` strictly decreasing sigmas with
+``sigmas[0] = sigma_max`` and ``sigmas[-1] = sigma_min``.  A VP (variance preserving) model at
+time ``t`` with signal level ``alpha_t`` (``alphas_cumprod`` in diffusers) is the same process in
+EDM coordinates: ``sigma = sqrt((1 - alpha) / alpha)`` and ``x_edm = x_vp / sqrt(alpha)``.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+__all__ = [
+    "polynomial", "logsnr", "time_uniform", "discrete", "check_sigmas",
+    "vp_params", "vp_sigma", "vp_sigma_inv", "alpha_to_sigma", "sigma_to_alpha",
+    "discrete_sigmas", "sigma_to_timestep", "timestep_to_sigma",
+    "SIGMA_MIN", "SIGMA_MAX", "VP_EPS",
+]
+
+SIGMA_MIN = 0.002
+SIGMA_MAX = 80.0
+VP_EPS = 1e-3  # smallest VP time of the standard VP-SDE fitted to [SIGMA_MIN, SIGMA_MAX]
+
+
+def _check_steps(steps) -> int:
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
+        raise TypeError(f"steps must be an int, got {type(steps).__name__}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    return int(steps)
+
+
+def _check_range(sigma_min: float, sigma_max: float) -> tuple[float, float]:
+    sigma_min, sigma_max = float(sigma_min), float(sigma_max)
+    if not (math.isfinite(sigma_min) and math.isfinite(sigma_max)):
+        raise ValueError(f"sigma_min and sigma_max must be finite, got {sigma_min}, {sigma_max}")
+    if sigma_min <= 0:
+        raise ValueError(f"sigma_min must be > 0, got {sigma_min}")
+    if sigma_min >= sigma_max:
+        raise ValueError(f"sigma_min must be < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+    return sigma_min, sigma_max
+
+
+def _check_rho(rho: float) -> float:
+    rho = float(rho)
+    if not (math.isfinite(rho) and rho > 0):
+        raise ValueError(f"rho must be a finite number > 0, got {rho}")
+    return rho
+
+
+def _ramp(steps: int) -> torch.Tensor:
+    """u_i = i / steps, i = 0..steps, float64."""
+    return torch.arange(steps + 1, dtype=torch.float64) / steps
+
+
+def _pin_ends(sigmas: torch.Tensor, first: float, last: float) -> torch.Tensor:
+    sigmas[0], sigmas[-1] = first, last
+    return sigmas
+
+
+def polynomial(steps: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX,
+               rho: float = 7.0) -> torch.Tensor:
+    """EDM ("Karras") schedule: sigma_i = (smax^(1/rho) + i/steps (smin^(1/rho) - smax^(1/rho)))^rho."""
+    steps = _check_steps(steps)
+    sigma_min, sigma_max = _check_range(sigma_min, sigma_max)
+    rho = _check_rho(rho)
+    a, b = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    return _pin_ends((a + _ramp(steps) * (b - a)) ** rho, sigma_max, sigma_min)
+
+
+def logsnr(steps: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX) -> torch.Tensor:
+    """Uniform in lambda = -log sigma (half the log-SNR): sigma_i = smax (smin/smax)^(i/steps)."""
+    steps = _check_steps(steps)
+    sigma_min, sigma_max = _check_range(sigma_min, sigma_max)
+    lo, hi = math.log(sigma_min), math.log(sigma_max)
+    return _pin_ends(torch.exp(hi + _ramp(steps) * (lo - hi)), sigma_max, sigma_min)
+
+
+def vp_params(sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX,
+              eps: float = VP_EPS) -> tuple[float, float]:
+    """(beta_d, beta_min) of the linear VP-SDE with sigma(eps) = sigma_min and sigma(1) = sigma_max.
+
+    sigma(t)^2 = exp(beta_d t^2 / 2 + beta_min t) - 1.
+    """
+    sigma_min, sigma_max = _check_range(sigma_min, sigma_max)
+    l0, l1 = math.log1p(sigma_min ** 2), math.log1p(sigma_max ** 2)
+    beta_d = 2 * (l0 / eps - l1) / (eps - 1)
+    return beta_d, l1 - 0.5 * beta_d
+
+
+def vp_sigma(t, beta_d: float, beta_min: float):
+    """sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1) (VP time -> EDM sigma)."""
+    t = torch.as_tensor(t, dtype=torch.float64)
+    return torch.sqrt(torch.expm1(0.5 * beta_d * t ** 2 + beta_min * t))
+
+
+def vp_sigma_inv(sigma, beta_d: float, beta_min: float):
+    """Inverse of :func:`vp_sigma`: t = (sqrt(beta_min^2 + 2 beta_d log(1 + sigma^2)) - beta_min) / beta_d."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float64)
+    return (torch.sqrt(beta_min ** 2 + 2 * beta_d * torch.log1p(sigma ** 2)) - beta_min) / beta_d
+
+
+def sigma_to_alpha(sigma):
+    """alpha = 1 / (1 + sigma^2): the VP signal level (alphas_cumprod) at noise level sigma."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float64)
+    return 1.0 / (1.0 + sigma ** 2)
+
+
+def alpha_to_sigma(alpha):
+    """sigma = sqrt((1 - alpha) / alpha)."""
+    alpha = torch.as_tensor(alpha, dtype=torch.float64)
+    return torch.sqrt((1.0 - alpha) / alpha)
+
+
+def time_uniform(steps: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX,
+                 rho: float = 1.0) -> torch.Tensor:
+    """Uniform (rho=1) or polynomial (rho) steps in the VP time t in [eps, 1], mapped to sigma.
+
+    t_i = (1 + i/steps (eps^(1/rho) - 1))^rho with the VP-SDE of :func:`vp_params` fitted to
+    [sigma_min, sigma_max] (the DPM-Solver / diff-sampler "time_uniform" schedule).
+    """
+    steps = _check_steps(steps)
+    sigma_min, sigma_max = _check_range(sigma_min, sigma_max)
+    rho = _check_rho(rho)
+    beta_d, beta_min = vp_params(sigma_min, sigma_max)
+    t = (1 + _ramp(steps) * (VP_EPS ** (1 / rho) - 1)) ** rho
+    return _pin_ends(vp_sigma(t, beta_d, beta_min), sigma_max, sigma_min)
+
+
+def discrete_sigmas(alphas_cumprod) -> torch.Tensor:
+    """The model's sigma at each integer timestep k: sqrt((1 - a_k) / a_k), increasing in k."""
+    ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64).flatten()
+    if ac.numel() < 2:
+        raise ValueError(f"alphas_cumprod needs at least 2 entries, got {ac.numel()}")
+    if not bool(torch.all((ac > 0) & (ac < 1))):
+        raise ValueError("alphas_cumprod must lie strictly inside (0, 1)")
+    if not bool(torch.all(ac[1:] < ac[:-1])):
+        raise ValueError("alphas_cumprod must be strictly decreasing")
+    return alpha_to_sigma(ac)
+
+
+def timestep_to_sigma(t, alphas_cumprod) -> torch.Tensor:
+    """Continuous timestep -> sigma, by linear interpolation of log sigma between integer steps."""
+    log_s = discrete_sigmas(alphas_cumprod).log()
+    t = torch.as_tensor(t, dtype=torch.float64).clamp(0, log_s.numel() - 1)
+    lo = t.floor().long().clamp(max=log_s.numel() - 2)
+    w = t - lo
+    return torch.exp((1 - w) * log_s[lo] + w * log_s[lo + 1])
+
+
+def sigma_to_timestep(sigma, alphas_cumprod) -> torch.Tensor:
+    """sigma -> continuous timestep, the inverse of :func:`timestep_to_sigma` (clamped to the range)."""
+    log_s = discrete_sigmas(alphas_cumprod).log()
+    ls = torch.as_tensor(sigma, dtype=torch.float64).log().clamp(log_s[0], log_s[-1])
+    hi = torch.searchsorted(log_s, ls.contiguous()).clamp(1, log_s.numel() - 1)
+    lo = hi - 1
+    w = (ls - log_s[lo]) / (log_s[hi] - log_s[lo])
+    return lo.to(torch.float64) + w
+
+
+def discrete(steps: int, alphas_cumprod, rho: float = 1.0, sigma_min: float | None = None,
+             sigma_max: float | None = None) -> torch.Tensor:
+    """Schedule for a model trained on discrete timesteps 0..T-1 (LDM / diffusers ``alphas_cumprod``).
+
+    Timesteps t_i = (t_max^(1/rho) + i/steps (t_min^(1/rho) - t_max^(1/rho)))^rho between the
+    timesteps of sigma_max and sigma_min (default: the model's whole range), mapped to sigma by
+    log-sigma interpolation.  rho=1 gives the uniform ("linspace") spacing of DDIM.
+    """
+    steps = _check_steps(steps)
+    rho = _check_rho(rho)
+    model_sigmas = discrete_sigmas(alphas_cumprod)
+    lo = float(model_sigmas[0]) if sigma_min is None else sigma_min
+    hi = float(model_sigmas[-1]) if sigma_max is None else sigma_max
+    lo, hi = _check_range(lo, hi)
+    t_min, t_max = (float(v) for v in sigma_to_timestep(torch.tensor([lo, hi]), alphas_cumprod))
+    a, b = t_max ** (1 / rho), t_min ** (1 / rho)
+    t = (a + _ramp(steps) * (b - a)) ** rho
+    return _pin_ends(timestep_to_sigma(t, alphas_cumprod), hi, lo)
+
+
+def check_sigmas(sigmas) -> torch.Tensor:
+    """Validate a schedule and return it as a 1-D float64 CPU tensor.
+
+    Requires at least 2 finite entries, strictly decreasing, all > 0 except an optional
+    trailing 0 (a final full denoise).
+    """
+    if isinstance(sigmas, torch.Tensor):
+        s = sigmas.detach().to("cpu", torch.float64)
+    else:
+        try:
+            s = torch.as_tensor(sigmas, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise TypeError(f"sigmas must be a 1-D tensor or sequence of floats: {e}") from None
+    if s.dim() != 1:
+        raise ValueError(f"sigmas must be 1-D, got shape {tuple(s.shape)}")
+    if s.numel() < 2:
+        raise ValueError(f"sigmas needs at least 2 entries (steps + 1), got {s.numel()}")
+    if not bool(torch.isfinite(s).all()):
+        raise ValueError(f"sigmas must be finite (no NaN or inf), got {s.tolist()}")
+    if not bool((s[:-1] > 0).all()) or float(s[-1]) < 0:
+        raise ValueError(f"sigmas must be positive (a trailing 0 is allowed), got {s.tolist()}")
+    if not bool((s[1:] < s[:-1]).all()):
+        raise ValueError(f"sigmas must be strictly decreasing, got {s.tolist()}")
+    return s

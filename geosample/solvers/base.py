@@ -1,0 +1,94 @@
+"""What every solver shares: the solver record, the counted denoiser, the step hook, AFS, lincomb.
+
+A solver is a function ``fn(model, x, sigmas, *, afs, on_step, **options) -> x`` that
+integrates dx/dsigma = (x - D(x, sigma)) / sigma over the positive, strictly decreasing float64
+grid ``sigmas`` (a Python list).  ``model(x, sigma)`` is the counted denoiser; ``on_step(i, x,
+denoised)`` is called exactly once per step with the state at the step's start and the
+denoiser value used there.  Solvers never modify tensors in place, so recorded states stay valid.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+__all__ = ["Solver", "Trajectory", "CountedDenoiser", "afs_denoised", "lincomb", "SOLVERS", "register"]
+
+
+@dataclass(frozen=True)
+class Solver:
+    """A registered solver: its step function, denoiser calls per step, and default options."""
+    name: str
+    fn: Callable
+    evals_per_step: int = 1
+    defaults: dict = field(default_factory=dict)
+
+    def nfe(self, steps: int, afs: bool = False) -> int:
+        """Denoiser calls for ``steps`` ODE steps: evals_per_step * steps, one fewer with AFS."""
+        if steps <= 0:
+            return 0
+        return self.evals_per_step * steps - int(bool(afs))
+
+
+SOLVERS: dict[str, Solver] = {}
+
+
+def register(name: str, evals_per_step: int = 1, **defaults):
+    """Decorator adding a solver function to :data:`SOLVERS` under ``name``."""
+    def wrap(fn):
+        SOLVERS[name] = Solver(name, fn, evals_per_step, dict(defaults))
+        return fn
+    return wrap
+
+
+@dataclass
+class Trajectory:
+    """A sampling trajectory on the grid ``sigmas``.
+
+    x: [steps+1, B, ...] states, x[0] = sigmas[0] * noise, x[-1] the sample;
+    denoised: [steps, B, ...] the denoiser value at each step's start (the analytic value with AFS);
+    sigmas: [steps+1] float64; nfe: denoiser calls per sample.
+    """
+    x: torch.Tensor
+    denoised: torch.Tensor
+    sigmas: torch.Tensor
+    nfe: int
+    solver: str = ""
+
+    @property
+    def steps(self) -> int:
+        return self.sigmas.numel() - 1
+
+
+class CountedDenoiser:
+    """Wraps D(x, sigma) with a float sigma: passes sigma as a [B] tensor, checks the output, counts calls."""
+
+    def __init__(self, denoiser: Callable):
+        if not callable(denoiser):
+            raise TypeError(f"denoiser must be callable D(x, sigma), got {type(denoiser).__name__}")
+        self.denoiser = denoiser
+        self.calls = 0
+
+    def __call__(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        self.calls += 1
+        s = torch.full((x.shape[0],), sigma, dtype=x.dtype, device=x.device)
+        out = self.denoiser(x, s)
+        if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"denoiser returned {got}, expected a tensor of shape {tuple(x.shape)}")
+        return out.to(x.dtype)
+
+
+def afs_denoised(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Analytical first step: d = x / sqrt(1 + sigma^2), so D = x - sigma d (data ~ unit variance)."""
+    return x * (1.0 - sigma / math.sqrt(1.0 + sigma * sigma))
+
+
+def lincomb(coeffs: Sequence[float], tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """sum_k coeffs[k] * tensors[k], with float64 coefficients and tensors[0] setting the dtype."""
+    out = tensors[0] * float(coeffs[0])
+    for c, t in zip(coeffs[1:], tensors[1:]):
+        out = out + float(c) * t
+    return out
