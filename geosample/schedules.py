@@ -174,7 +174,7 @@ def discrete(steps: int, alphas_cumprod, rho: float = 1.0, sigma_min: float | No
     lo = float(model_sigmas[0]) if sigma_min is None else sigma_min
     hi = float(model_sigmas[-1]) if sigma_max is None else sigma_max
     lo, hi = _check_range(lo, hi)
-    t_min, t_max = (float(v) for v in sigma_to_timestep(torch.tensor([lo, hi]), alphas_cumprod))
+    t_min, t_max = (float(v) for v in sigma_to_timestep(torch.tensor([lo, hi], dtype=torch.float64), alphas_cumprod))
     a, b = t_max ** (1 / rho), t_min ** (1 / rho)
     t = (a + _ramp(steps) * (b - a)) ** rho
     return _pin_ends(timestep_to_sigma(t, alphas_cumprod), hi, lo)

@@ -38,8 +38,10 @@ def ipndm_coefficients(sigmas, i: int, order: int) -> tuple[float, ...]:
 def ipndm_v_coefficients(sigmas, i: int, order: int) -> tuple[float, ...]:
     """iPNDM_v: the reference implementation's variable-step Adams-Bashforth weights times h.
 
-    With h = sigma_{i+1} - sigma_i and past steps g_k = sigma_{i-k+1} - sigma_{i-k}, they reduce
-    to :data:`AB_COEFFS` on a uniform grid and are exact for linear d(sigma) on any grid.
+    With h = sigma_{i+1} - sigma_i and past steps g_k = sigma_{i-k+1} - sigma_{i-k}.  Orders 2 and
+    3 reduce to :data:`AB_COEFFS` on a uniform grid and are exact for linear d(sigma) on any grid.
+    The order-4 weights are the reference's as published: they are not AB4 on a uniform grid and
+    do not sum to h on a non-uniform one (kept so that published numbers stay comparable).
     """
     h = sigmas[i + 1] - sigmas[i]
     if order == 1:

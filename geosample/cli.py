@@ -1,0 +1,44 @@
+"""The ``geosample`` command: ``geosample <command> [options]``.
+
+Each command lives in ``geosample.commands.<name>`` and exposes ``HELP`` (one line),
+``add_arguments(parser)`` and ``run(args) -> int``; modules are imported only when used.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = ("sample", "gits", "analyze")
+
+
+def _load(name: str):
+    return importlib.import_module(f"geosample.commands.{name}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="geosample", description="Fast few-step diffusion sampling "
+                                     "with geometry-inspired (GITS) schedules.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = _load(name)
+        except ModuleNotFoundError as e:
+            if e.name != f"geosample.commands.{name}":
+                raise
+            continue
+        module.add_arguments(sub.add_parser(name, help=module.HELP, description=module.HELP))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    if not argv:
+        argv = ["sample"]  # the main job: `geosample` alone runs `geosample sample`
+    args = parser.parse_args(argv)
+    return int(_load(args.command).run(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Subcommands of the ``geosample`` command line (see :mod:`geosample.cli`)."""

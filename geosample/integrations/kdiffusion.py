@@ -1,0 +1,96 @@
+"""k-diffusion / ComfyUI-style sampler functions backed by :func:`geosample.sample`.
+
+Every ``sample_<name>(model, x, sigmas, extra_args=None, callback=None, disable=None, **options)``
+follows k-diffusion's conventions: ``x`` is already ``sigmas[0] * noise``; ``model(x, sigma * s_in,
+**extra_args)`` returns the denoised x0 with ``sigma`` a [B] tensor; ``sigmas`` usually ends in 0
+(the last step is then the full denoise ``x = D(x, sigmas[-2])``); ``callback`` gets a dict with
+``x, i, sigma, sigma_hat, denoised`` once per step (``sigma`` and ``sigma_hat`` are ``sigmas[i]``);
+``disable`` turns the progress bar off.  ``options`` are the geosample solver's options.
+
+Same maths as k-diffusion (to rounding): euler, heun, dpm_2 (k-diffusion's second evaluation is
+skipped on the step to 0, exactly geosample's final denoise), dpmpp_2m (k-diffusion's
+``denoised_d`` midpoint form is the DPM-Solver++(2M) update; geosample keeps order 2 up to the
+denoise step, ``lower_order_final=False``, as k-diffusion does) and ComfyUI's ipndm.
+Differences: ``sample_dpmpp_3m`` is deterministic multistep DPM-Solver++(3M); k-diffusion only
+has ``sample_dpmpp_3m_sde``, whose ``eta=0`` case equals it except on the second step, where
+k-diffusion's warm-up adds ``phi_2 (D_1 - D_0) / r`` (``phi_2 = expm1(-h)/h + 1``) while geosample
+uses the 2M form ``-expm1(-h)/2 (D_1 - D_0) / r``; both are second order.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..solvers import sample
+from ..schedules import check_sigmas
+
+__all__ = ["sample_euler", "sample_heun", "sample_dpm_2", "sample_ipndm", "sample_ipndm_v",
+           "sample_dpmpp_2m", "sample_dpmpp_3m", "sample_unipc", "sample_deis", "get_sigmas_gits"]
+
+
+def _check_x(x, sigmas) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not isinstance(sigmas, torch.Tensor):
+        raise TypeError(f"sigmas must be a torch.Tensor, got {type(sigmas).__name__}")
+
+
+def _sample(solver: str, model: Callable, x: torch.Tensor, sigmas: torch.Tensor, extra_args, callback,
+            disable, options: dict) -> torch.Tensor:
+    """gs.sample on noise = x / sigmas[0], with the k-diffusion model call and callback."""
+    _check_x(x, sigmas)
+    grid = check_sigmas(sigmas)
+    extra_args = {} if extra_args is None else extra_args
+
+    def denoiser(xi, sigma):
+        return model(xi, sigma, **extra_args)
+
+    def on_step(info):
+        i = info["i"]
+        callback({"x": info["x"], "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i],
+                  "denoised": info["denoised"]})
+
+    return sample(denoiser, x / float(grid[0]), grid, solver, callback=None if callback is None else on_step,
+                  progress=not disable, **options)
+
+
+def _sampler(name: str, solver: str, summary: str, **defaults) -> Callable:
+    """A k-diffusion-signature function running geosample's ``solver`` with ``defaults`` options."""
+    def fn(model, x, sigmas, extra_args=None, callback=None, disable=None, **options):
+        return _sample(solver, model, x, sigmas, extra_args, callback, disable, {**defaults, **options})
+
+    fn.__name__ = fn.__qualname__ = name
+    fn.__doc__ = (f"{summary}\n\nk-diffusion signature; geosample solver {solver!r}"
+                  + (f" with {defaults}" if defaults else "") + "; other options go to the solver.")
+    return fn
+
+
+sample_euler = _sampler("sample_euler", "euler", "Euler: x_next = x + (s_next - s) (x - D) / s.")
+sample_heun = _sampler("sample_heun", "heun", "Heun (EDM's 2nd-order trapezoidal predictor-corrector), 2 calls per step.")
+sample_dpm_2 = _sampler("sample_dpm_2", "dpm2", "DPM-Solver-2 with the geometric midpoint, 2 calls per step.")
+sample_ipndm = _sampler("sample_ipndm", "ipndm", "iPNDM: Adams-Bashforth up to 4th order with fixed weights.")
+sample_ipndm_v = _sampler("sample_ipndm_v", "ipndm_v", "iPNDM_v: variable-step Adams-Bashforth up to 4th order.")
+sample_dpmpp_2m = _sampler("sample_dpmpp_2m", "dpmpp", "DPM-Solver++(2M), k-diffusion's order schedule.",
+                           max_order=2, lower_order_final=False)
+sample_dpmpp_3m = _sampler("sample_dpmpp_3m", "dpmpp", "Deterministic DPM-Solver++(3M), 3rd order up to the denoise step.",
+                           max_order=3, lower_order_final=False)
+sample_unipc = _sampler("sample_unipc", "unipc", "UniPC (bh2, order 3) with the free corrector.")
+sample_deis = _sampler("sample_deis", "deis", "DEIS-tAB3: exponential-integrator multistep in VP time.")
+
+
+def get_sigmas_gits(n: int, model: Callable, shape, extra_args=None, device="cpu", **search_options) -> torch.Tensor:
+    """A GITS schedule in k-diffusion form: ``n + 1`` decreasing sigmas ending in 0 (like
+    ``get_sigmas_karras(n, ...)``): the ``n - 1``-step GITS schedule searched on ``model`` (see
+    :func:`geosample.gits.search`, which takes ``shape`` and ``search_options``), then the final 0.
+
+    model: a k-diffusion denoiser ``model(x, sigma, **extra_args)``.  Returns float64 on ``device``.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+        raise ValueError(f"n must be an int >= 2 (n - 1 GITS steps plus the final denoise), got {n!r}")
+    from .. import gits  # imported lazily: the search is only needed here
+
+    extra_args = {} if extra_args is None else extra_args
+    found = gits.search(lambda x, sigma: model(x, sigma, **extra_args), shape, n - 1, **search_options)
+    sigmas = torch.as_tensor(found.sigmas, dtype=torch.float64).cpu()
+    return torch.cat([sigmas, sigmas.new_zeros(1)]).to(device)
