@@ -1,8 +1,9 @@
-"""geosample: fast few-step sampling for diffusion models with geometry-inspired schedules."""
-from . import schedules
+"""geosample: fast few-step sampling for diffusion models with geometry-inspired (GITS) schedules."""
+from . import data, geometry, gits, metrics, schedules, solvers
 from ._cpp import has_cpp
-from .denoisers import GaussianMixtureDenoiser
+from .denoisers import GaussianMixtureDenoiser, KDEDenoiser
 from .solvers import SOLVERS, Trajectory, nfe, sample
 
 __version__ = "0.1.0"
-__all__ = ["schedules", "sample", "nfe", "SOLVERS", "Trajectory", "GaussianMixtureDenoiser", "has_cpp"]
+__all__ = ["schedules", "solvers", "sample", "nfe", "SOLVERS", "Trajectory", "KDEDenoiser",
+           "GaussianMixtureDenoiser", "gits", "geometry", "metrics", "data", "has_cpp"]

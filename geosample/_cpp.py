@@ -1,12 +1,20 @@
-"""Loader for the optional compiled core ``geosample._C`` (pybind11 over csrc/)."""
+"""Loader for the optional compiled core ``geosample._C`` (pybind11 over csrc/).
+
+Setting the environment variable GEOSAMPLE_NO_CPP=1 before the import hides the extension
+(``has_cpp()`` is then False and every caller uses its Python path).
+"""
 from __future__ import annotations
 
-try:  # the extension is optional: a pure-Python install has none
-    from . import _C  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - depends on how the package was built
-    _C = None
+import os
+
+_C = None
+if os.environ.get("GEOSAMPLE_NO_CPP", "") in ("", "0"):
+    try:  # the extension is optional: a pure-Python install has none
+        from . import _C  # type: ignore[attr-defined,no-redef]
+    except ImportError:  # pragma: no cover - depends on how the package was built
+        _C = None
 
 
 def has_cpp() -> bool:
-    """True when the C++ extension ``geosample._C`` was built and imports."""
+    """True when the C++ extension ``geosample._C`` was built, imports, and is not disabled."""
     return _C is not None

@@ -1,6 +1,7 @@
 """The ``geosample`` command: ``geosample <command> [options]``.
 
-Each command lives in ``geosample.commands.<name>`` and exposes ``HELP`` (one line),
+``geosample`` alone (or with options only) runs the main job, ``geosample sample``.  Each command
+lives in ``geosample.commands.<name>`` and exposes ``HELP`` (one line),
 ``add_arguments(parser)`` and ``run(args) -> int``; modules are imported only when used.
 """
 from __future__ import annotations
@@ -34,8 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
-    if not argv:
-        argv = ["sample"]  # the main job: `geosample` alone runs `geosample sample`
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv = ["sample", *argv]  # the main job: `geosample [options]` runs `geosample sample [options]`
     args = parser.parse_args(argv)
     return int(_load(args.command).run(args) or 0)
 

@@ -195,12 +195,13 @@ def check_sigmas(sigmas) -> torch.Tensor:
             raise TypeError(f"sigmas must be a 1-D tensor or sequence of floats: {e}") from None
     if s.dim() != 1:
         raise ValueError(f"sigmas must be 1-D, got shape {tuple(s.shape)}")
-    if s.numel() < 2:
-        raise ValueError(f"sigmas needs at least 2 entries (steps + 1), got {s.numel()}")
-    if not bool(torch.isfinite(s).all()):
-        raise ValueError(f"sigmas must be finite (no NaN or inf), got {s.tolist()}")
-    if not bool((s[:-1] > 0).all()) or float(s[-1]) < 0:
-        raise ValueError(f"sigmas must be positive (a trailing 0 is allowed), got {s.tolist()}")
-    if not bool((s[1:] < s[:-1]).all()):
-        raise ValueError(f"sigmas must be strictly decreasing, got {s.tolist()}")
+    v = s.tolist()
+    if len(v) < 2:
+        raise ValueError(f"sigmas needs at least 2 entries (steps + 1), got {len(v)}")
+    if not all(math.isfinite(a) for a in v):
+        raise ValueError(f"sigmas must be finite (no NaN or inf), got {v}")
+    if min(v[:-1]) <= 0 or v[-1] < 0:
+        raise ValueError(f"sigmas must be positive (a trailing 0 is allowed), got {v}")
+    if any(b >= a for a, b in zip(v, v[1:])):
+        raise ValueError(f"sigmas must be strictly decreasing, got {v}")
     return s

@@ -113,13 +113,13 @@ def test_callback_and_progress(gmm, noise):
 
 def test_custom_solver_registration(gmm, noise):
     @gs.solvers.register("midpoint_test", evals_per_step=2)
-    def midpoint(model, x, sigmas, *, afs=False, on_step):
+    def midpoint(x, sigmas, *, afs=False, on_step):
         for i, (s, s_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
-            denoised = model(x, s)
+            denoised = yield x, s
             on_step(i, x, denoised)
             s_mid = 0.5 * (s + s_next)
             x_mid = x + (s_mid - s) * (x - denoised) / s
-            x = x + (s_next - s) * (x_mid - model(x_mid, s_mid)) / s_mid
+            x = x + (s_next - s) * (x_mid - (yield x_mid, s_mid)) / s_mid
         return x
     try:
         den = Counting(gmm)

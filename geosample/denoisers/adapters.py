@@ -67,6 +67,13 @@ def vp_to_denoised(output: torch.Tensor, x: torch.Tensor, sigma, prediction_type
     return output
 
 
+def _broadcast(v, batch: int):
+    """A keyword tensor with batch 1 expanded to ``batch``; anything else unchanged."""
+    if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == 1 and batch != 1:
+        return v.expand(batch, *v.shape[1:])
+    return v
+
+
 def _batched(c, batch: int, name: str):
     """A conditioning tensor with batch ``batch``: batch-1 tensors are expanded, others must match."""
     if not isinstance(c, torch.Tensor):
@@ -102,7 +109,7 @@ class EpsDenoiser:
     x_vp = x / sqrt(1 + sigma^2); timestep = sigma_to_timestep(sigma, alphas_cumprod) (continuous,
     [B], float32, or float64 when x is); the output (eps, v or x0 per ``prediction_type``) becomes D
     by :func:`vp_to_denoised`.  ``model_kwargs`` (e.g. ``encoder_hidden_states``) go to every call;
-    keyword arguments of the call are added to them.
+    keyword arguments of the call are added to them; batch-1 tensors among them are broadcast.
     """
 
     def __init__(self, model: Callable, alphas_cumprod, prediction_type: str = "epsilon",
@@ -122,7 +129,8 @@ class EpsDenoiser:
 
     def __call__(self, x: torch.Tensor, sigma, **model_kwargs) -> torch.Tensor:
         s = _per_sample(sigma, x)
-        out = self.model(x * torch.rsqrt(1 + s * s), self.timestep(sigma, x), **{**self.model_kwargs, **model_kwargs})
+        kwargs = {k: _broadcast(v, x.shape[0]) for k, v in {**self.model_kwargs, **model_kwargs}.items()}
+        out = self.model(x * torch.rsqrt(1 + s * s), self.timestep(sigma, x), **kwargs)
         return vp_to_denoised(_output_tensor(out), x, s.flatten(), self.prediction_type)
 
 

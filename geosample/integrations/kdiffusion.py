@@ -84,13 +84,18 @@ def get_sigmas_gits(n: int, model: Callable, shape, extra_args=None, device="cpu
     ``get_sigmas_karras(n, ...)``): the ``n - 1``-step GITS schedule searched on ``model`` (see
     :func:`geosample.gits.search`, which takes ``shape`` and ``search_options``), then the final 0.
 
-    model: a k-diffusion denoiser ``model(x, sigma, **extra_args)``.  Returns float64 on ``device``.
+    model: a k-diffusion denoiser ``model(x, sigma, **extra_args)``; its ``sigma_min`` / ``sigma_max``
+    attributes (k-diffusion's discrete-model wrappers have them) set the search range unless
+    ``search_options`` give it.  Returns float64 on ``device``.
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 2:
         raise ValueError(f"n must be an int >= 2 (n - 1 GITS steps plus the final denoise), got {n!r}")
     from .. import gits  # imported lazily: the search is only needed here
 
     extra_args = {} if extra_args is None else extra_args
+    for name in ("sigma_min", "sigma_max"):
+        if name not in search_options and hasattr(model, name):
+            search_options[name] = float(getattr(model, name))
     found = gits.search(lambda x, sigma: model(x, sigma, **extra_args), shape, n - 1, **search_options)
     sigmas = torch.as_tensor(found.sigmas, dtype=torch.float64).cpu()
     return torch.cat([sigmas, sigmas.new_zeros(1)]).to(device)

@@ -1,17 +1,17 @@
 """Linear multistep solvers on the ODE direction d = (x - D) / sigma: iPNDM, iPNDM_v and DEIS-tAB.
 
 Each step is x_next = x + sum_k c_k d_{i-k} over the newest directions (k = 0 is the current
-one); only the coefficients differ.  All coefficients are float64 functions of the grid, so the
+one), one fused update on a ring buffer (:mod:`.fused`); only the coefficients differ.  All coefficients are float64 functions of the grid, so the
 C++ core and the GPU kernels can reproduce them exactly.
 """
 from __future__ import annotations
 
-import math
 
 import numpy as np
 
 from ..schedules import vp_params, vp_sigma_inv
-from .base import lincomb, register
+from .base import register
+from .fused import History
 from .single_step import first_denoised
 
 # Adams-Bashforth coefficients for a uniform step, newest direction first.
@@ -94,32 +94,31 @@ def deis_tab_coefficients(sigmas, max_order: int = 4) -> list[tuple[float, ...]]
     return out
 
 
-def _adams(model, x, sigmas, coefficients, max_order, afs, on_step):
-    ds = []  # newest first
-    for i, (s, s_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
-        denoised = first_denoised(model, x, s, afs and i == 0)
+def _adams(x, sigmas, coefficients, max_order, afs, on_step):
+    hist = History(x, max_order)  # directions d = (x - D) / sigma, newest first
+    for i, s in enumerate(sigmas[:-1]):
+        denoised = yield from first_denoised(x, s, afs and i == 0)
         on_step(i, x, denoised)
-        ds = [(x - denoised) / s] + ds[: max_order - 1]
-        x = x + lincomb(coefficients(i, len(ds)), ds)
+        x = hist.update(x, coefficients(i, min(i + 1, max_order)), denoised=denoised, sigma=s)
     return x
 
 
 @register("ipndm", max_order=4)
-def ipndm(model, x, sigmas, *, afs=False, on_step, max_order=4):
+def ipndm(x, sigmas, *, afs=False, on_step, max_order=4):
     """Improved PNDM: Adams-Bashforth of order min(i+1, max_order) with fixed uniform-step weights."""
     _check_order(max_order, 4)
-    return _adams(model, x, sigmas, lambda i, k: ipndm_coefficients(sigmas, i, k), max_order, afs, on_step)
+    return (yield from _adams(x, sigmas, lambda i, k: ipndm_coefficients(sigmas, i, k), max_order, afs, on_step))
 
 
 @register("ipndm_v", max_order=4)
-def ipndm_v(model, x, sigmas, *, afs=False, on_step, max_order=4):
+def ipndm_v(x, sigmas, *, afs=False, on_step, max_order=4):
     """iPNDM with the reference's variable-step weights (:func:`ipndm_v_coefficients`)."""
     _check_order(max_order, 4)
-    return _adams(model, x, sigmas, lambda i, k: ipndm_v_coefficients(sigmas, i, k), max_order, afs, on_step)
+    return (yield from _adams(x, sigmas, lambda i, k: ipndm_v_coefficients(sigmas, i, k), max_order, afs, on_step))
 
 
 @register("deis", max_order=4, mode="tab")
-def deis(model, x, sigmas, *, afs=False, on_step, max_order=4, mode="tab"):
+def deis(x, sigmas, *, afs=False, on_step, max_order=4, mode="tab"):
     """DEIS-tAB: exponential-integrator multistep with Lagrange extrapolation of d in VP time.
 
     max_order=4 uses the current and 3 past directions (DEIS-tAB3).
@@ -128,5 +127,5 @@ def deis(model, x, sigmas, *, afs=False, on_step, max_order=4, mode="tab"):
     if mode != "tab":
         raise ValueError(f"deis mode must be 'tab', got {mode!r}")
     table = deis_tab_coefficients(sigmas, max_order)
-    return _adams(model, x, sigmas, lambda i, k: table[i], max_order, afs, on_step)
+    return (yield from _adams(x, sigmas, lambda i, k: table[i], max_order, afs, on_step))
 

@@ -1,20 +1,22 @@
-"""What every solver shares: the solver record, the counted denoiser, the step hook, AFS, lincomb.
+"""What every solver shares: the solver record, the counted denoiser, the driver, AFS.
 
-A solver is a function ``fn(model, x, sigmas, *, afs, on_step, **options) -> x`` that
-integrates dx/dsigma = (x - D(x, sigma)) / sigma over the positive, strictly decreasing float64
-grid ``sigmas`` (a Python list).  ``model(x, sigma)`` is the counted denoiser; ``on_step(i, x,
-denoised)`` is called exactly once per step with the state at the step's start and the
-denoiser value used there.  Solvers never modify tensors in place, so recorded states stay valid.
+A solver is a generator function ``fn(x, sigmas, *, afs, on_step, **options)`` that integrates
+dx/dsigma = (x - D(x, sigma)) / sigma over the positive, strictly decreasing float64 grid
+``sigmas`` (a Python list).  It asks for every denoiser value with ``denoised = yield x, sigma``
+and returns the final x.  So the same solver runs in one call (:func:`drive` answers each request
+with the denoiser) or one model call at a time (a diffusers scheduler sends the outputs itself).
+``on_step(i, x, denoised)`` is called exactly once per step with the state at the step's start and
+the denoiser value used there.  Solvers never modify tensors in place, so recorded states stay valid.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 
-__all__ = ["Solver", "Trajectory", "CountedDenoiser", "afs_denoised", "lincomb", "SOLVERS", "register"]
+__all__ = ["Solver", "Trajectory", "CountedDenoiser", "drive", "afs_denoised", "SOLVERS", "register"]
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,7 @@ SOLVERS: dict[str, Solver] = {}
 
 
 def register(name: str, evals_per_step: int = 1, **defaults):
-    """Decorator adding a solver function to :data:`SOLVERS` under ``name``."""
+    """Decorator adding a solver (a generator function, see the module docstring) to :data:`SOLVERS`."""
     def wrap(fn):
         SOLVERS[name] = Solver(name, fn, evals_per_step, dict(defaults))
         return fn
@@ -81,14 +83,16 @@ class CountedDenoiser:
         return out.to(x.dtype)
 
 
+def drive(solver, model: Callable):
+    """Run a started solver generator to the end, answering each ``(x, sigma)`` with ``model(x, sigma)``."""
+    try:
+        request = next(solver)
+        while True:
+            request = solver.send(model(*request))
+    except StopIteration as done:
+        return done.value
+
+
 def afs_denoised(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Analytical first step: d = x / sqrt(1 + sigma^2), so D = x - sigma d (data ~ unit variance)."""
     return x * (1.0 - sigma / math.sqrt(1.0 + sigma * sigma))
-
-
-def lincomb(coeffs: Sequence[float], tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """sum_k coeffs[k] * tensors[k], with float64 coefficients and tensors[0] setting the dtype."""
-    out = tensors[0] * float(coeffs[0])
-    for c, t in zip(coeffs[1:], tensors[1:]):
-        out = out + float(c) * t
-    return out

@@ -3,8 +3,9 @@
 With lambda = -log sigma and h = lambda_next - lambda_i, the exact solution is
 x_next = (sigma_next / sigma_i) x_i + sigma_next int_{lambda_i}^{lambda_next} e^lambda D dlambda;
 both methods approximate D by a polynomial in lambda through past denoiser outputs m_k (newest
-first).  Every update is x_next = (sigma_next / sigma_i) x + sum_k b_k m_k; the b_k are float64
-functions of the grid, computed here by evaluating each method's formula on unit vectors.
+first).  Every update is x_next = (sigma_next / sigma_i) x + sum_k b_k m_k, one fused update on a
+ring buffer (:mod:`.fused`); the b_k are float64 functions of the grid, computed here by
+evaluating each method's formula on unit vectors.
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import math
 import numpy as np
 import torch
 
-from .base import lincomb, register
+from .base import register
+from .fused import History
 from .single_step import first_denoised
 
 
@@ -105,22 +107,22 @@ def step_order(i: int, steps: int, max_order: int, lower_order_final: bool) -> i
 
 
 @register("dpmpp", max_order=3, lower_order_final=True, thresholding=False)
-def dpmpp(model, x, sigmas, *, afs=False, on_step, max_order=3, lower_order_final=True, thresholding=False):
+def dpmpp(x, sigmas, *, afs=False, on_step, max_order=3, lower_order_final=True, thresholding=False):
     """Multistep DPM-Solver++ (2M for max_order=2, 3M for 3); orders 1, 2, 3, ..., 3, 2, 1."""
     _check_max_order(max_order)
     steps = len(sigmas) - 1
-    ms = []  # denoiser outputs, newest first
+    hist = History(x, max_order)  # denoiser outputs m_k, newest first
     for i, (s, s_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
-        denoised = first_denoised(model, x, s, afs and i == 0)
+        denoised = yield from first_denoised(x, s, afs and i == 0)
         on_step(i, x, denoised)
-        ms = [dynamic_threshold(denoised) if thresholding else denoised] + ms[: max_order - 1]
+        m = dynamic_threshold(denoised) if thresholding else denoised
         order = step_order(i, steps, max_order, lower_order_final)
-        x = (s_next / s) * x + lincomb(dpmpp_coefficients(sigmas, i, order), ms)
+        x = hist.update(x, dpmpp_coefficients(sigmas, i, order), a=s_next / s, denoised=m)
     return x
 
 
 @register("unipc", max_order=3, variant="bh2", lower_order_final=True, thresholding=False)
-def unipc(model, x, sigmas, *, afs=False, on_step, max_order=3, variant="bh2", lower_order_final=True,
+def unipc(x, sigmas, *, afs=False, on_step, max_order=3, variant="bh2", lower_order_final=True,
           thresholding=False):
     """UniPC: UniP predictor, then the UniC corrector with the new output m_t = D(x_pred, sigma_next),
     which is reused by the next step (no extra call); no corrector on the last step."""
@@ -129,18 +131,17 @@ def unipc(model, x, sigmas, *, afs=False, on_step, max_order=3, variant="bh2", l
     keep = dynamic_threshold if thresholding else (lambda m: m)
     if steps < 1:
         return x
-    denoised = first_denoised(model, x, sigmas[0], afs)
+    denoised = yield from first_denoised(x, sigmas[0], afs)
     on_step(0, x, denoised)
-    ms = [keep(denoised)]
+    hist = History(x, max_order + 1)  # denoiser outputs m_k, newest first (+1 for the corrector's m_t)
+    m0 = keep(denoised)
     for i, (s, s_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         order = step_order(i, steps, max_order, lower_order_final)
         b_pred, b_corr = unipc_coefficients(sigmas, i, order, variant)
-        x_pred = (s_next / s) * x + lincomb(b_pred, ms[:order])
+        x_pred = hist.update(x, b_pred, a=s_next / s, denoised=m0 if i == 0 else None)
         if i == steps - 1:
-            x = x_pred
-            break
-        m_t = keep(model(x_pred, s_next))
-        x = (s_next / s) * x + lincomb(b_corr, [m_t] + ms[:order])
+            return x_pred
+        m_t = keep((yield x_pred, s_next))
+        x = hist.update(x, b_corr, a=s_next / s, denoised=m_t)
         on_step(i + 1, x, m_t)
-        ms = [m_t] + ms[: max_order - 1]
     return x

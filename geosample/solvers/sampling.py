@@ -7,9 +7,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..schedules import check_sigmas
-from .base import SOLVERS, CountedDenoiser, Solver, Trajectory
+from .base import SOLVERS, CountedDenoiser, Solver, Trajectory, drive
 
-__all__ = ["sample", "nfe", "get_solver"]
+__all__ = ["sample", "solve", "nfe", "get_solver"]
 
 
 def get_solver(name) -> Solver:
@@ -56,6 +56,29 @@ def _check_options(spec: Solver, options: dict) -> dict:
     return {**spec.defaults, **options}
 
 
+def solve(noise: torch.Tensor, sigmas, solver: str = "ipndm", *, afs: bool = False,
+          on_step: Callable | None = None, **options):
+    """The whole solve as a generator: yields each ``(x, sigma)`` the denoiser must evaluate,
+    expects ``D(x, sigma)`` sent back, and returns the sample (see :func:`sample` for arguments).
+
+    This is how step-by-step APIs (a diffusers scheduler) run any solver without re-implementing it.
+    """
+    spec = get_solver(solver)
+    return _solve(spec, _check_noise(noise), check_sigmas(sigmas).tolist(), afs,
+                  on_step or (lambda i, x, denoised: None), _check_options(spec, options))
+
+
+def _solve(spec: Solver, noise: torch.Tensor, s: list, afs: bool, on_step: Callable, options: dict):
+    final = s[-1] == 0.0
+    ode = s[:-1] if final else s
+    x = yield from spec.fn(noise * s[0], ode, afs=afs, on_step=on_step, **options)
+    if final:
+        denoised = yield x, ode[-1]
+        on_step(len(s) - 2, x, denoised)
+        x = denoised
+    return x
+
+
 @torch.no_grad()
 def sample(denoiser: Callable, noise: torch.Tensor, sigmas, solver: str = "ipndm", *,
            afs: bool = False, return_trajectory: bool = False, callback: Callable | None = None,
@@ -73,11 +96,9 @@ def sample(denoiser: Callable, noise: torch.Tensor, sigmas, solver: str = "ipndm
     noise = _check_noise(noise)
     grid = check_sigmas(sigmas)
     s = grid.tolist()
-    final = s[-1] == 0.0
-    ode = s[:-1] if final else s
     model = CountedDenoiser(denoiser)
     xs, ds = [], []
-    bar = tqdm(total=len(s) - 1, disable=not progress, desc=f"sample[{spec.name}]", leave=False)
+    bar = tqdm(total=len(s) - 1, desc=f"sample[{spec.name}]", leave=False) if progress else None
 
     def on_step(i: int, x: torch.Tensor, denoised: torch.Tensor) -> None:
         if return_trajectory:
@@ -86,15 +107,14 @@ def sample(denoiser: Callable, noise: torch.Tensor, sigmas, solver: str = "ipndm
         if callback is not None:
             callback({"x": x, "i": i, "sigma": s[i], "sigma_next": s[i + 1], "sigma_hat": s[i],
                       "denoised": denoised})
-        bar.update(1)
+        if bar is not None:
+            bar.update(1)
 
-    x = noise * s[0]
-    x = spec.fn(model, x, ode, afs=afs, on_step=on_step, **options)
-    if final:
-        denoised = model(x, ode[-1])
-        on_step(len(s) - 2, x, denoised)
-        x = denoised
-    bar.close()
+    try:
+        x = drive(_solve(spec, noise, s, afs, on_step, options), model)
+    finally:
+        if bar is not None:
+            bar.close()
     if not bool(torch.isfinite(x).all()):
         raise FloatingPointError(f"solver {spec.name!r} produced non-finite values; check the denoiser and sigmas")
     if not return_trajectory:

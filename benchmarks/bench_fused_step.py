@@ -1,0 +1,89 @@
+"""One solver step: the fused update (geosample.solvers.fused) against the unfused torch path.
+
+Run: ``PYTHONPATH=. pytest benchmarks/bench_fused_step.py --benchmark-only`` (CPU; CUDA cases run
+when a GPU is present).  GEOSAMPLE_BENCH_FULL=1 uses batch 8 (3x64x64) and 4 (4x128x128) instead
+of 1.  Steps measured: iPNDM order 4 (direction + 4 history terms) and DPM-Solver++ order 3.
+
+    unfused     d = (x - D) / s;  ds = [d] + ds[:3];  x + lincomb(c, ds)   (geosample before fusion)
+    kdiffusion  k-diffusion's LMS loop: ds.append(to_d(x, s, D)); x + sum(c * d for c, d in zip(c, reversed(ds)))
+    fused       History.update(x, c, denoised=D, sigma=s)   (torch in place on CPU, one Triton kernel on CUDA)
+
+On CUDA ``extra_info`` gets the bytes a step must move (read x, D and the older history once,
+write x and the new entry once) and the achieved bandwidth.
+"""
+import os
+
+import pytest
+import torch
+
+import geosample as gs
+from geosample.solvers import fused
+from geosample.solvers.base import lincomb
+from geosample.solvers.exponential import dpmpp_coefficients
+
+FULL = os.environ.get("GEOSAMPLE_BENCH_FULL") == "1"
+SHAPES = {"3x64x64": (8 if FULL else 1, 3, 64, 64), "4x128x128": (4 if FULL else 1, 4, 128, 128)}
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+SIGMAS = gs.schedules.polynomial(10).tolist()
+ORDER = 4
+PATTERNS = {  # (a, coefficients newest first, direction?)
+    "ipndm4": (1.0, tuple((SIGMAS[5] - SIGMAS[4]) * c for c in (55 / 24, -59 / 24, 37 / 24, -9 / 24)), True),
+    "dpmpp3": (SIGMAS[5] / SIGMAS[4], tuple(dpmpp_coefficients(SIGMAS, 4, 3)), False),
+}
+
+
+def _tensors(shape, device):
+    g = torch.Generator().manual_seed(0)
+    x, D = (torch.randn(shape, generator=g).to(device) for _ in range(2))
+    return x, D, [torch.randn(shape, generator=g).to(device) for _ in range(ORDER)]
+
+
+def _unfused(x, D, past, a, c, direction, s):
+    h = (x - D) / s if direction else D
+    ds = [h] + past[: len(c) - 1]
+    return (x + lincomb(c, ds)) if a == 1.0 else a * x + lincomb(c, ds)
+
+
+def _kdiffusion(x, D, past, a, c, direction, s):
+    ds = list(reversed(past[: len(c) - 1]))
+    ds.append((x - D) / s if direction else D)  # k-diffusion's to_d, then a list of directions
+    return a * x + sum(coeff * d for coeff, d in zip(c, reversed(ds)))
+
+
+def _step_fn(impl, x, D, past, pattern):
+    a, c, direction = PATTERNS[pattern]
+    s = SIGMAS[4] if direction else None
+    if impl == "fused":
+        hist = fused.History(x, ORDER)
+        for h in reversed(past[: ORDER - 1]):
+            hist.update(x, (0.0,), denoised=h)
+        return lambda: hist.update(x, c, a=a, denoised=D, sigma=s)
+    step = _unfused if impl == "unfused" else _kdiffusion
+    return lambda: step(x, D, past, a, c, direction, SIGMAS[4])
+
+
+def _min_bytes(x, order):
+    """Read x, D and the order-1 older entries; write out and the new entry (y = x here)."""
+    return x.numel() * x.element_size() * (2 + (order - 1) + 2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("pattern", list(PATTERNS))
+@pytest.mark.parametrize("impl", ["unfused", "kdiffusion", "fused"])
+def test_step(benchmark, device, shape, pattern, impl):
+    x, D, past = _tensors(SHAPES[shape], device)
+    a, c, direction = PATTERNS[pattern]
+    want = _unfused(x, D, past, a, c, direction, SIGMAS[4])
+    torch.testing.assert_close(_step_fn(impl, x, D, past, pattern)(), want, rtol=1e-4, atol=1e-3)
+    fn = _step_fn(impl, x, D, past, pattern)  # the fused ring keeps rotating: same work every call
+    if device == "cuda":
+        torch.cuda.synchronize()
+        run = lambda: (fn(), torch.cuda.synchronize())[0]  # noqa: E731
+    else:
+        run = fn
+    benchmark(run)
+    benchmark.extra_info["numel"] = x.numel()
+    benchmark.extra_info["min_bytes"] = _min_bytes(x, len(c))
+    if device == "cuda" and benchmark.stats is not None:
+        benchmark.extra_info["GB_per_s"] = _min_bytes(x, len(c)) / benchmark.stats.stats.mean / 1e9

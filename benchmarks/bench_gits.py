@@ -1,0 +1,130 @@
+"""GITS speed: cost matrix (vs the reference's per-pair loop) and the DP backends.
+
+    pytest benchmarks/bench_gits.py                       # small sizes, pytest-benchmark
+    GEOSAMPLE_BENCH_FULL=1 pytest benchmarks/bench_gits.py  # B=64, D=3072, 61 points
+    python benchmarks/bench_gits.py                       # full sizes -> benchmarks/results/gits.{json,md}
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import geosample as gs
+from geosample.gits.dp import available_backends
+
+FULL = os.environ.get("GEOSAMPLE_BENCH_FULL") == "1"
+B, D, T = (64, 3072, 61) if FULL else (8, 192, 21)
+
+
+def synthetic_trajectory(b: int, dim: int, t: int, seed: int = 0) -> gs.Trajectory:
+    """x[t] = y + G[t] n with a drifting y: the shapes and scales of a real teacher trajectory."""
+    g = torch.Generator().manual_seed(seed)
+    grid = gs.schedules.polynomial(t - 1)
+    n = torch.randn(b, dim, generator=g)
+    y = torch.randn(t, b, dim, generator=g).cumsum(0) * 0.05
+    x = y + grid.float()[:, None, None] * n
+    return gs.Trajectory(x=x, denoised=y[:-1], sigmas=grid, nfe=t - 1)
+
+
+def reference_cost(traj: gs.Trajectory, metric: str) -> torch.Tensor:
+    """The reference's algorithm (diff-sampler gits_utils.get_dp_list): one pair at a time, float32."""
+    x, g = traj.x, traj.sigmas.float()
+    d = (x[:-1] - traj.denoised) / g[:-1, None, None]
+    t = x.shape[0]
+
+    def deviation(pts):                               # cal_deviation: |perp(c - a)| for the middle points
+        a, b, c = pts[1:-1].transpose(0, 1), pts[0][:, None], pts[-1][:, None]
+        ac, bc = c - a, c - b
+        unit = bc / bc.norm(dim=-1, keepdim=True)
+        return (ac - (ac * unit).sum(-1, keepdim=True) * unit).norm(dim=-1)
+
+    dev_tea = torch.cat([deviation(x).mean(0), torch.zeros(1)])
+    c = torch.zeros(t, t)
+    for i in range(t - 1):
+        for j in range(i + 1, t):
+            nxt = x[i] + (g[j] - g[i]) * d[i]
+            if metric == "l2":
+                c[i, j] = (nxt - x[j]).norm(dim=-1).mean()
+            else:
+                c[i, j] = deviation(torch.stack([x[0], nxt, x[-1]])).mean() - dev_tea[j - 1]
+    return c
+
+
+@pytest.fixture(scope="module")
+def traj():
+    return synthetic_trajectory(B, D, T)
+
+
+@pytest.mark.parametrize("metric", ["l2", "dev", "l1"])
+def test_cost_matrix(benchmark, traj, metric):
+    c = benchmark(gs.gits.cost_matrix, traj, metric)
+    assert c.shape == (T, T)
+
+
+@pytest.mark.parametrize("metric", ["l2", "dev"])
+def test_reference_loop_agrees(traj, metric):
+    fast, ref = gs.gits.cost_matrix(traj, metric), reference_cost(traj, metric).double()
+    m = torch.isfinite(fast)
+    assert torch.allclose(fast[m], ref[m], rtol=2e-3, atol=2e-3 * float(ref[m].abs().max()))
+
+
+@pytest.mark.parametrize("backend", available_backends())
+def test_dp(benchmark, backend):
+    c = np.random.default_rng(0).random((61, 61))
+    gs.gits.solve_dp(c, 10, backend=backend)           # numba: compile outside the timing
+    path = benchmark(gs.gits.solve_dp, c, 10, 1.15, backend)
+    assert len(path) == 11
+
+
+def _best(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def main() -> None:
+    traj = synthetic_trajectory(64, 3072, 61)
+    rows = {"cost_matrix": {}, "dp": {}}
+    for metric in ("l2", "dev"):
+        fast = _best(lambda: gs.gits.cost_matrix(traj, metric), 5)
+        ref = _best(lambda: reference_cost(traj, metric), 1)
+        rows["cost_matrix"][metric] = {"geosample_s": fast, "reference_loop_s": ref, "speedup": ref / fast}
+        print(metric, rows["cost_matrix"][metric], flush=True)
+    rows["cost_matrix"]["l1"] = {"geosample_s": _best(lambda: gs.gits.cost_matrix(traj, "l1"), 3)}
+    c = np.random.default_rng(0).random((61, 61))
+    for backend in available_backends():
+        gs.gits.solve_dp(c, 10, backend=backend)
+        n = 200 if backend != "python" else 20
+        rows["dp"][backend] = {"us": 1e6 * _best(lambda: [gs.gits.solve_dp(c, 10, backend=backend) for _ in range(n)], 5) / n}
+        print(backend, rows["dp"][backend], flush=True)
+    meta = {"date": datetime.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "torch": torch.__version__, "numpy": np.__version__,
+            "python": platform.python_version(), "sizes": "B=64, D=3072, 61 grid points; DP 61 points, 10 steps"}
+    out = Path(__file__).parent / "results"
+    out.mkdir(exist_ok=True)
+    (out / "gits.json").write_text(json.dumps({"meta": meta, **rows}, indent=1))
+    lines = [f"# GITS speed ({meta['date']}, {meta['cpus']} CPU cores, {meta['machine']}, torch {meta['torch']})", "",
+             f"{meta['sizes']}; best of several runs, reference loop run once in the same process.", "",
+             "| cost matrix | geosample | reference per-pair loop | speedup |", "|---|---|---|---|"]
+    for metric in ("l2", "dev"):
+        r = rows["cost_matrix"][metric]
+        lines.append(f"| {metric} | {r['geosample_s'] * 1e3:.1f} ms | {r['reference_loop_s']:.2f} s | {r['speedup']:.0f}x |")
+    lines.append(f"| l1 | {rows['cost_matrix']['l1']['geosample_s'] * 1e3:.1f} ms | | |")
+    lines += ["", "| DP backend (61 points, 10 steps) | time per call |", "|---|---|"]
+    lines += [f"| {b} | {r['us']:.0f} us |" for b, r in rows["dp"].items()]
+    (out / "gits.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

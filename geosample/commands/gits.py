@@ -1,0 +1,52 @@
+"""``geosample gits``: search a GITS schedule for the closed-form (KDE) denoiser of a dataset."""
+from __future__ import annotations
+
+import argparse
+import json
+
+HELP = "search a GITS schedule on a dataset's closed-form denoiser, print it and save it as JSON"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..gits.cost import METRICS
+    from ..gits.schedule import GRIDS
+
+    a = parser.add_argument
+    a("--data", required=True, help="dataset name (e.g. digits, cifar10) or path, as geosample.data.load_dataset takes")
+    a("--steps", type=int, default=5, help="solver steps of the schedule (default 5)")
+    a("--solver", default="ipndm", help="solver the schedule is for (judges the AFS step; default ipndm)")
+    a("--teacher", default="ipndm", help="teacher solver on the fine grid (default ipndm)")
+    a("--teacher-steps", type=int, default=60, help="fine grid steps (default 60, i.e. 61 points)")
+    a("--grid", choices=GRIDS, default="polynomial", help="fine grid family (default polynomial)")
+    a("--rho", type=float, default=7.0, help="fine grid rho (default 7)")
+    a("--metric", choices=METRICS, default="dev", help="cost metric (default dev)")
+    a("--gamma", type=float, default=1.15, help="DP discount gamma (default 1.15)")
+    a("--num-warmup", type=int, default=256, help="teacher samples (default 256)")
+    a("--batch-size", type=int, default=64, help="teacher samples per round (default 64)")
+    a("--seed", type=int, default=0, help="noise seed (default 0)")
+    a("--afs", action="store_true", help="add the analytical first step (one more step, same NFE)")
+    a("--sigma-min", type=float, default=0.002)
+    a("--sigma-max", type=float, default=80.0)
+    a("--device", default="cpu", help="torch device (default cpu)")
+    a("--out", default="gits_schedule.json", help="where to save the schedule (default gits_schedule.json)")
+    a("--no-cache", action="store_true", help="neither read nor write the schedule cache")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from .. import gits
+    from ..data import load_dataset
+    from ..denoisers.kde import KDEDenoiser
+
+    data = torch.as_tensor(load_dataset(args.data)).to(args.device)
+    sched = gits.search(KDEDenoiser(data), tuple(data.shape[1:]), args.steps, teacher=args.teacher,
+                        teacher_steps=args.teacher_steps, grid=args.grid, metric=args.metric,
+                        gamma=args.gamma, num_warmup=args.num_warmup, seed=args.seed,
+                        batch_size=args.batch_size, afs=args.afs, solver=args.solver,
+                        sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho,
+                        device=args.device, use_cache=not args.no_cache, progress=True)
+    sched.save(args.out)
+    print(json.dumps({"sigmas": [round(s, 6) for s in sched.sigmas.tolist()], "indices": sched.indices,
+                      "nfe": sched.params["nfe"], "cost": round(sched.cost, 6), "saved": args.out}))
+    return 0

@@ -1,0 +1,237 @@
+"""``geosample sample``: the main job.  With no options, on the bundled 8x8 digits:
+
+1. closed-form (KDE) denoiser of the dataset;
+2. GITS search (iPNDM teacher, 60-step polynomial fine grid) for an iPNDM schedule of NFE 6;
+3. iPNDM samples from the same seeded noise on that schedule and on EDM's polynomial rho=7 one;
+4. a reference solve (Heun, 100 steps, polynomial rho=7) from the same noise; per schedule the
+   RMSE and PSNR to it (:func:`geosample.metrics.reference_error`) and the wall time;
+5. writes ``samples.png`` (one labelled panel per schedule, then the reference), ``schedule.json``
+   and ``report.json`` (atomically) into ``--out``, and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+from .._io import atomic_write, atomic_write_text
+
+HELP = "the main job: GITS vs EDM schedule on a dataset's closed-form denoiser (samples.png, report.json)"
+SCHEDULES = ("gits", "polynomial", "logsnr", "time_uniform")
+BASELINE = "polynomial"
+REFERENCE = {"solver": "heun", "steps": 100}
+SMALL = 1024  # values per sample below which --threads 0 means one thread
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    a = parser.add_argument
+    a("--data", default="digits", help="dataset name (digits, cifar10) or path (default digits, bundled)")
+    a("--limit", type=int, default=None, help="use only the first LIMIT images of the dataset")
+    a("--solver", default="ipndm", help="solver (default ipndm); see geosample.SOLVERS")
+    a("--nfe", type=int, default=6, help="denoiser calls per sample (default 6); heun/dpm2 use 2 per step")
+    a("--schedule", default="gits", help="gits | polynomial | logsnr | time_uniform | a schedule .json (default gits)")
+    a("--batch", type=int, default=64, help="samples (default 64)")
+    a("--seed", type=int, default=0, help="noise seed (default 0)")
+    a("--device", default="cpu", help="torch device (default cpu)")
+    a("--out", default="geosample-out", help="output folder (default ./geosample-out)")
+    a("--afs", action="store_true", help="analytical first step (saves one denoiser call)")
+    a("--threads", type=int, default=0, help="torch CPU threads (default 0: 1 for small samples (< 1024 values, "
+      "e.g. digits), where thread start-up costs more than it saves, else torch's default)")
+    a("--num-warmup", type=int, default=256, help="GITS teacher samples (default 256)")
+    a("--no-cache", action="store_true", help="do not read or write the GITS schedule cache")
+
+
+def steps_for_nfe(solver: str, nfe: int, afs: bool = False) -> int:
+    """Solver steps with exactly ``nfe`` denoiser calls: nfe = evals_per_step * steps - afs."""
+    from ..solvers import get_solver
+
+    spec = get_solver(solver)
+    if isinstance(nfe, bool) or not isinstance(nfe, int):
+        raise TypeError(f"nfe must be an int, got {type(nfe).__name__}")
+    steps, rest = divmod(nfe + int(afs), spec.evals_per_step)
+    if rest or steps < 1:
+        valid = [spec.nfe(k, afs) for k in range(1, 6)]
+        raise ValueError(f"solver {spec.name!r} cannot use exactly {nfe} denoiser calls (afs={afs}); "
+                         f"valid NFEs: {', '.join(map(str, valid))}, ...")
+    return steps
+
+
+def load_schedule_file(path) -> "torch.Tensor":
+    """sigmas from a GITS schedule file, a JSON object with "sigmas", or a JSON list of floats."""
+    import torch
+
+    from .. import gits, schedules
+
+    with open(path) as f:
+        try:
+            d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not JSON: {e}") from None
+    if isinstance(d, dict) and "format_version" in d:
+        return gits.load(path).sigmas
+    sigmas = d.get("sigmas") if isinstance(d, dict) else d
+    if sigmas is None:
+        raise ValueError(f"{path} has no 'sigmas' list")
+    return schedules.check_sigmas(torch.tensor(sigmas, dtype=torch.float64))
+
+
+def make_schedule(name: str, solver: str, nfe: int, denoiser=None, shape=None, *, afs: bool = False,
+                  seed: int = 0, num_warmup: int = 256, device="cpu", use_cache: bool = True,
+                  progress: bool = False):
+    """(sigmas, gits_schedule_or_None) for ``name`` with ``nfe`` calls of ``solver``.
+
+    gits: :func:`geosample.gits.search` with the defaults (iPNDM teacher, 60-step polynomial
+    grid, dev metric, gamma 1.15, ``num_warmup`` teacher samples) for ``denoiser`` on samples of ``shape``;
+    with ``afs`` it searches one step fewer and inserts the free analytical first step.
+    """
+    from .. import gits, schedules
+
+    steps = steps_for_nfe(solver, nfe, afs)
+    if name == "gits":
+        if steps - int(afs) < 1:
+            raise ValueError(f"GITS with afs needs at least 2 steps; got nfe={nfe} for {solver}")
+        found = gits.search(denoiser, shape, steps - int(afs), seed=seed, num_warmup=num_warmup, afs=afs, solver=solver,
+                            device=device, use_cache=use_cache, progress=progress)
+        return found.sigmas, found
+    families = {"polynomial": schedules.polynomial, "logsnr": schedules.logsnr, "time_uniform": schedules.time_uniform}
+    if name in families:
+        return families[name](steps), None
+    if name.endswith(".json"):
+        return load_schedule_file(name), None
+    raise ValueError(f"unknown schedule {name!r}; valid: {', '.join(SCHEDULES)} or a .json file")
+
+
+def _write_json(path: Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=1))
+
+
+def image_grid(images, scale: int) -> "Image.Image":
+    """[B, C, H, W] in [-1, 1] -> a near-square grid (1 px gaps) as a PIL image, upscaled by ``scale``."""
+    import math
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    b, c, h, w = images.shape
+    cols = math.ceil(math.sqrt(b))
+    rows = math.ceil(b / cols)
+    px = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+    canvas = np.full((rows * (h + 1) + 1, cols * (w + 1) + 1, c), 255, np.uint8)
+    for k in range(b):
+        r, q = divmod(k, cols)
+        canvas[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + q * (w + 1):1 + q * (w + 1) + w] = px[k].transpose(1, 2, 0)
+    img = Image.fromarray(canvas[..., 0] if c == 1 else canvas)
+    return img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+
+
+def labelled_panels(panels: list[tuple[str, "torch.Tensor"]]) -> "Image.Image":
+    """Side-by-side image grids, each with its label above it."""
+    from PIL import Image, ImageDraw
+
+    h, w = panels[0][1].shape[-2:]
+    scale = max(1, 32 // max(h, w))
+    grids = [(label, image_grid(x, scale).convert("RGB")) for label, x in panels]
+    pad, top = 8, 18
+    width = sum(g.width for _, g in grids) + pad * (len(grids) + 1)
+    height = max(g.height for _, g in grids) + top + pad
+    out = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(out)
+    x = pad
+    for label, g in grids:
+        draw.text((x, 3), label, fill="black")
+        out.paste(g, (x, top))
+        x += g.width + pad
+    return out
+
+
+def _table(rows: list[dict]) -> str:
+    lines = [f"{'schedule':<14}{'solver':<8}{'NFE':>4}{'RMSE':>10}{'PSNR dB':>9}{'time s':>8}"]
+    lines += [f"{r['schedule']:<14}{r['solver']:<8}{r['nfe']:>4}{r['rmse']:>10.4f}{r['psnr']:>9.2f}{r['time_s']:>8.2f}"
+              for r in rows]
+    return "\n".join(lines)
+
+
+def _versions() -> dict:
+    import torch
+
+    from .. import __version__
+    return {"geosample": __version__, "torch": torch.__version__, "python": platform.python_version(),
+            "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+            "torch_threads": torch.get_num_threads()}
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from .. import nfe as count_nfe
+    from ..data import load_dataset
+    from ..denoisers.kde import KDEDenoiser
+    from ..metrics import reference_error, reference_solve
+    from ..solvers import get_solver, sample
+
+    t_start = time.perf_counter()
+    solver = get_solver(args.solver).name
+    if args.batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {args.batch}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    data = torch.as_tensor(load_dataset(args.data, limit=args.limit)).to(args.device)
+    denoiser = KDEDenoiser(data)
+    shape = tuple(data.shape[1:])
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 0, got {args.threads}")
+    if args.threads or data[0].numel() < SMALL:
+        torch.set_num_threads(args.threads or 1)
+    print(f"geosample sample: data={args.data} {tuple(data.shape)}, solver={solver}, NFE={args.nfe}, "
+          f"schedule={args.schedule}, batch={args.batch}, device={args.device}, threads={torch.get_num_threads()}")
+
+    t0 = time.perf_counter()
+    sigmas, found = make_schedule(args.schedule, solver, args.nfe, denoiser, shape, afs=args.afs, seed=args.seed,
+                                  num_warmup=args.num_warmup,
+                                  device=args.device, use_cache=not args.no_cache, progress=True)
+    search_s = time.perf_counter() - t0
+    grids = {args.schedule: sigmas}
+    if args.schedule != BASELINE:
+        grids[BASELINE] = make_schedule(BASELINE, solver, args.nfe, afs=args.afs)[0]
+
+    noise = torch.randn((args.batch, *shape), generator=torch.Generator().manual_seed(args.seed)).to(args.device)
+    t0 = time.perf_counter()
+    ref = reference_solve(denoiser, noise, steps=REFERENCE["steps"], solver=REFERENCE["solver"], progress=True)
+    ref_s = time.perf_counter() - t0
+
+    rows, panels = [], []
+    for name, sig in grids.items():
+        label = Path(name).stem if name.endswith(".json") else name
+        t0 = time.perf_counter()
+        x = sample(denoiser, noise, sig, solver=solver, afs=args.afs, progress=True)
+        elapsed = time.perf_counter() - t0
+        err = reference_error(x, ref)
+        n = count_nfe(solver, len(sig) - 1, afs=args.afs, denoise_to_zero=float(sig[-1]) == 0.0)
+        rows.append({"schedule": label, "solver": solver, "nfe": n, "afs": args.afs,
+                     "sigmas": sig.tolist(), "rmse": err["rmse"], "psnr": err["psnr"],
+                     "time_s": elapsed})
+        panels.append((f"{label} ({solver}, NFE {n}) RMSE {err['rmse']:.3f}", x))
+    panels.append((f"reference ({REFERENCE['solver']}, {REFERENCE['steps']} steps)", ref))
+
+    if data.dim() == 4 and data.shape[1] in (1, 3):
+        atomic_write(out / "samples.png", lambda f: labelled_panels(panels).save(f, format="PNG"))
+    if found is not None:
+        found.save(out / "schedule.json")
+    else:
+        _write_json(out / "schedule.json", {"schedule": rows[0]["schedule"], "solver": solver, "nfe": rows[0]["nfe"],
+                                            "afs": args.afs, "sigmas": rows[0]["sigmas"]})
+    report = {"data": args.data, "data_shape": list(data.shape), "solver": solver, "nfe": args.nfe, "afs": args.afs,
+              "schedule": args.schedule, "batch": args.batch, "seed": args.seed, "device": str(args.device),
+              "reference": {**REFERENCE, "nfe": count_nfe(REFERENCE["solver"], REFERENCE["steps"]),
+                            "schedule": "polynomial rho=7", "time_s": ref_s},
+              "schedule_search_s": search_s, "rows": rows, "total_s": time.perf_counter() - t_start,
+              "versions": _versions()}
+    _write_json(out / "report.json", report)
+    print(_table(rows))
+    print(f"schedule search {search_s:.1f} s, reference solve {ref_s:.1f} s, total {report['total_s']:.1f} s; "
+          f"wrote {out / 'samples.png'}, {out / 'schedule.json'}, {out / 'report.json'}")
+    return 0

@@ -1,0 +1,12 @@
+"""GITS (geometry-inspired time scheduling): search a few-step schedule from teacher trajectories.
+
+``search`` runs a teacher on a fine grid, ``cost_matrix`` scores every Euler jump between grid
+points, ``solve_dp`` picks the cheapest sub-grid; results are cached (:mod:`.cache`).
+"""
+from .cost import METRICS, cost_matrix
+from .dp import available_backends, path_cost, solve_dp, solve_dp_sweep
+from .schedule import GITSSchedule, fine_grid, load
+from .search import fingerprint, search
+
+__all__ = ["search", "cost_matrix", "solve_dp", "solve_dp_sweep", "path_cost", "available_backends",
+           "GITSSchedule", "load", "fine_grid", "fingerprint", "METRICS"]

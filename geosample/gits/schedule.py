@@ -1,0 +1,92 @@
+"""The result of a GITS search: a sub-grid of a fine grid, with everything needed to redo it."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .. import schedules
+from .._io import atomic_write_text
+
+__all__ = ["GITSSchedule", "load", "fine_grid", "GRIDS", "FORMAT_VERSION"]
+
+FORMAT_VERSION = 1
+GRIDS = ("polynomial", "logsnr", "time_uniform")
+
+
+def fine_grid(grid: str, teacher_steps: int, sigma_min: float, sigma_max: float, rho: float) -> torch.Tensor:
+    """The fine grid G (``teacher_steps + 1`` float64 sigmas) of a schedule family."""
+    if grid == "polynomial":
+        return schedules.polynomial(teacher_steps, sigma_min, sigma_max, rho)
+    if grid == "logsnr":
+        return schedules.logsnr(teacher_steps, sigma_min, sigma_max)
+    if grid == "time_uniform":
+        return schedules.time_uniform(teacher_steps, sigma_min, sigma_max, rho)
+    raise ValueError(f"unknown grid {grid!r}; valid: {', '.join(GRIDS)}")
+
+
+@dataclass
+class GITSSchedule:
+    """A GITS schedule.
+
+    sigmas: float64 [len(indices)] = grid_sigmas[indices], decreasing (the solver's sigmas);
+    indices: positions in the fine grid, from 0 to teacher_steps;
+    grid: the fine grid's family and parameters (family, teacher_steps, sigma_min, sigma_max, rho);
+    cost: the DP objective sum_k gamma^k step_costs[k] (over the DP path, before any AFS step);
+    step_costs: C[i_k, i_{k+1}] along the DP path;
+    params: every other search argument (teacher, metric, gamma, num_warmup, seed, batch_size,
+    steps, afs, solver, shape); fingerprint: the model/data fingerprint;
+    cost_matrix: the averaged [T, T] cost (upper triangle; +inf elsewhere), so other step counts
+    and gammas can be solved again with :func:`geosample.gits.solve_dp` without the teacher.
+    """
+    sigmas: torch.Tensor
+    indices: list[int]
+    grid: dict
+    cost: float
+    step_costs: list[float]
+    params: dict
+    fingerprint: str
+    cost_matrix: torch.Tensor = field(repr=False)
+
+    @property
+    def steps(self) -> int:
+        """Solver steps on this schedule (``len(sigmas) - 1``; one more than NFE with AFS)."""
+        return len(self.indices) - 1
+
+    @property
+    def grid_sigmas(self) -> torch.Tensor:
+        g = self.grid
+        return fine_grid(g["family"], g["teacher_steps"], g["sigma_min"], g["sigma_max"], g["rho"])
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["sigmas"] = self.sigmas.tolist()
+        c = self.cost_matrix.clone()
+        d["cost_matrix"] = [[v if v != float("inf") else None for v in row] for row in c.tolist()]
+        d["format_version"] = FORMAT_VERSION
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GITSSchedule":
+        if d.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"unsupported GITS schedule format {d.get('format_version')!r}; expected {FORMAT_VERSION}")
+        cm = torch.tensor([[float("inf") if v is None else v for v in row] for row in d["cost_matrix"]],
+                          dtype=torch.float64)
+        return cls(sigmas=torch.tensor(d["sigmas"], dtype=torch.float64), indices=list(d["indices"]),
+                   grid=dict(d["grid"]), cost=float(d["cost"]), step_costs=list(d["step_costs"]),
+                   params=dict(d["params"]), fingerprint=str(d["fingerprint"]), cost_matrix=cm)
+
+    def save(self, path) -> None:
+        """Write JSON atomically."""
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
+
+
+def load(path) -> GITSSchedule:
+    """Read a schedule written by :meth:`GITSSchedule.save`."""
+    with open(path) as f:
+        try:
+            d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not a GITS schedule JSON file: {e}") from None
+    return GITSSchedule.from_dict(d)

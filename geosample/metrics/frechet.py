@@ -1,0 +1,106 @@
+"""Distances between feature distributions: Frechet distance of Gaussians and KID.
+
+Frechet (FID when the features are Inception-v3 pool features) between N(mu1, S1), N(mu2, S2):
+
+    FD = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)).
+
+tr((S1 S2)^(1/2)) is computed as tr((A S2 A)^(1/2)) with A = S1^(1/2): S1 S2 is similar to
+A S2 A (A^-1 (A S2 A) A = S1 S2 when S1 is invertible, and by continuity otherwise), which is
+symmetric PSD, so a float64 ``eigh`` gives its eigenvalues with negatives (round-off) clamped
+to 0.  No complex parts and no ``eps * I`` offset are needed, unlike ``scipy.linalg.sqrtm``.
+
+KID: the unbiased estimate of MMD^2 with the cubic polynomial kernel k(x, y) = (x.y / d + 1)^3,
+averaged over random subsets (Binkowski et al. 2018).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .stats import feature_stats
+
+__all__ = ["fid_from_features", "sqrtm_psd", "trace_sqrt_product", "frechet_distance", "mmd2_unbiased", "kid"]
+
+
+def _as64(a, name: str, ndim: int) -> torch.Tensor:
+    t = torch.as_tensor(np.asarray(a) if not isinstance(a, torch.Tensor) else a).detach().to("cpu", torch.float64)
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} has non-finite values")
+    return t
+
+
+def _check_cov(s: torch.Tensor, name: str) -> torch.Tensor:
+    if s.shape[0] != s.shape[1]:
+        raise ValueError(f"{name} must be square, got shape {tuple(s.shape)}")
+    return 0.5 * (s + s.T)
+
+
+def sqrtm_psd(s) -> torch.Tensor:
+    """Symmetric square root of a symmetric PSD matrix [d, d] (float64): V diag(sqrt(max(l, 0))) V^T."""
+    s = _check_cov(_as64(s, "matrix", 2), "matrix")
+    evals, evecs = torch.linalg.eigh(s)
+    return (evecs * evals.clamp(min=0).sqrt()) @ evecs.T
+
+
+def trace_sqrt_product(s1, s2) -> float:
+    """tr((S1 S2)^(1/2)) = sum_i sqrt(max(l_i, 0)), l = eig(A S2 A), A = S1^(1/2)."""
+    a = sqrtm_psd(s1)
+    s2 = _check_cov(_as64(s2, "sigma2", 2), "sigma2")
+    if a.shape != s2.shape:
+        raise ValueError(f"covariances differ in shape: {tuple(a.shape)} vs {tuple(s2.shape)}")
+    m = a @ s2 @ a
+    evals = torch.linalg.eigvalsh(0.5 * (m + m.T))
+    return float(evals.clamp(min=0).sqrt().sum())
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)); mu [d], sigma [d, d]; float64."""
+    mu1, mu2 = _as64(mu1, "mu1", 1), _as64(mu2, "mu2", 1)
+    s1 = _check_cov(_as64(sigma1, "sigma1", 2), "sigma1")
+    s2 = _check_cov(_as64(sigma2, "sigma2", 2), "sigma2")
+    if not (mu1.shape == mu2.shape and s1.shape == s2.shape == (mu1.numel(), mu1.numel())):
+        raise ValueError(f"shapes do not match: mu1 {tuple(mu1.shape)}, sigma1 {tuple(s1.shape)}, "
+                         f"mu2 {tuple(mu2.shape)}, sigma2 {tuple(s2.shape)}")
+    fd = float(((mu1 - mu2) ** 2).sum()) + float(s1.trace() + s2.trace()) - 2 * trace_sqrt_product(s1, s2)
+    return max(fd, 0.0)
+
+
+def fid_from_features(features1, features2) -> float:
+    """Frechet distance between the Gaussian statistics of two feature sets [n, d] and [m, d]."""
+    return frechet_distance(*feature_stats(features1), *feature_stats(features2))
+
+
+def mmd2_unbiased(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Unbiased MMD^2 of x [m, d], y [n, d] with k(a, b) = (a.b / d + 1)^3:
+    sum_{i!=j} k(x_i, x_j) / (m (m-1)) + sum_{i!=j} k(y_i, y_j) / (n (n-1)) - 2 mean k(x_i, y_j)."""
+    d = x.shape[1]
+    kxx = (x @ x.T / d + 1) ** 3
+    kyy = (y @ y.T / d + 1) ** 3
+    kxy = (x @ y.T / d + 1) ** 3
+    m, n = x.shape[0], y.shape[0]
+    return float((kxx.sum() - kxx.diagonal().sum()) / (m * (m - 1))
+                 + (kyy.sum() - kyy.diagonal().sum()) / (n * (n - 1)) - 2 * kxy.mean())
+
+
+def kid(features1, features2, num_subsets: int = 100, subset_size: int = 1000,
+        generator: torch.Generator | None = None) -> tuple[float, float]:
+    """Kernel Inception Distance: (mean, std) of :func:`mmd2_unbiased` over ``num_subsets``
+    random subsets of ``min(subset_size, m, n)`` rows drawn without replacement from each set.
+
+    features1 [m, d], features2 [n, d] (float64 maths); ``generator`` seeds the subsets."""
+    f1, f2 = _as64(features1, "features1", 2), _as64(features2, "features2", 2)
+    if f1.shape[1] != f2.shape[1]:
+        raise ValueError(f"feature dimensions differ: {f1.shape[1]} vs {f2.shape[1]}")
+    size = min(subset_size, f1.shape[0], f2.shape[0])
+    if size < 2:
+        raise ValueError(f"KID needs at least 2 samples per set, got {f1.shape[0]} and {f2.shape[0]}")
+    if num_subsets < 1:
+        raise ValueError(f"num_subsets must be >= 1, got {num_subsets}")
+    g = generator if generator is not None else torch.Generator().manual_seed(0)
+    vals = torch.tensor([mmd2_unbiased(f1[torch.randperm(f1.shape[0], generator=g)[:size]],
+                                       f2[torch.randperm(f2.shape[0], generator=g)[:size]])
+                         for _ in range(num_subsets)], dtype=torch.float64)
+    std = float(vals.std()) if num_subsets > 1 else 0.0
+    return float(vals.mean()), std

@@ -1,0 +1,117 @@
+"""Fused solver updates on a ring buffer of history entries: the one update every solver shares.
+
+Every step of Euler, Heun, DPM-2, iPNDM, iPNDM_v, DEIS, DPM-Solver++ and UniPC is
+
+    H_new  = (y - D) / sigma   (direction solvers; y = the point D was evaluated at, default x)
+    H_new  = D                 (data-prediction solvers, sigma=None)
+    x_next = a x + sum_k c_k H_k     (k = 0 newest, at most 4 terms; H_0 = H_new when given)
+
+with float64 host coefficients from the solvers' own coefficient functions.  The history is a
+preallocated ring buffer ``[K, *x.shape]`` (:class:`History`); ``update`` writes ``H_new`` into its
+next slot and combines in one pass: the Triton kernel (:mod:`geosample.kernels.solver_step`) on
+CUDA, plain in-place torch on a fresh output tensor elsewhere (no temporaries besides ``out``).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+__all__ = ["History", "update", "MAX_ORDER"]
+
+MAX_ORDER = 4
+
+
+def _check_like(name: str, t, x: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.shape != x.shape or t.dtype != x.dtype or t.device != x.device:
+        raise ValueError(f"{name} must match x ({tuple(x.shape)}, {x.dtype}, {x.device}), "
+                         f"got ({tuple(t.shape)}, {t.dtype}, {t.device})")
+
+
+def _torch_update(x, hist, rows, coeffs, a, denoised, sigma, at, out):
+    """The CPU path: the same formula with in-place torch ops on hist[rows[0]] and out."""
+    if denoised is not None:
+        h = hist[rows[0]]
+        if sigma is None:
+            h.copy_(denoised)
+        else:
+            torch.sub(x if at is None else at, denoised, out=h).div_(sigma)
+    out = torch.mul(x, a, out=out)
+    for c, r in zip(coeffs, rows):
+        out.add_(hist[r], alpha=c)
+    return out
+
+
+def _triton_update(x, hist, slot, coeffs, a, denoised, sigma, at, out):
+    from ..kernels import solver_step as ks
+    coef = torch.zeros(2 + MAX_ORDER, dtype=torch.float64)
+    coef[0], coef[1] = a, 0.0 if sigma is None else 1.0 / sigma
+    coef[2:2 + len(coeffs)] = torch.tensor(coeffs, dtype=torch.float64)
+    new = ks.NONE if denoised is None else (ks.DENOISED if sigma is None else ks.DIRECTION)
+    return ks.solver_step(x, hist, slot, coef.to(x.device, non_blocking=True), len(coeffs), new,
+                          denoised, at, out)
+
+
+def update(x: torch.Tensor, hist: torch.Tensor, slot: int, coeffs: Sequence[float], *, a: float = 1.0,
+           denoised: torch.Tensor | None = None, sigma: float | None = None, at: torch.Tensor | None = None,
+           out: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+    """One solver update on the ring buffer ``hist`` [K, *x.shape] (see the module docstring).
+
+    slot: the newest entry's row; with ``denoised`` the new entry is written there first.
+    coeffs: c_0.. (newest first, 1..min(K, 4) of them); entry k lives in row (slot - k) mod K.
+    backend: "auto" (Triton on CUDA, torch elsewhere), "torch" or "triton".
+    Returns ``out`` (a new tensor unless given; x itself is allowed).
+    """
+    if not isinstance(hist, torch.Tensor) or hist.dim() != x.dim() + 1 or hist.shape[1:] != x.shape:
+        raise ValueError(f"hist must be a tensor [K, {', '.join(map(str, x.shape))}], "
+                         f"got {tuple(hist.shape) if isinstance(hist, torch.Tensor) else type(hist).__name__}")
+    K = hist.shape[0]
+    if not 1 <= len(coeffs) <= min(K, MAX_ORDER):
+        raise ValueError(f"need 1 to {min(K, MAX_ORDER)} coefficients for a history of {K}, got {len(coeffs)}")
+    if not 0 <= slot < K:
+        raise ValueError(f"slot must be in [0, {K}), got {slot}")
+    for name, t in (("denoised", denoised), ("at", at), ("out", out)):
+        if t is not None:
+            _check_like(name, t, x)
+    if sigma is not None and denoised is None:
+        raise ValueError("sigma is only used with denoised (the new direction (at - denoised) / sigma)")
+    if backend == "auto":
+        backend = "triton" if x.is_cuda else "torch"
+    coeffs = [float(c) for c in coeffs]
+    if backend == "torch":
+        rows = [(slot - k) % K for k in range(len(coeffs))]
+        return _torch_update(x, hist, rows, coeffs, float(a), denoised, sigma, at, out)
+    if backend == "triton":
+        return _triton_update(x, hist, slot, coeffs, float(a), denoised, sigma, at, out)
+    raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+
+
+class History:
+    """A ring buffer of the newest ``size`` solver history entries for states shaped like ``x``.
+
+    ``hist.update(x, coeffs, ...)`` pushes the new entry (when ``denoised`` is given) and returns
+    x_next = a x + sum_k coeffs[k] H_k; without ``denoised`` it combines the stored entries only.
+    """
+
+    def __init__(self, x: torch.Tensor, size: int, backend: str = "auto"):
+        if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_ORDER:
+            raise ValueError(f"history size must be an int in [1, {MAX_ORDER}], got {size!r}")
+        self.buffer = torch.empty((size, *x.shape), dtype=x.dtype, device=x.device)
+        self.slot, self.count, self.backend = size - 1, 0, backend
+
+    def update(self, x: torch.Tensor, coeffs: Sequence[float], *, a: float = 1.0,
+               denoised: torch.Tensor | None = None, sigma: float | None = None,
+               at: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x_next (a new tensor unless ``out``); see :func:`update`."""
+        K = self.buffer.shape[0]
+        slot, count = self.slot, self.count
+        if denoised is not None:
+            slot, count = (slot + 1) % K, min(count + 1, K)
+        if len(coeffs) > count:
+            raise ValueError(f"{len(coeffs)} coefficients but only {count} history entries")
+        out = update(x, self.buffer, slot, coeffs, a=a, denoised=denoised, sigma=sigma, at=at, out=out,
+                     backend=self.backend)
+        self.slot, self.count = slot, count
+        return out

@@ -1,0 +1,93 @@
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+import geosample as gs
+from geosample import cli
+from geosample.commands import sample as cmd
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny problems: one thread avoids OpenMP overhead on busy 2-core CI machines."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_steps_for_nfe_follows_gs_nfe():
+    for solver in ("euler", "ipndm", "dpmpp", "unipc", "deis", "heun", "dpm2"):
+        for nfe in range(2, 11):
+            for afs in (False, True):
+                try:
+                    steps = cmd.steps_for_nfe(solver, nfe, afs)
+                except ValueError:
+                    assert gs.SOLVERS[solver].evals_per_step == 2
+                    continue
+                assert gs.nfe(solver, steps, afs=afs) == nfe
+    assert cmd.steps_for_nfe("heun", 6) == 3 and cmd.steps_for_nfe("heun", 5, afs=True) == 3
+    with pytest.raises(ValueError, match="valid NFEs"):
+        cmd.steps_for_nfe("heun", 5)
+
+
+def test_make_schedule_families_and_files(tmp_path):
+    sig, found = cmd.make_schedule("polynomial", "ipndm", 6)
+    assert found is None and torch.equal(sig, gs.schedules.polynomial(6))
+    assert torch.equal(cmd.make_schedule("logsnr", "heun", 8)[0], gs.schedules.logsnr(4))
+    (tmp_path / "a.json").write_text(json.dumps([80.0, 1.0, 0.002]))
+    (tmp_path / "b.json").write_text(json.dumps({"sigmas": [80.0, 5.0, 0.1, 0.0]}))
+    (tmp_path / "c.json").write_text(json.dumps({"sigmas": [1.0, 2.0]}))
+    assert cmd.make_schedule(str(tmp_path / "a.json"), "ipndm", 2)[0].tolist() == [80.0, 1.0, 0.002]
+    assert cmd.make_schedule(str(tmp_path / "b.json"), "ipndm", 3)[0].tolist()[-1] == 0.0
+    with pytest.raises(ValueError, match="decreasing"):
+        cmd.make_schedule(str(tmp_path / "c.json"), "ipndm", 1)
+    with pytest.raises(ValueError, match="unknown schedule"):
+        cmd.make_schedule("cosine", "ipndm", 6)
+
+
+def test_no_arguments_runs_sample_with_defaults(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(cmd, "run", lambda args: seen.update(vars(args)) or 0)
+    assert cli.main([]) == 0
+    assert seen["command"] == "sample" and seen["data"] == "digits" and seen["solver"] == "ipndm"
+    assert seen["nfe"] == 6 and seen["schedule"] == "gits" and seen["out"] == "geosample-out"
+
+
+def test_main_job_end_to_end_small(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("GEOSAMPLE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    assert cli.main(["sample", "--limit", "100", "--batch", "4", "--num-warmup", "16", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [r["schedule"] for r in report["rows"]] == ["gits", "polynomial"]
+    assert all(r["nfe"] == 6 and r["solver"] == "ipndm" and r["rmse"] > 0 for r in report["rows"])
+    assert report["rows"][1]["sigmas"] == gs.schedules.polynomial(6).tolist()
+    sched = gs.gits.load(out / "schedule.json")
+    assert sched.sigmas.tolist() == report["rows"][0]["sigmas"] and len(sched.sigmas) == 7
+    img = Image.open(out / "samples.png")
+    assert img.width > 2.5 * img.height   # three panels side by side: gits, polynomial, reference
+    table = capsys.readouterr().out
+    assert "gits" in table and "polynomial" in table and "RMSE" in table
+
+
+def test_main_job_heun_polynomial_only(tmp_path):
+    out = tmp_path / "out"
+    torch.set_num_threads(2)   # --threads 0 must drop to one thread for 64-value samples
+    assert cli.main(["sample", "--limit", "50", "--batch", "2", "--solver", "heun", "--nfe", "8",
+                     "--schedule", "polynomial", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert len(report["rows"]) == 1 and report["rows"][0]["nfe"] == 8
+    assert report["versions"]["torch_threads"] == 1
+    assert json.loads((out / "schedule.json").read_text())["sigmas"] == gs.schedules.polynomial(4).tolist()
+    with pytest.raises(ValueError, match="valid NFEs"):
+        cli.main(["sample", "--limit", "50", "--solver", "heun", "--nfe", "7", "--out", str(out)])
+
+
+def test_main_job_afs_keeps_nfe(tmp_path):
+    out = tmp_path / "out"
+    assert cli.main(["sample", "--limit", "50", "--batch", "2", "--nfe", "5", "--afs",
+                     "--schedule", "logsnr", "--out", str(out)]) == 0
+    rows = json.loads((out / "report.json").read_text())["rows"]
+    assert [(r["schedule"], r["nfe"], len(r["sigmas"])) for r in rows] == [("logsnr", 5, 7), ("polynomial", 5, 7)]

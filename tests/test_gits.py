@@ -1,0 +1,276 @@
+"""GITS: cost matrix vs a per-pair loop, DP vs brute force, search reproducibility, I/O, cache, errors."""
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import geosample as gs
+from geosample.gits.dp import available_backends
+
+
+# ----------------------------------------------------------------------------- cost matrix
+
+def loop_cost(traj, metric):
+    """Textbook definition, one pair at a time, float64."""
+    x, den, g = traj.x.double().flatten(2), traj.denoised.double().flatten(2), traj.sigmas
+    t = x.shape[0]
+    u = (x[-1] - x[0]) / (x[-1] - x[0]).norm(dim=-1, keepdim=True)
+
+    def dev(y):
+        a = x[-1] - y
+        return (a - (a * u).sum(-1, keepdim=True) * u).norm(dim=-1).mean()
+
+    c = torch.full((t, t), math.inf, dtype=torch.float64)
+    for i in range(t - 1):
+        d = (x[i] - den[i]) / g[i]
+        for j in range(i + 1, t):
+            e = x[i] + (g[j] - g[i]) * d
+            c[i, j] = {"l1": lambda: (e - x[j]).abs().sum(-1).mean(),
+                       "l2": lambda: (e - x[j]).norm(dim=-1).mean(),
+                       "dev": lambda: dev(e) - dev(x[j])}[metric]()
+    return c
+
+
+@pytest.fixture(scope="module")
+def mixture():
+    g = torch.Generator().manual_seed(0)
+    return gs.GaussianMixtureDenoiser(0.5 * torch.randn(5, 3, 4, 4, generator=g, dtype=torch.float64), 0.3)
+
+
+@pytest.fixture(scope="module")
+def traj(mixture):
+    noise = torch.randn(6, 3, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    return gs.sample(mixture, noise, gs.schedules.polynomial(16), solver="ipndm", return_trajectory=True)
+
+
+@pytest.mark.parametrize("metric", ["l1", "l2", "dev"])
+def test_cost_matrix_matches_pair_loop(traj, metric):
+    fast, slow = gs.gits.cost_matrix(traj, metric), loop_cost(traj, metric)
+    assert fast.dtype == torch.float64 and fast.shape == (17, 17)
+    upper = torch.ones(17, 17, dtype=torch.bool).triu(1)
+    assert torch.isinf(fast[~upper]).all() and torch.isfinite(fast[upper]).all()
+    # l2 expands |e|^2 through Gram matrices: the error floor is ~ sqrt(eps) |X[i] - X[-1]|
+    scale = (traj.x - traj.x[-1]).flatten(2).norm(dim=-1).mean(1)[:, None].expand(17, 17)
+    tol = 1e-12 + (3e-7 * scale[upper] if metric == "l2" else 1e-10 * slow[upper].abs())
+    assert ((fast[upper] - slow[upper]).abs() <= tol).all()
+
+
+def test_cost_matrix_first_step_of_ipndm_is_exact_euler(traj):
+    # iPNDM's first step is an Euler step, so jumping 0 -> 1 reproduces x[1]: l1 cost 0, dev cost 0
+    assert gs.gits.cost_matrix(traj, "l1")[0, 1] == pytest.approx(0, abs=1e-12)
+    assert gs.gits.cost_matrix(traj, "dev")[0, 1] == pytest.approx(0, abs=1e-10)
+
+
+def test_cost_matrix_float32_trajectory_close_to_float64(traj):
+    t32 = gs.Trajectory(x=traj.x.float(), denoised=traj.denoised.float(), sigmas=traj.sigmas, nfe=traj.nfe)
+    for metric in ("l2", "dev"):
+        a, b = gs.gits.cost_matrix(t32, metric), gs.gits.cost_matrix(traj, metric)
+        m = torch.isfinite(b)
+        assert torch.allclose(a[m], b[m], rtol=1e-3, atol=1e-3)
+
+
+def test_cost_matrix_errors(traj):
+    with pytest.raises(ValueError, match="unknown metric"):
+        gs.gits.cost_matrix(traj, "l3")
+    with pytest.raises(TypeError, match="Trajectory"):
+        gs.gits.cost_matrix(traj.x, "l2")
+    bad = gs.Trajectory(x=traj.x, denoised=traj.denoised[:-1], sigmas=traj.sigmas, nfe=1)
+    with pytest.raises(ValueError, match="denoised"):
+        gs.gits.cost_matrix(bad, "l2")
+
+
+# ----------------------------------------------------------------------------- dynamic programme
+
+def brute_force(c, steps, gamma):
+    n = c.shape[0]
+    best = math.inf
+    for mid in itertools.combinations(range(1, n - 1), steps - 1):
+        path = [0, *mid, n - 1]
+        best = min(best, gs.gits.path_cost(c, path, gamma)[0])
+    return best
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(2, 8), data=st.data(), gamma=st.floats(0.5, 2.0),
+       seed=st.integers(0, 2 ** 31 - 1))
+def test_dp_is_optimal_and_backends_agree(n, data, gamma, seed):
+    steps = data.draw(st.integers(1, n - 1))
+    c = np.random.default_rng(seed).normal(size=(n, n))
+    paths = {b: gs.gits.solve_dp(c, steps, gamma, backend=b) for b in available_backends()}
+    path = paths["python"]
+    assert all(p == path for p in paths.values()), paths
+    assert len(path) == steps + 1 and path[0] == 0 and path[-1] == n - 1
+    assert all(a < b for a, b in zip(path, path[1:]))
+    assert gs.gits.path_cost(c, path, gamma)[0] == pytest.approx(brute_force(c, steps, gamma), rel=1e-12, abs=1e-12)
+
+
+def test_dp_ties_pick_smallest_index_in_every_backend():
+    c = np.zeros((9, 9))
+    for b in available_backends():
+        assert gs.gits.solve_dp(c, 3, 1.0, backend=b) == [0, 1, 2, 8]
+
+
+def test_dp_ignores_lower_triangle():
+    c = np.random.default_rng(0).random((12, 12))
+    noisy = c.copy()
+    noisy[np.tril_indices(12)] = np.nan
+    for b in available_backends():
+        assert gs.gits.solve_dp(noisy, 4, backend=b) == gs.gits.solve_dp(c, 4, backend=b)
+
+
+def test_dp_sweep_matches_single_solves():
+    c = np.random.default_rng(3).random((21, 21))
+    out = gs.gits.solve_dp_sweep(c, 6, [0.9, 1.0, 1.15])
+    assert set(out) == {(s, g) for s in range(1, 7) for g in (0.9, 1.0, 1.15)}
+    for (s, g), path in out.items():
+        for b in available_backends():
+            assert gs.gits.solve_dp(c, s, g, backend=b) == path
+    assert list(gs.gits.solve_dp_sweep(c, [5, 3], 1.0)) == [(3, 1.0), (5, 1.0)]
+
+
+def test_dp_accepts_torch_cost_with_inf_lower_triangle(traj):
+    c = gs.gits.cost_matrix(traj, "dev")
+    assert gs.gits.solve_dp(c, 4) == gs.gits.solve_dp(c.numpy(), 4, backend="python")
+
+
+@pytest.mark.parametrize("cost, steps, gamma, backend, err, match", [
+    (np.zeros((5, 5)), 5, 1.0, "auto", ValueError, "steps must be in"),
+    (np.zeros((5, 5)), 0, 1.0, "auto", ValueError, "steps must be in"),
+    (np.zeros((5, 5)), 2.0, 1.0, "auto", TypeError, "steps must be an int"),
+    (np.zeros((5, 4)), 2, 1.0, "auto", ValueError, "square"),
+    (np.zeros(5), 2, 1.0, "auto", ValueError, "square"),
+    (np.triu(np.full((5, 5), np.nan)), 2, 1.0, "auto", ValueError, "finite"),
+    (np.zeros((5, 5)), 2, 0.0, "auto", ValueError, "gamma"),
+    (np.zeros((5, 5)), 2, -1.0, "auto", ValueError, "gamma"),
+    (np.zeros((5, 5)), 2, math.nan, "auto", ValueError, "gamma"),
+    (np.zeros((5, 5)), 2, 1.0, "fortran", ValueError, "unknown backend"),
+    ([["a"]], 1, 1.0, "auto", TypeError, "cost"),
+])
+def test_dp_errors(cost, steps, gamma, backend, err, match):
+    with pytest.raises(err, match=match):
+        gs.gits.solve_dp(cost, steps, gamma, backend=backend)
+
+
+# ----------------------------------------------------------------------------- search
+
+class Counting:
+    def __init__(self, d):
+        self.d, self.calls = d, 0
+
+    def __call__(self, x, sigma):
+        self.calls += 1
+        return self.d(x, sigma)
+
+
+SMALL = dict(teacher_steps=20, num_warmup=12, batch_size=5)
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("GEOSAMPLE_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "gits"
+
+
+def test_search_reproducible_and_seeded(mixture, cache_dir):
+    a = gs.gits.search(mixture, (3, 4, 4), 4, use_cache=False, **SMALL)
+    b = gs.gits.search(mixture, (3, 4, 4), 4, use_cache=False, **SMALL)
+    c = gs.gits.search(mixture, (3, 4, 4), 4, seed=1, use_cache=False, **SMALL)
+    assert a.indices == b.indices and torch.equal(a.cost_matrix, b.cost_matrix)
+    assert not torch.equal(a.cost_matrix, c.cost_matrix)
+    assert not cache_dir.exists()
+    grid = gs.schedules.polynomial(20)
+    assert a.sigmas.dtype == torch.float64 and torch.equal(a.sigmas, grid[a.indices])
+    assert a.indices[0] == 0 and a.indices[-1] == 20 and len(a.indices) == 5
+    assert a.cost == pytest.approx(gs.gits.path_cost(a.cost_matrix, a.indices, 1.15)[0])
+    assert a.params["nfe"] == 4 and a.fingerprint == gs.gits.fingerprint(mixture, (3, 4, 4))
+
+
+def test_search_averages_rounds_over_all_samples(mixture):
+    # rounds of 5, 5, 2 weighted by size = one cost matrix over all 12 samples
+    s = gs.gits.search(mixture, (3, 4, 4), 3, metric="l2", use_cache=False, **SMALL)
+    noise = torch.randn((12, 3, 4, 4), generator=torch.Generator().manual_seed(0))
+    traj = gs.sample(mixture, noise, gs.schedules.polynomial(20), solver="ipndm", return_trajectory=True)
+    whole = gs.gits.cost_matrix(traj, "l2")
+    m = torch.isfinite(whole)
+    assert torch.allclose(s.cost_matrix[m], whole[m], rtol=1e-5, atol=1e-6)
+
+
+def test_save_load_round_trip(mixture, tmp_path):
+    s = gs.gits.search(mixture, (3, 4, 4), 3, grid="logsnr", metric="l1", use_cache=False, **SMALL)
+    path = tmp_path / "sub" / "s.json"
+    s.save(path)
+    t = gs.gits.load(path)
+    assert t.indices == s.indices and torch.equal(t.sigmas, s.sigmas)
+    assert torch.equal(t.cost_matrix, s.cost_matrix) and t.params == s.params and t.grid == s.grid
+    assert t.grid["rho"] is None and torch.equal(t.grid_sigmas, gs.schedules.logsnr(20))
+    assert json.loads(path.read_text())["params"]["metric"] == "l1"
+    assert [p.name for p in path.parent.iterdir()] == ["s.json"]          # no temporary left behind
+
+
+def test_load_rejects_other_files(tmp_path):
+    (tmp_path / "x.json").write_text("{}")
+    with pytest.raises(ValueError, match="format"):
+        gs.gits.load(tmp_path / "x.json")
+
+
+def test_cache_makes_second_search_free(mixture, cache_dir):
+    first = Counting(mixture)
+    a = gs.gits.search(first, (3, 4, 4), 4, **SMALL)
+    again = Counting(mixture)
+    b = gs.gits.search(again, (3, 4, 4), 4, **SMALL)
+    assert again.calls == 3                                    # only the fingerprint probe
+    assert b.indices == a.indices and torch.equal(b.cost_matrix, a.cost_matrix)
+    other = Counting(mixture)
+    c = gs.gits.search(other, (3, 4, 4), 6, gamma=1.0, **SMALL)   # same teacher: cost matrix reused
+    assert other.calls == 3 and len(c.indices) == 7
+    assert first.calls > 3 * 20
+    assert sorted(p.name.split("-")[0] for p in cache_dir.iterdir()) == ["cost", "schedule", "schedule"]
+
+
+def test_cache_key_includes_the_model(mixture, cache_dir):
+    gs.gits.search(mixture, (3, 4, 4), 4, **SMALL)
+    other = gs.GaussianMixtureDenoiser(mixture.means + 0.1, 0.3)
+    counted = Counting(other)
+    gs.gits.search(counted, (3, 4, 4), 4, **SMALL)
+    assert counted.calls > 3
+
+
+def test_afs_inserts_a_free_first_step(mixture):
+    s = gs.gits.search(mixture, (3, 4, 4), 3, afs=True, use_cache=False, **SMALL)
+    dp = gs.gits.solve_dp(s.cost_matrix, 3, 1.15)
+    assert len(s.indices) == 5 and s.params["nfe"] == 3 and s.params["afs"]
+    assert 0 < s.indices[1] < dp[1] and s.indices[2:] == dp[1:]
+    # the inserted point is the best of all candidates on round 0, judged against the teacher
+    noise = torch.randn((5, 3, 4, 4), generator=torch.Generator().manual_seed(0))
+    grid = gs.schedules.polynomial(20)
+    target = gs.sample(mixture, noise, grid, solver="ipndm", afs=True)
+    dist = {k: float((gs.sample(mixture, noise, grid[[0, k] + dp[1:]], afs=True) - target).flatten(1)
+                     .norm(dim=1).mean()) for k in range(1, dp[1])}
+    assert s.indices[1] == min(dist, key=dist.get)
+
+
+def test_afs_without_room_keeps_the_dp_path(mixture):
+    s = gs.gits.search(mixture, (3, 4, 4), 4, afs=True, use_cache=False, **SMALL)
+    assert s.indices == gs.gits.solve_dp(s.cost_matrix, 4, 1.15) and s.indices[1] == 1
+    assert s.params["nfe"] == 3
+
+
+@pytest.mark.parametrize("kwargs, err, match", [
+    (dict(steps=20), ValueError, "teacher_steps"),
+    (dict(metric="l3"), ValueError, "unknown metric"),
+    (dict(grid="cosine"), ValueError, "unknown grid"),
+    (dict(teacher="rk45"), ValueError, "unknown solver"),
+    (dict(gamma=0.0), ValueError, "gamma"),
+    (dict(num_warmup=0), ValueError, "num_warmup"),
+    (dict(batch_size=1.5), TypeError, "batch_size"),
+    (dict(shape=()), ValueError, "shape"),
+])
+def test_search_errors(mixture, kwargs, err, match):
+    args = dict(shape=(3, 4, 4), steps=4, use_cache=False, **SMALL)
+    args.update(kwargs)
+    with pytest.raises(err, match=match):
+        gs.gits.search(mixture, **args)

@@ -1,0 +1,28 @@
+"""`geosample gits` end to end on the bundled digits (tiny teacher so it stays fast)."""
+import json
+
+import pytest
+
+import geosample as gs
+
+pytest.importorskip("geosample.data")
+pytest.importorskip("geosample.denoisers.kde")
+
+from geosample.cli import main  # noqa: E402
+
+
+def test_cli_gits_prints_and_saves(tmp_path, capsys):
+    out = tmp_path / "s.json"
+    rc = main(["gits", "--data", "digits", "--steps", "2", "--solver", "ipndm", "--teacher-steps", "4",
+               "--num-warmup", "2", "--batch-size", "2", "--no-cache", "--out", str(out)])
+    assert rc == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    sched = gs.gits.load(out)
+    assert printed["indices"] == sched.indices and len(sched.indices) == 3
+    assert sched.params["num_warmup"] == 2 and sched.grid["teacher_steps"] == 4
+    assert sched.indices[0] == 0 and sched.indices[-1] == 4
+
+
+def test_cli_gits_rejects_bad_metric():
+    with pytest.raises(SystemExit):
+        main(["gits", "--data", "digits", "--metric", "l3"])
