@@ -1,6 +1,6 @@
 """One solver step: the fused update (geosample.solvers.fused) against the unfused torch path.
 
-Run: ``PYTHONPATH=. pytest benchmarks/bench_fused_step.py --benchmark-only`` (CPU; CUDA cases run
+Run: ``PYTHONPATH=. pytest benchmarks/bench_fused_step.py --benchmark-enable --benchmark-only`` (CPU; CUDA cases run
 when a GPU is present).  GEOSAMPLE_BENCH_FULL=1 uses batch 8 (3x64x64) and 4 (4x128x128) instead
 of 1.  Steps measured: iPNDM order 4 (direction + 4 history terms) and DPM-Solver++ order 3.
 
@@ -18,7 +18,6 @@ import torch
 
 import geosample as gs
 from geosample.solvers import fused
-from geosample.solvers.base import lincomb
 from geosample.solvers.exponential import dpmpp_coefficients
 
 FULL = os.environ.get("GEOSAMPLE_BENCH_FULL") == "1"
@@ -30,6 +29,11 @@ PATTERNS = {  # (a, coefficients newest first, direction?)
     "ipndm4": (1.0, tuple((SIGMAS[5] - SIGMAS[4]) * c for c in (55 / 24, -59 / 24, 37 / 24, -9 / 24)), True),
     "dpmpp3": (SIGMAS[5] / SIGMAS[4], tuple(dpmpp_coefficients(SIGMAS, 4, 3)), False),
 }
+
+
+def lincomb(coeffs, tensors):
+    """The unfused combination sum_k c_k t_k, one temporary per term (what solvers did before fusion)."""
+    return sum(float(c) * t for c, t in zip(coeffs, tensors))
 
 
 def _tensors(shape, device):

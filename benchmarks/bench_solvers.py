@@ -9,7 +9,7 @@ groups:
     overhead-<name>  gs.sample vs the same loop written the k-diffusion way (plain torch,
                      sigmas a tensor, d = to_d(x, sigma, denoised), x = x + d * dt)
 
-Run: ``PYTHONPATH=. pytest benchmarks/bench_solvers.py --benchmark-only`` (CI: ``--benchmark-disable``);
+Run: ``PYTHONPATH=. pytest benchmarks/bench_solvers.py --benchmark-enable --benchmark-only`` (CI: disabled, pyproject);
 ``GEOSAMPLE_BENCH_FULL=1`` uses x of shape [64, 3, 32, 32] instead of [4, 3, 32, 32].
 """
 import os

@@ -26,7 +26,7 @@ from .solvers import Trajectory
 from .solvers import sample as _sample
 
 
-__all__ = ["ShardedKDEDenoiser", "sample", "gits_search", "extract_features", "gather_rows", "shard",
+__all__ = ["ShardedKDEDenoiser", "closed_form_denoiser", "sample", "gits_search", "extract_features", "gather_rows", "shard",
            "split", "rank", "world_size", "is_main", "init_from_env"]
 
 
@@ -59,6 +59,14 @@ def init_from_env(backend: str | None = None) -> bool:
     if dist.get_backend() == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return True
+
+
+def closed_form_denoiser(data, group=None, **kde_options):
+    """The dataset's closed-form denoiser for this process: a :class:`ShardedKDEDenoiser` over
+    this rank's shard when running distributed, else a plain :class:`KDEDenoiser` over all of it."""
+    if world_size(group) > 1:
+        return ShardedKDEDenoiser(shard(data, group), group=group, **kde_options)
+    return KDEDenoiser(data, **kde_options)
 
 
 def split(n: int, world: int) -> list[tuple[int, int]]:

@@ -118,3 +118,23 @@ def test_bad_input_raises():
         d(torch.zeros(1, 3), -1.0)
     with pytest.raises(ValueError, match="use_cache"):
         gd.gits_search(d, (3,), 2, use_cache=True)
+
+
+def test_cli_sample_under_torchrun_matches_one_process(tmp_path):
+    """`geosample sample` under torchrun: dataset sharded, teacher split, rank 0 writes the same report."""
+    args = ["sample", "--batch", "6", "--nfe", "4", "--num-warmup", "16", "--no-cache", "--threads", "1"]
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run([sys.executable, "-m", "geosample.cli", *args, "--out", str(one)], env=env, check=True,
+                   capture_output=True, timeout=120)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                          "127.0.0.1", "--master_port", str(_free_port()), "-m", "geosample.cli", *args,
+                          "--out", str(two)], env=env, capture_output=True, text=True, timeout=180)
+    if run.returncode:
+        pytest.fail(f"torchrun geosample sample failed ({run.returncode}):\n{run.stderr[-4000:]}")
+    assert run.stdout.count("geosample sample:") == 1  # only rank 0 reports
+    a, b = (json.loads((d / "report.json").read_text()) for d in (one, two))
+    for ra, rb in zip(a["rows"], b["rows"]):
+        assert ra["sigmas"] == rb["sigmas"]
+        assert abs(ra["rmse"] - rb["rmse"]) < 1e-5 * max(ra["rmse"], 1e-3)
+    assert (two / "samples.png").exists() and (two / "schedule.json").exists()

@@ -12,10 +12,14 @@ import torch
 import geosample as gs
 from geosample.graph import FusedSampler, plan, sample_fused
 from geosample.solvers import fused
-from geosample.solvers.base import lincomb
 
 SOLVERS = ["euler", "heun", "dpm2", "ipndm", "ipndm_v", "deis", "dpmpp", "unipc"]
 EPS32 = torch.finfo(torch.float32).eps
+
+
+def lincomb(coeffs, tensors):
+    """The unfused combination sum_k c_k t_k, one temporary per term (what solvers did before fusion)."""
+    return sum(float(c) * t for c, t in zip(coeffs, tensors))
 
 
 def _case(op, K, shape=(3, 5, 7), dtype=torch.float32, seed=0):

@@ -79,21 +79,24 @@ def load_schedule_file(path) -> "torch.Tensor":
 
 def make_schedule(name: str, solver: str, nfe: int, denoiser=None, shape=None, *, afs: bool = False,
                   seed: int = 0, num_warmup: int = 256, device="cpu", use_cache: bool = True,
-                  progress: bool = False):
+                  progress: bool = False, distributed: bool = False):
     """(sigmas, gits_schedule_or_None) for ``name`` with ``nfe`` calls of ``solver``.
 
     gits: :func:`geosample.gits.search` with the defaults (iPNDM teacher, 60-step polynomial
     grid, dev metric, gamma 1.15, ``num_warmup`` teacher samples) for ``denoiser`` on samples of ``shape``;
     with ``afs`` it searches one step fewer and inserts the free analytical first step.
+    ``distributed``: :func:`geosample.distributed.gits_search` (teacher split across ranks, no cache).
     """
     from .. import gits, schedules
+    from ..distributed import gits_search
 
     steps = steps_for_nfe(solver, nfe, afs)
     if name == "gits":
         if steps - int(afs) < 1:
             raise ValueError(f"GITS with afs needs at least 2 steps; got nfe={nfe} for {solver}")
-        found = gits.search(denoiser, shape, steps - int(afs), seed=seed, num_warmup=num_warmup, afs=afs, solver=solver,
-                            device=device, use_cache=use_cache, progress=progress)
+        search, cache = (gits_search, {}) if distributed else (gits.search, {"use_cache": use_cache})
+        found = search(denoiser, shape, steps - int(afs), seed=seed, num_warmup=num_warmup, afs=afs, solver=solver,
+                       device=device, progress=progress, **cache)
         return found.sigmas, found
     families = {"polynomial": schedules.polynomial, "logsnr": schedules.logsnr, "time_uniform": schedules.time_uniform}
     if name in families:
@@ -166,33 +169,36 @@ def _versions() -> dict:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from .. import distributed as gd
     from .. import nfe as count_nfe
     from ..data import load_dataset
-    from ..denoisers.kde import KDEDenoiser
     from ..metrics import reference_error, reference_solve
-    from ..solvers import get_solver, sample
+    from ..solvers import get_solver
 
     t_start = time.perf_counter()
     solver = get_solver(args.solver).name
     if args.batch < 1:
         raise ValueError(f"--batch must be >= 1, got {args.batch}")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    parallel = gd.init_from_env()  # under torchrun: the dataset sharded over ranks, rank 0 reports
+    main = gd.is_main()
+    say = print if main else (lambda *a, **k: None)
 
     data = torch.as_tensor(load_dataset(args.data, limit=args.limit)).to(args.device)
-    denoiser = KDEDenoiser(data)
+    denoiser = gd.closed_form_denoiser(data)
     shape = tuple(data.shape[1:])
     if args.threads < 0:
         raise ValueError(f"--threads must be >= 0, got {args.threads}")
     if args.threads or data[0].numel() < SMALL:
         torch.set_num_threads(args.threads or 1)
-    print(f"geosample sample: data={args.data} {tuple(data.shape)}, solver={solver}, NFE={args.nfe}, "
-          f"schedule={args.schedule}, batch={args.batch}, device={args.device}, threads={torch.get_num_threads()}")
+    say(f"geosample sample: data={args.data} {tuple(data.shape)}, solver={solver}, NFE={args.nfe}, "
+        f"schedule={args.schedule}, batch={args.batch}, device={args.device}, threads={torch.get_num_threads()}, "
+        f"ranks={gd.world_size()}")
 
     t0 = time.perf_counter()
     sigmas, found = make_schedule(args.schedule, solver, args.nfe, denoiser, shape, afs=args.afs, seed=args.seed,
-                                  num_warmup=args.num_warmup,
-                                  device=args.device, use_cache=not args.no_cache, progress=True)
+                                  num_warmup=args.num_warmup, device=args.device, use_cache=not args.no_cache,
+                                  progress=main, distributed=parallel)
     search_s = time.perf_counter() - t0
     grids = {args.schedule: sigmas}
     if args.schedule != BASELINE:
@@ -200,14 +206,15 @@ def run(args: argparse.Namespace) -> int:
 
     noise = torch.randn((args.batch, *shape), generator=torch.Generator().manual_seed(args.seed)).to(args.device)
     t0 = time.perf_counter()
-    ref = reference_solve(denoiser, noise, steps=REFERENCE["steps"], solver=REFERENCE["solver"], progress=True)
+    ref = reference_solve(denoiser, noise, steps=REFERENCE["steps"], solver=REFERENCE["solver"], progress=main,
+                          sample=gd.sample)
     ref_s = time.perf_counter() - t0
 
     rows, panels = [], []
     for name, sig in grids.items():
         label = Path(name).stem if name.endswith(".json") else name
         t0 = time.perf_counter()
-        x = sample(denoiser, noise, sig, solver=solver, afs=args.afs, progress=True)
+        x = gd.sample(denoiser, noise, sig, solver=solver, afs=args.afs, progress=main)
         elapsed = time.perf_counter() - t0
         err = reference_error(x, ref)
         n = count_nfe(solver, len(sig) - 1, afs=args.afs, denoise_to_zero=float(sig[-1]) == 0.0)
@@ -216,6 +223,9 @@ def run(args: argparse.Namespace) -> int:
                      "time_s": elapsed})
         panels.append((f"{label} ({solver}, NFE {n}) RMSE {err['rmse']:.3f}", x))
     panels.append((f"reference ({REFERENCE['solver']}, {REFERENCE['steps']} steps)", ref))
+    if not main:
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
 
     if data.dim() == 4 and data.shape[1] in (1, 3):
         atomic_write(out / "samples.png", lambda f: labelled_panels(panels).save(f, format="PNG"))

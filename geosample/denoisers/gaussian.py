@@ -18,8 +18,9 @@ __all__ = ["GaussianMixtureDenoiser"]
 class GaussianMixtureDenoiser:
     """Exact D(x, sigma) for means [K, ...], stds [K] (or a scalar) and weights [K] (default uniform).
 
-    Computed in float64; returns x's dtype.  ``solve`` integrates the probability-flow ODE to
-    ~1e-10 with classical RK4 in log sigma, as the ground truth for solver tests.
+    Computed in float64; returns x's dtype.  ``solve`` integrates the probability-flow ODE with
+    classical RK4 in log sigma (error ~1e-10 at 800 steps over 80 -> 0.05), the ground truth
+    for solver tests.
     """
 
     def __init__(self, means, stds, weights=None):
@@ -54,11 +55,12 @@ class GaussianMixtureDenoiser:
             raise ValueError("sigma must be > 0")
         var_data = (self.stds.to(xf.device) ** 2)[None, :]          # [1, K]
         var = var_data + sig ** 2                                    # [B or 1, K]
-        dist2 = torch.cdist(xf, mu) ** 2                             # [B, K]
+        diff = xf[:, None, :] - mu[None]                             # [B, K, d]
+        dist2 = (diff * diff).sum(-1)                                # [B, K]
         logits = self.log_weights.to(xf.device) - dist2 / (2 * var) - 0.5 * self.dim * var.log()
         p = torch.softmax(logits, dim=1)                             # [B, K]
-        shrink = var_data / var                                      # [B or 1, K]
-        out = p @ mu + ((p * shrink).sum(1, keepdim=True)) * xf - (p * shrink) @ mu
+        w = p * (var_data / var)                                     # p_k s_k^2 / v_k
+        out = p @ mu + w.sum(1, keepdim=True) * xf - w @ mu
         return out.reshape(x.shape).to(x.dtype)
 
     def sample_data(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -71,8 +73,7 @@ class GaussianMixtureDenoiser:
     def solve(self, x: torch.Tensor, sigma_from: float, sigma_to: float, steps: int = 4000) -> torch.Tensor:
         """x(sigma_to) from x(sigma_from) on the probability-flow ODE, RK4 in u = log sigma, float64.
 
-        dx/du = x - D(x, e^u).  sigma_to = 0 returns D at the last positive sigma is not allowed;
-        pass sigma_to > 0.
+        dx/du = x - D(x, e^u); both sigmas must be > 0 (for sigma_to = 0 apply D at the end).
         """
         if not (sigma_from > 0 and sigma_to > 0):
             raise ValueError("solve needs sigma_from > 0 and sigma_to > 0")

@@ -20,8 +20,11 @@ DATA_RANGE = 2.0
 
 def reference_solve(denoiser, noise: torch.Tensor, steps: int = 100, solver: str = "heun",
                     sigma_min: float = schedules.SIGMA_MIN, sigma_max: float = schedules.SIGMA_MAX,
-                    progress: bool = False) -> torch.Tensor:
-    """High-accuracy solve of ``noise`` on the EDM rho=7 schedule (``steps`` steps of ``solver``)."""
+                    progress: bool = False, sample=sample) -> torch.Tensor:
+    """High-accuracy solve of ``noise`` on the EDM rho=7 schedule (``steps`` steps of ``solver``).
+
+    sample: the sampler (``gs.sample``, or ``geosample.distributed.sample`` to split the batch).
+    """
     sigmas = schedules.polynomial(steps, sigma_min, sigma_max)
     return sample(denoiser, noise, sigmas, solver=solver, progress=progress)
 
