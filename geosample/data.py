@@ -131,7 +131,7 @@ def _to_output(arr, dtype: str, limit: int | None):
     if dtype == "uint8":
         if arr.dtype != np.uint8:
             raise TypeError(f"dtype='uint8' needs 8-bit pixel data, the array is {arr.dtype}")
-        return torch.from_numpy(np.ascontiguousarray(arr))
+        return torch.from_numpy(np.array(arr))  # a writable in-memory copy (arr may be a read-only memmap)
     if arr.dtype == np.uint8:
         return torch.from_numpy(np.asarray(arr, dtype=np.float32) * np.float32(UINT8_SCALE) + np.float32(UINT8_OFFSET))
     return torch.from_numpy(np.asarray(arr, dtype=np.float32))

@@ -13,9 +13,19 @@ float16 or uint8 with y = scale q + offset):
 Ranges are merged by log-sum-exp (:func:`geosample.denoisers.kde.merge`).  ``exact`` uses
 ``input_precision="ieee"`` (full float32 FMA, never TF32); ``fast`` rounds the dot inputs to
 bfloat16 (tensor cores).  Memory: L is [B, rows] with rows = max(chunk_size, 2^26 / B) on GPU.
+
+For D <= ``FUSED_MAX_D`` one fused kernel replaces 1-3 (flash decoding): ``_fused_kernel``, grid
+(B / BB, splits), keeps a block of BB queries and the running state in registers while it walks
+its split of the N tiles (nothing of size B x N is written):
+
+    m' = max(m, max_j L_j),  a = exp(m - m'),  z' = a z + sum_j e^{L_j - m'},
+    z2' = a^2 z2 + sum_j e^{2 (L_j - m')},  s' = a s + sum_j e^{L_j - m'} y_j
+
+(tiles whose max is below m - 80 for all BB queries skip the exp and the second dot), plus a
+running top-k of the logits it summed, so the float64 re-scoring subtracts exactly the terms that
+were streamed.  Each split writes (m, z, z2, s, top-k); ``_merge_splits`` combines them.
 """
 from __future__ import annotations
-
 
 import torch
 import triton
@@ -106,19 +116,138 @@ def _range_partial(q, hy2, xs, inv, k, fast, scale, offset):
     return Partial(m, p.sum(1, dtype=torch.float64), (p * p).sum(1, dtype=torch.float64), out.sum(0), top_v, top_i)
 
 
+FUSED_MAX_D = 256    # D above this takes the two-phase path ([BN, D] row tiles no longer fit in registers)
+FUSED_BB = 16        # queries per program (the smallest tl.dot M)
+FUSED_BN = 64        # rows per tile for D <= 128
+FUSED_BN_WIDE = 32   # rows per tile for 128 < D <= 256
+FUSED_PROGRAMS = 512 # target programs per launch (~4 per SM on an H100): splits = 512 / query blocks
+FUSED_MIN_TILES = 4  # at least this many tiles per split, so a split's partial write is amortised
+LOWEST = tl.constexpr(-(2 ** 63))   # removed / out-of-range entries of the packed top-k
+
+
+@triton.jit
+def _pack(logit, rows):
+    """Order-preserving int64 keys: the float32 bits made monotone (negatives flipped) in the high
+    word, the row in the low word, so a max over keys is the max logit and carries its row."""
+    bits = logit.to(tl.int32, bitcast=True)
+    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return (key.to(tl.int64) << 32) | rows.to(tl.int64)
+
+
+@triton.jit
+def _kth_value(top):
+    """The smallest logit held in the packed top-k ``top`` [BB, KP] -> [BB] float32."""
+    key = (tl.min(top, axis=1) >> 32).to(tl.int32)
+    return (key ^ ((key >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _top_merge(top, cand, KP: tl.constexpr):
+    """The KP largest of the distinct keys top [BB, KP] and cand [BB, BN], by KP max-extractions."""
+    slot = tl.arange(0, KP)[None, :]
+    new = top
+    for j in range(KP):
+        best = tl.maximum(tl.max(top, axis=1), tl.max(cand, axis=1))[:, None]
+        new = tl.where(slot == j, best, new)
+        top = tl.where(top == best, LOWEST, top)
+        cand = tl.where(cand == best, LOWEST, cand)
+    return new
+
+
+@triton.jit
+def _fused_kernel(X, Y, HY2, INV, M, Z, Z2, S, TOP, B, n, D, T, tiles_per_split, scale, offset,
+                  BB: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, KP: tl.constexpr,
+                  DEQUANT: tl.constexpr, FAST: tl.constexpr):
+    """One (query block, split): online log-sum-exp over tiles of BN rows; BD >= D (one D block).
+    Writes M, Z, Z2 [splits, B] (m float32, z and z2 float64), S [splits, B, D], TOP [splits, B, KP]."""
+    rb = tl.program_id(0) * BB + tl.arange(0, BB)
+    rd = tl.arange(0, BD)
+    split = tl.program_id(1)
+    x = tl.load(X + rb[:, None] * D + rd[None, :], mask=(rb[:, None] < B) & (rd[None, :] < D), other=0.0)
+    inv = tl.load(INV + rb, mask=rb < B, other=0.0)
+    m = tl.full((BB,), -float("inf"), tl.float32)
+    z = tl.zeros((BB,), dtype=tl.float64)
+    z2 = tl.zeros((BB,), dtype=tl.float64)
+    s = tl.zeros((BB, BD), dtype=tl.float32)
+    top = _pack(tl.full((BB, KP), -float("inf"), tl.float32), tl.arange(0, KP)[None, :])  # distinct padding
+    kth = tl.full((BB,), -float("inf"), tl.float32)
+    t0 = split * tiles_per_split
+    for t in range(t0, tl.minimum(t0 + tiles_per_split, T)):
+        rn = t * BN + tl.arange(0, BN)
+        y = _load_rows(Y, rn, rd, n, D, scale, offset, DEQUANT)
+        hy2 = tl.load(HY2 + rn, mask=rn < n, other=0.0)
+        logit = _dot(x, tl.trans(y), tl.zeros((BB, BN), dtype=tl.float32), FAST) - inv[:, None] * hy2[None, :]
+        logit = tl.where(rn[None, :] < n, logit, -float("inf"))
+        tmax = tl.max(logit, axis=1)
+        if tl.max(tmax - kth, axis=0) > 0:                      # some query's k-th best improves
+            cand = tl.where(rn[None, :] < n, _pack(logit, rn[None, :]), LOWEST)
+            top = _top_merge(top, cand, KP)
+            kth = _kth_value(top)
+        if tl.max(tmax - m, axis=0) > -SKIP:                    # tile skipping
+            m_new = tl.maximum(m, tmax)
+            a = tl.exp(m - m_new)
+            p = tl.exp(logit - m_new[:, None])
+            a64 = a.to(tl.float64)
+            z = z * a64 + tl.sum(p, axis=1).to(tl.float64)
+            z2 = z2 * a64 * a64 + tl.sum(p * p, axis=1).to(tl.float64)
+            s = _dot(p, y, s * a[:, None], FAST)
+            m = m_new
+    out = split * B + rb
+    tl.store(M + out, m, mask=rb < B)
+    tl.store(Z + out, z, mask=rb < B)
+    tl.store(Z2 + out, z2, mask=rb < B)
+    tl.store(S + out[:, None] * D + rd[None, :], s, mask=(rb[:, None] < B) & (rd[None, :] < D))
+    tl.store(TOP + out[:, None] * KP + tl.arange(0, KP)[None, :], top, mask=rb[:, None] < B)
+
+
+def _fused_partial(q, hy2, xs, inv, k, fast, scale, offset):
+    """Partial state of one range by ``_fused_kernel``: q [n, D] raw stored rows, D <= FUSED_MAX_D."""
+    b, d = xs.shape
+    n = q.shape[0]
+    bd = max(16, triton.next_power_of_2(d))
+    bn = FUSED_BN if bd <= 128 else FUSED_BN_WIDE
+    kp = triton.next_power_of_2(k)
+    tiles, blocks = triton.cdiv(n, bn), triton.cdiv(b, FUSED_BB)
+    per = max(FUSED_MIN_TILES, triton.cdiv(tiles * blocks, FUSED_PROGRAMS))
+    splits = triton.cdiv(tiles, per)                             # no empty split
+    dev = xs.device
+    m = torch.empty(splits, b, device=dev)
+    z, z2 = torch.empty(2, splits, b, dtype=torch.float64, device=dev)
+    s = torch.empty(splits, b, d, device=dev)
+    top = torch.empty(splits, b, kp, dtype=torch.int64, device=dev)
+    _fused_kernel[(blocks, splits)](xs, q, hy2, inv, m, z, z2, s, top, b, n, d, tiles, per, scale, offset,
+                                    BB=FUSED_BB, BN=bn, BD=bd, KP=kp, DEQUANT=q.dtype == torch.uint8, FAST=fast)
+    return _merge_splits(m, z, z2, s, top, min(k, n))
+
+
+def _merge_splits(m, z, z2, s, top, k):
+    """:func:`geosample.denoisers.kde.merge` over the leading (split) axis of stacked states, with
+    the packed top-k keys [splits, B, KP] unpacked: row = low word, logit = high word's float."""
+    mx = m.amax(0)
+    a = torch.exp(m - mx)                                         # splits are never empty
+    keys = top.transpose(0, 1).reshape(top.shape[1], -1).topk(k, dim=1).values
+    hi = (keys >> 32).to(torch.int32)
+    top_v = (hi ^ ((hi >> 31) & 0x7FFFFFFF)).view(torch.float32)
+    top_i = torch.where(torch.isinf(top_v), 0, keys & 0xFFFFFFFF)  # padding (-inf) points at row 0
+    a64 = a.double()
+    return Partial(mx, (a64 * z).sum(0), (a64 * a64 * z2).sum(0), (a[:, :, None] * s).sum(0), top_v, top_i)
+
+
 def kde_partial(store, x32: torch.Tensor, inv_s2: torch.Tensor, chunk: int, k: int, precision: str) -> Partial:
-    """Streaming state of the whole dataset for float32 queries x32 [B, D] (see module docstring)."""
+    """Streaming state of the whole dataset for float32 queries x32 [B, D] (see module docstring):
+    the fused kernel for D <= FUSED_MAX_D, else the two-phase kernels; ranges merged by log-sum-exp."""
     dev = x32.device
     b = x32.shape[0]
     inv = inv_s2.to(dev, torch.float32).contiguous()
     xs = (x32 * inv[:, None]).contiguous()
     hy2 = store.hy2.to(dev, torch.float32)
     rows = chunk if dev.type == "cpu" else max(chunk, (1 << 26) // b)
+    fn = _fused_partial if store.dim <= FUSED_MAX_D else _range_partial
     parts = []
     for a, e in store.ranges(rows):
         q = store.on(dev)[a:e] if not store.mmap else store._raw(a, e).to(dev)
-        part = _range_partial(q.reshape(e - a, -1).contiguous(), hy2[a:e].contiguous(), xs, inv, k,
-                              precision == "fast", store.scale, store.offset)
+        part = fn(q.reshape(e - a, -1).contiguous(), hy2[a:e].contiguous(), xs, inv, k, precision == "fast",
+                  store.scale, store.offset)
         part.top_i += a
         parts.append(part)
     return merge(parts, k)

@@ -6,6 +6,7 @@ C++ core and the GPU kernels can reproduce them exactly.
 """
 from __future__ import annotations
 
+import functools
 
 import numpy as np
 
@@ -66,16 +67,26 @@ def ipndm_v_coefficients(sigmas, i: int, order: int) -> tuple[float, ...]:
 GAUSS_NODES = 64  # Gauss-Legendre nodes per step for the DEIS integrals (exact to float64 here)
 
 
+@functools.lru_cache(maxsize=1)
+def _gauss_legendre() -> tuple[np.ndarray, np.ndarray]:
+    return np.polynomial.legendre.leggauss(GAUSS_NODES)
+
+
 def deis_tab_coefficients(sigmas, max_order: int = 4) -> list[tuple[float, ...]]:
     """DEIS-tAB weights: c_ij = int_{t_i}^{t_i+1} sigma'(tau) L_j(tau) dtau for every step i.
 
     t is the VP time of the standard VP-SDE fitted to sigma in [0.002, 80] (as in the reference);
     L_j are the Lagrange bases on the last min(i+1, max_order) times t_i, t_{i-1}, ...; the
-    integrals use Gauss-Legendre quadrature with :data:`GAUSS_NODES` nodes.
+    integrals use Gauss-Legendre quadrature with :data:`GAUSS_NODES` nodes.  Cached per grid.
     """
+    return list(_deis_tab(tuple(float(s) for s in sigmas), max_order))
+
+
+@functools.lru_cache(maxsize=64)
+def _deis_tab(sigmas: tuple, max_order: int) -> tuple[tuple[float, ...], ...]:
     beta_d, beta_min = vp_params()
     t = vp_sigma_inv(np.asarray(sigmas, dtype=np.float64), beta_d, beta_min).numpy()
-    u, w = np.polynomial.legendre.leggauss(GAUSS_NODES)
+    u, w = _gauss_legendre()
     out = []
     for i in range(len(t) - 1):
         order = min(i + 1, max_order)
@@ -91,7 +102,7 @@ def deis_tab_coefficients(sigmas, max_order: int = 4) -> list[tuple[float, ...]]
             basis = np.prod((tau[:, None] - others) / (nodes[j] - others), axis=1)
             coeffs.append(float(weights @ basis))
         out.append(tuple(coeffs))
-    return out
+    return tuple(out)
 
 
 def _adams(x, sigmas, coefficients, max_order, afs, on_step):

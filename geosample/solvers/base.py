@@ -80,7 +80,7 @@ class CountedDenoiser:
         if not isinstance(out, torch.Tensor) or out.shape != x.shape:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(f"denoiser returned {got}, expected a tensor of shape {tuple(x.shape)}")
-        return out.to(x.dtype)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 def drive(solver, model: Callable):

@@ -30,17 +30,19 @@ def _check_like(name: str, t, x: torch.Tensor) -> None:
                          f"got ({tuple(t.shape)}, {t.dtype}, {t.device})")
 
 
-def _torch_update(x, hist, rows, coeffs, a, denoised, sigma, at, out):
-    """The CPU path: the same formula with in-place torch ops on hist[rows[0]] and out."""
+def _torch_update(x, rows, coeffs, a, denoised, sigma, at, out):
+    """The CPU path: the same formula with in-place torch ops; rows = [H_0, H_1, ...] (views)."""
     if denoised is not None:
-        h = hist[rows[0]]
         if sigma is None:
-            h.copy_(denoised)
+            rows[0].copy_(denoised)
         else:
-            torch.sub(x if at is None else at, denoised, out=h).div_(sigma)
-    out = torch.mul(x, a, out=out)
-    for c, r in zip(coeffs, rows):
-        out.add_(hist[r], alpha=c)
+            torch.sub(x if at is None else at, denoised, out=rows[0]).div_(sigma)
+    if a == 1.0:  # x + c_0 H_0 in one pass (no copy of x)
+        out = torch.add(x, rows[0], alpha=coeffs[0], out=out)
+    else:
+        out = torch.mul(x, a, out=out).add_(rows[0], alpha=coeffs[0])
+    for c, h in zip(coeffs[1:], rows[1:]):
+        out.add_(h, alpha=c)
     return out
 
 
@@ -77,15 +79,24 @@ def update(x: torch.Tensor, hist: torch.Tensor, slot: int, coeffs: Sequence[floa
             _check_like(name, t, x)
     if sigma is not None and denoised is None:
         raise ValueError("sigma is only used with denoised (the new direction (at - denoised) / sigma)")
+    return _apply(_resolve(backend, x), x, hist, hist.unbind(0), slot, coeffs, a, denoised, sigma, at, out)
+
+
+def _resolve(backend: str, x: torch.Tensor) -> str:
     if backend == "auto":
-        backend = "triton" if x.is_cuda else "torch"
+        return "triton" if x.is_cuda else "torch"
+    if backend not in ("torch", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    return backend
+
+
+def _apply(backend, x, hist, views, slot, coeffs, a, denoised, sigma, at, out):
+    """Dispatch one checked update; ``views`` are the rows of ``hist``."""
     coeffs = [float(c) for c in coeffs]
     if backend == "torch":
-        rows = [(slot - k) % K for k in range(len(coeffs))]
-        return _torch_update(x, hist, rows, coeffs, float(a), denoised, sigma, at, out)
-    if backend == "triton":
-        return _triton_update(x, hist, slot, coeffs, float(a), denoised, sigma, at, out)
-    raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+        rows = [views[(slot - k) % len(views)] for k in range(len(coeffs))]
+        return _torch_update(x, rows, coeffs, float(a), denoised, sigma, at, out)
+    return _triton_update(x, hist, slot, coeffs, float(a), denoised, sigma, at, out)
 
 
 class History:
@@ -99,19 +110,22 @@ class History:
         if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_ORDER:
             raise ValueError(f"history size must be an int in [1, {MAX_ORDER}], got {size!r}")
         self.buffer = torch.empty((size, *x.shape), dtype=x.dtype, device=x.device)
-        self.slot, self.count, self.backend = size - 1, 0, backend
+        self.views = self.buffer.unbind(0)
+        self.slot, self.count, self.backend = size - 1, 0, _resolve(backend, x)
 
     def update(self, x: torch.Tensor, coeffs: Sequence[float], *, a: float = 1.0,
                denoised: torch.Tensor | None = None, sigma: float | None = None,
                at: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-        """x_next (a new tensor unless ``out``); see :func:`update`."""
+        """x_next (a new tensor unless ``out``); see :func:`update` (the solvers' hot path: only the
+        history bookkeeping is checked here, tensor shapes by the ops themselves)."""
         K = self.buffer.shape[0]
         slot, count = self.slot, self.count
         if denoised is not None:
             slot, count = (slot + 1) % K, min(count + 1, K)
         if len(coeffs) > count:
             raise ValueError(f"{len(coeffs)} coefficients but only {count} history entries")
-        out = update(x, self.buffer, slot, coeffs, a=a, denoised=denoised, sigma=sigma, at=at, out=out,
-                     backend=self.backend)
+        if not 1 <= len(coeffs) <= MAX_ORDER:
+            raise ValueError(f"need 1 to {MAX_ORDER} coefficients, got {len(coeffs)}")
+        out = _apply(self.backend, x, self.buffer, self.views, slot, coeffs, a, denoised, sigma, at, out)
         self.slot, self.count = slot, count
         return out
