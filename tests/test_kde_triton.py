@@ -35,13 +35,10 @@ SCRIPT = textwrap.dedent("""
         out, st = tri(x.to(dev), sigma, return_stats=True)
         r, rs = ref(x.double(), sigma, return_stats=True)
         err = ((out.cpu().double() - r).flatten(1).norm(dim=1) / r.flatten(1).norm(dim=1)).max().item()
-        if kw.get("precision") == "fast":
-            assert err <= 5e-2, (kw, sigma, err)
-            return
         assert err <= (1e-4 if sigma >= 1 else 2e-5), (kw, sigma, err)
         rows = ref.store.gather64                     # uint8 turns near-duplicates into exact ties
         assert torch.equal(rows(st.argmax.cpu()), rows(rs.argmax)), (kw, sigma)
-        assert torch.allclose(st.log_z.cpu(), rs.log_z, rtol=1e-8, atol=1e-5 * sigma ** -2), (kw, sigma)
+        assert torch.allclose(st.log_z.cpu(), rs.log_z, rtol=1e-8, atol=1e-6 * max(1.0, sigma ** -2)), (kw, sigma)
         assert torch.allclose(st.ess.cpu(), rs.ess, rtol=1e-4), (kw, sigma)
 
     for d in (16, 64):                                # fused kernel
@@ -50,8 +47,7 @@ SCRIPT = textwrap.dedent("""
             for sigma in (80.0, 1.0, 0.05, 0.002):
                 check(y, sigma, **kw)
     for sigma in (1.0, 0.002):                        # ranges, two query blocks, refine_k not a power of 2
-        check(y, sigma, b=20, chunk_size=128, refine_k=5)
-    check(y, 1.0, precision="fast")
+        check(y, sigma, b=20, chunk_size=128, refine_k=12)
 
     kde_triton.FUSED_MAX_D = 0                        # two-phase kernels
     y = dataset(3, 4, 4)
