@@ -114,7 +114,7 @@ def worker(path: str) -> None:
     replicated = gs.KDEDenoiser(y)
     rows["sample_replicated_data"] = _timed(clock, lambda: gd.sample(replicated, noise, sig), 1)
     if dist.get_rank() == 0:
-        Path(path).write_text(json.dumps({"world_size": world, "threads": torch.get_num_threads(), "rows": rows}))
+        atomic_write_text(path, json.dumps({"world_size": world, "threads": torch.get_num_threads(), "rows": rows}))
     dist.destroy_process_group()
 
 

@@ -31,6 +31,7 @@ STEPS = (4, 5, 6, 8, 10)
 
 
 def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
+    """RMSE pooled over all samples and pixels (sqrt of the mean squared error)."""
     return float((a.double() - b.double()).pow(2).mean().sqrt())
 
 

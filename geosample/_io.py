@@ -7,6 +7,12 @@ from pathlib import Path
 from typing import Callable, IO
 
 
+def cache_root() -> Path:
+    """Where geosample caches decoded datasets and GITS results: ``$GEOSAMPLE_CACHE`` or
+    ``~/.cache/geosample``."""
+    return Path(os.environ.get("GEOSAMPLE_CACHE") or Path.home() / ".cache" / "geosample")
+
+
 def atomic_write(path, write: Callable[[IO[bytes]], None]) -> Path:
     """Call ``write(f)`` on a temporary binary file next to ``path``, then rename it into place.
 

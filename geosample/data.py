@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ._io import atomic_write
+from ._io import atomic_write, cache_root
 
 __all__ = ["load_dataset", "load_digits", "load_images", "cache_dir", "resolve", "UINT8_SCALE", "UINT8_OFFSET"]
 
@@ -31,7 +31,7 @@ _REPO = Path(__file__).resolve().parent.parent
 
 def cache_dir() -> Path:
     """``$GEOSAMPLE_CACHE`` or ``~/.cache/geosample`` (created on demand)."""
-    path = Path(os.environ.get("GEOSAMPLE_CACHE", Path.home() / ".cache" / "geosample"))
+    path = cache_root()
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -18,7 +18,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from .denoisers.kde import KDEDenoiser
+from .denoisers.kde import KDEDenoiser, check_query
 from .gits import search as _gits_search
 from .gits.cost import cost_matrix
 from .metrics.features import extract_features as _extract_features
@@ -179,17 +179,7 @@ class ShardedKDEDenoiser:
 
     def _check(self, x: torch.Tensor, sigma) -> torch.Tensor:
         """sigma as float64 [B]; the same checks as KDEDenoiser, on ranks with empty shards too."""
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            raise TypeError(f"x must be a floating torch.Tensor, got {getattr(x, 'dtype', type(x).__name__)}")
-        if tuple(x.shape[1:]) != self.shape or x.shape[0] == 0:
-            want = ", ".join(map(str, self.shape))
-            raise ValueError(f"x must have shape [B, {want}] with B >= 1, got {tuple(x.shape)}")
-        sig = torch.as_tensor(sigma, dtype=torch.float64).to(x.device).reshape(-1)
-        if sig.numel() not in (1, x.shape[0]):
-            raise ValueError(f"sigma must be a float or a [B] tensor with B = {x.shape[0]}, got {sig.numel()} values")
-        if not bool((sig > 0).all() & torch.isfinite(sig).all()) or not bool(torch.isfinite(x).all()):
-            raise ValueError("sigma must be finite and > 0 and x finite")
-        return sig.expand(x.shape[0])
+        return check_query(x, sigma, self.shape)[1]
 
     def _partial(self, x64: torch.Tensor, sig: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(logZ_r [B], D_r [B, ...]) of this shard, float64."""

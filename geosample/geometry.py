@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 
 from .solvers import Trajectory, sample
+from .solvers.base import check_denoised_at_x
 
 __all__ = ["points", "deviation", "distance_to_end", "norms", "direction_cosine", "pca_spectrum",
            "explained_variance", "explained_variance_curve", "project_3d", "procrustes_align",
@@ -78,6 +79,7 @@ def _ode_parts(traj: Trajectory) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     d_t = (x_t - D_t) / sigma_t the ODE direction dx/dsigma."""
     if not isinstance(traj, Trajectory):
         raise TypeError(f"traj must be a geosample.Trajectory (it needs sigmas and denoised), got {type(traj).__name__}")
+    check_denoised_at_x(traj, "the ODE direction")
     X, Dn = points(traj, "x"), points(traj, "denoised")
     s = traj.sigmas[: Dn.shape[1]].to(torch.float64).to(X.device)
     return X[:, : Dn.shape[1]], Dn, (X[:, : Dn.shape[1]] - Dn) / s[None, :, None]
@@ -162,7 +164,9 @@ def project_3d(traj, which: str = "x") -> torch.Tensor:
     Y = _remove_chord(X)
     lam, V = _gram_pca(Y)
     Yc = Y - Y.mean(dim=1, keepdim=True)
-    W = Yc.transpose(1, 2) @ V[:, :, :2] / lam[:, None, :2].sqrt().clamp_min(1e-300)   # [B, D, 2]
+    top = lam[:, :2]
+    inv = torch.where(top > 1e-12 * top[:, :1], top.clamp_min(1e-300).rsqrt(), torch.zeros_like(top))
+    W = Yc.transpose(1, 2) @ V[:, :, :2] * inv[:, None, :]   # [B, D, 2]; degenerate PCs give 0
     c = Y @ W                                                                          # [B, T, 2]
     T = X.shape[1]
     ramp = 1.0 - 2.0 * torch.arange(T, dtype=torch.float64, device=X.device) / (T - 1)

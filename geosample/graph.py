@@ -22,7 +22,7 @@ import torch
 from .schedules import check_sigmas
 from .solvers import fused
 from .solvers.adams import deis_tab_coefficients, ipndm_coefficients, ipndm_v_coefficients
-from .solvers.base import afs_denoised
+from .solvers.base import afs_denoised, check_order
 from .solvers.exponential import dpmpp_coefficients, dynamic_threshold, step_order, unipc_coefficients
 from .solvers.sampling import _check_options, _check_noise, get_solver
 
@@ -95,8 +95,7 @@ def plan(solver: str, sigmas, *, afs: bool = False, **options) -> tuple[list[Op]
     s = s[:-1] if s[-1] == 0.0 else s
     name = spec.name
     if name in ("ipndm", "ipndm_v", "deis"):
-        if not isinstance(o["max_order"], int) or not 1 <= o["max_order"] <= 4:
-            raise ValueError(f"max_order must be an int in [1, 4], got {o['max_order']!r}")
+        check_order(o["max_order"], 4)
         if name == "deis":
             table = deis_tab_coefficients(s, o["max_order"]) if len(s) > 1 else []
             coefficients = lambda i, k: table[i]  # noqa: E731
@@ -106,8 +105,7 @@ def plan(solver: str, sigmas, *, afs: bool = False, **options) -> tuple[list[Op]
         return _adams_plan(s, coefficients, o["max_order"], afs), o["max_order"]
     if name in ("euler", "heun", "dpm2"):
         return _single_step_plan(s, name, afs, **o), 1 if name == "euler" else 2
-    if not isinstance(o["max_order"], int) or not 1 <= o["max_order"] <= 3:
-        raise ValueError(f"max_order must be an int in [1, 3], got {o['max_order']!r}")
+    check_order(o["max_order"], 3)
     if name == "dpmpp":
         return _dpmpp_plan(s, o["max_order"], o["lower_order_final"], o["thresholding"], afs), o["max_order"]
     if name == "unipc":

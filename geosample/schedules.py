@@ -13,7 +13,7 @@ import numbers
 import torch
 
 __all__ = [
-    "polynomial", "logsnr", "time_uniform", "discrete", "check_sigmas",
+    "polynomial", "logsnr", "time_uniform", "discrete", "check_sigmas", "check_steps",
     "vp_params", "vp_sigma", "vp_sigma_inv", "alpha_to_sigma", "sigma_to_alpha",
     "discrete_sigmas", "sigma_to_timestep", "timestep_to_sigma",
     "SIGMA_MIN", "SIGMA_MAX", "VP_EPS",
@@ -24,7 +24,8 @@ SIGMA_MAX = 80.0
 VP_EPS = 1e-3  # smallest VP time of the standard VP-SDE fitted to [SIGMA_MIN, SIGMA_MAX]
 
 
-def _check_steps(steps) -> int:
+def check_steps(steps) -> int:
+    """steps as an int >= 1 (TypeError for non-integers, ValueError below 1)."""
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
         raise TypeError(f"steps must be an int, got {type(steps).__name__}")
     if steps < 1:
@@ -63,7 +64,7 @@ def _pin_ends(sigmas: torch.Tensor, first: float, last: float) -> torch.Tensor:
 def polynomial(steps: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX,
                rho: float = 7.0) -> torch.Tensor:
     """EDM ("Karras") schedule: sigma_i = (smax^(1/rho) + i/steps (smin^(1/rho) - smax^(1/rho)))^rho."""
-    steps = _check_steps(steps)
+    steps = check_steps(steps)
     sigma_min, sigma_max = _check_range(sigma_min, sigma_max)
     rho = _check_rho(rho)
     a, b = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
@@ -72,7 +73,7 @@ def polynomial(steps: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGM
 
 def logsnr(steps: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX) -> torch.Tensor:
     """Uniform in lambda = -log sigma (half the log-SNR): sigma_i = smax (smin/smax)^(i/steps)."""
-    steps = _check_steps(steps)
+    steps = check_steps(steps)
     sigma_min, sigma_max = _check_range(sigma_min, sigma_max)
     lo, hi = math.log(sigma_min), math.log(sigma_max)
     return _pin_ends(torch.exp(hi + _ramp(steps) * (lo - hi)), sigma_max, sigma_min)
@@ -121,7 +122,7 @@ def time_uniform(steps: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SI
     t_i = (1 + i/steps (eps^(1/rho) - 1))^rho with the VP-SDE of :func:`vp_params` fitted to
     [sigma_min, sigma_max] (the DPM-Solver / diff-sampler "time_uniform" schedule).
     """
-    steps = _check_steps(steps)
+    steps = check_steps(steps)
     sigma_min, sigma_max = _check_range(sigma_min, sigma_max)
     rho = _check_rho(rho)
     beta_d, beta_min = vp_params(sigma_min, sigma_max)
@@ -168,7 +169,7 @@ def discrete(steps: int, alphas_cumprod, rho: float = 1.0, sigma_min: float | No
     timesteps of sigma_max and sigma_min (default: the model's whole range), mapped to sigma by
     log-sigma interpolation.  rho=1 gives the uniform ("linspace") spacing of DDIM.
     """
-    steps = _check_steps(steps)
+    steps = check_steps(steps)
     rho = _check_rho(rho)
     model_sigmas = discrete_sigmas(alphas_cumprod)
     lo = float(model_sigmas[0]) if sigma_min is None else sigma_min

@@ -245,3 +245,12 @@ def test_measure_report_consistent():
     assert rep["explained_variance_top2_chord_removed"]["min"] == pytest.approx(float(g.explained_variance(traj).min()))
     assert rep["deviation_single_bump_fraction"] == 1.0
     assert rep["shape_correlation_with_mean"]["min"] > 0.9
+
+
+def test_project_3d_degenerate_components_are_exactly_zero():
+    """Three points span one chord-orthogonal direction: PC2 has no variance and must read 0."""
+    x = torch.tensor([[[0.0, 0.0, 0.0]], [[1.0, 0.5, 0.0]], [[2.0, 0.0, 0.0]]], dtype=torch.float64)
+    traj = gs.Trajectory(x=x, denoised=x[:-1], sigmas=torch.tensor([2.0, 1.0, 0.5], dtype=torch.float64), nfe=2)
+    c = g.project_3d(traj)
+    assert torch.equal(c[0, :, 2], torch.zeros(3, dtype=torch.float64))
+    torch.testing.assert_close(c[0, :, 0], torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64))

@@ -260,7 +260,7 @@ def test_afs_without_room_keeps_the_dp_path(mixture):
 
 
 @pytest.mark.parametrize("kwargs, err, match", [
-    (dict(steps=20), ValueError, "teacher_steps"),
+    (dict(steps=21), ValueError, "teacher_steps"),
     (dict(metric="l3"), ValueError, "unknown metric"),
     (dict(grid="cosine"), ValueError, "unknown grid"),
     (dict(teacher="rk45"), ValueError, "unknown solver"),
@@ -274,3 +274,31 @@ def test_search_errors(mixture, kwargs, err, match):
     args.update(kwargs)
     with pytest.raises(err, match=match):
         gs.gits.search(mixture, **args)
+
+
+def test_corrupt_or_misshapen_cache_entries_are_misses(mixture, cache_dir):
+    a = gs.gits.search(Counting(mixture), (3, 4, 4), 4, **SMALL)
+    for p in cache_dir.iterdir():
+        if p.name.startswith("schedule"):
+            p.unlink()
+    (cost,) = [p for p in cache_dir.iterdir() if p.name.startswith("cost")]
+    for junk in (b"not a torch file", None):
+        if junk is None:
+            torch.save(torch.zeros(3, 3, dtype=torch.float64), cost)   # readable, wrong shape
+        else:
+            cost.write_bytes(junk)
+        again = Counting(mixture)
+        b = gs.gits.search(again, (3, 4, 4), 4, use_cache=True, **SMALL)
+        assert again.calls > 3 * 20 and b.indices == a.indices             # the teacher ran again
+        for p in cache_dir.iterdir():
+            if p.name.startswith("schedule"):
+                p.unlink()
+
+
+def test_unipc_trajectories_are_rejected(mixture):
+    noise = torch.randn((4, 3, 4, 4), generator=torch.Generator().manual_seed(0))
+    traj = gs.sample(mixture, noise, gs.schedules.polynomial(8), solver="unipc", return_trajectory=True)
+    with pytest.raises(ValueError, match="predictor"):
+        gs.gits.cost_matrix(traj)
+    with pytest.raises(ValueError, match="predictor"):
+        gs.gits.search(mixture, (3, 4, 4), 3, teacher="unipc", use_cache=False, **SMALL)

@@ -282,3 +282,22 @@ def test_nan_result_is_an_error(noise):
 def test_nfe_bad_input(args, exc):
     with pytest.raises(exc):
         gs.nfe(*args)
+
+
+def test_nfe_accepts_numpy_integers():
+    assert gs.nfe("heun", np.int64(5)) == 10 and gs.nfe("unipc", np.int32(4), afs=True) == 3
+
+
+@pytest.mark.parametrize("kwargs, words", [({"stds": [0.5, math.inf]}, "stds"),
+                                           ({"stds": 0.5, "weights": [1.0, math.inf]}, "weights")])
+def test_mixture_rejects_non_finite_parameters(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        gs.GaussianMixtureDenoiser(torch.zeros(2, 3), **kwargs)
+
+
+def test_mixture_rejects_bad_calls(gmm):
+    x = torch.zeros(3, 6, dtype=torch.float64)
+    with pytest.raises(ValueError, match="B = 3"):
+        gmm(x, torch.ones(2))
+    with pytest.raises(ValueError, match="NaN"):
+        gmm(x * math.nan, 1.0)

@@ -227,8 +227,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     out.mkdir(parents=True, exist_ok=True)
 
+    written = []
     if data.dim() == 4 and data.shape[1] in (1, 3):
-        atomic_write(out / "samples.png", lambda f: labelled_panels(panels).save(f, format="PNG"))
+        written.append(atomic_write(out / "samples.png", lambda f: labelled_panels(panels).save(f, format="PNG")))
     if found is not None:
         found.save(out / "schedule.json")
     else:
@@ -241,7 +242,8 @@ def run(args: argparse.Namespace) -> int:
               "schedule_search_s": search_s, "rows": rows, "total_s": time.perf_counter() - t_start,
               "versions": _versions()}
     _write_json(out / "report.json", report)
+    written += [out / "schedule.json", out / "report.json"]
     print(_table(rows))
     print(f"schedule search {search_s:.1f} s, reference solve {ref_s:.1f} s, total {report['total_s']:.1f} s; "
-          f"wrote {out / 'samples.png'}, {out / 'schedule.json'}, {out / 'report.json'}")
+          f"wrote {', '.join(map(str, written))}")
     return 0

@@ -31,12 +31,12 @@ class GaussianMixtureDenoiser:
         stds = torch.as_tensor(stds, dtype=torch.float64).flatten()
         if stds.numel() == 1:
             stds = stds.expand(k).clone()
-        if stds.numel() != k or not bool((stds > 0).all()):
-            raise ValueError(f"stds must be one positive value or {k} positive values")
+        if stds.numel() != k or not bool((stds > 0).all() & torch.isfinite(stds).all()):
+            raise ValueError(f"stds must be one finite positive value or {k} of them")
         w = torch.full((k,), 1.0 / k, dtype=torch.float64) if weights is None else \
             torch.as_tensor(weights, dtype=torch.float64).flatten()
-        if w.numel() != k or not bool((w > 0).all()):
-            raise ValueError(f"weights must be {k} positive values")
+        if w.numel() != k or not bool((w > 0).all() & torch.isfinite(w).all()):
+            raise ValueError(f"weights must be {k} finite positive values")
         if not bool(torch.isfinite(means).all()):
             raise ValueError("means must be finite")
         self.means = means
@@ -51,8 +51,12 @@ class GaussianMixtureDenoiser:
         xf = x.reshape(x.shape[0], -1).to(torch.float64)
         mu = self.means.reshape(self.means.shape[0], -1).to(xf.device)
         sig = torch.as_tensor(sigma, dtype=torch.float64, device=xf.device).reshape(-1, 1)
-        if not bool((sig > 0).all()):
-            raise ValueError("sigma must be > 0")
+        if sig.numel() not in (1, xf.shape[0]):
+            raise ValueError(f"sigma must be a float or a [B] tensor with B = {xf.shape[0]}, got {sig.numel()} values")
+        if not bool((sig > 0).all() & torch.isfinite(sig).all()):
+            raise ValueError("sigma must be finite and > 0")
+        if not bool(torch.isfinite(xf).all()):
+            raise ValueError("x contains NaN or inf")
         var_data = (self.stds.to(xf.device) ** 2)[None, :]          # [1, K]
         var = var_data + sig ** 2                                    # [B or 1, K]
         diff = xf[:, None, :] - mu[None]                             # [B, K, d]

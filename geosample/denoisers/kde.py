@@ -264,6 +264,23 @@ def reference(store: Store, x64: torch.Tensor, inv_s2: torch.Tensor, chunk: int)
     return s / z[:, None], KDEStats(m + z.log(), z ** 2 / z2, arg)
 
 
+def check_query(x, sigma, shape: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate a denoiser call on data of trailing ``shape``: (x flattened [B, D], sigma float64 [B])."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"x must be a floating torch.Tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    if tuple(x.shape[1:]) != shape or x.shape[0] == 0:
+        raise ValueError(f"x must have shape [B, {', '.join(map(str, shape))}] (the data's trailing "
+                         f"shape) with B >= 1, got {tuple(x.shape)}")
+    sig = torch.as_tensor(sigma, dtype=torch.float64).to(x.device).reshape(-1)
+    if sig.numel() not in (1, x.shape[0]):
+        raise ValueError(f"sigma must be a float or a [B] tensor with B = {x.shape[0]}, got {sig.numel()} values")
+    if not bool((sig > 0).all()) or not bool(torch.isfinite(sig).all()):
+        raise ValueError("sigma must be finite and > 0")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("x contains NaN or inf")
+    return x.reshape(x.shape[0], -1), sig.expand(x.shape[0])
+
+
 class KDEDenoiser:
     """Exact denoiser D(x, sigma) of the empirical distribution of ``data`` [N, ...].
 
@@ -299,19 +316,7 @@ class KDEDenoiser:
         return self.store.n
 
     def _check(self, x, sigma):
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            raise TypeError(f"x must be a floating torch.Tensor, got {getattr(x, 'dtype', type(x).__name__)}")
-        if tuple(x.shape[1:]) != self.shape or x.shape[0] == 0:
-            raise ValueError(f"x must have shape [B, {', '.join(map(str, self.shape))}] (the data's trailing "
-                             f"shape) with B >= 1, got {tuple(x.shape)}")
-        sig = torch.as_tensor(sigma, dtype=torch.float64).to(x.device).reshape(-1)
-        if sig.numel() not in (1, x.shape[0]):
-            raise ValueError(f"sigma must be a float or a [B] tensor with B = {x.shape[0]}, got {sig.numel()} values")
-        if not bool((sig > 0).all()) or not bool(torch.isfinite(sig).all()):
-            raise ValueError("sigma must be finite and > 0")
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError("x contains NaN or inf")
-        return x.reshape(x.shape[0], -1), sig.expand(x.shape[0])
+        return check_query(x, sigma, self.shape)
 
     def resolve_backend(self, x: torch.Tensor) -> str:
         if self.backend != "auto":

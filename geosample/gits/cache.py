@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import pickle
 from pathlib import Path
 
 import torch
 
-from .._io import atomic_write
+from .._io import atomic_write, cache_root
 
 from .schedule import GITSSchedule, load
 
@@ -22,9 +22,7 @@ __all__ = ["cache_dir", "key", "get_cost", "put_cost", "get_schedule", "put_sche
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("GEOSAMPLE_CACHE")
-    base = Path(root) if root else Path.home() / ".cache" / "geosample"
-    return base / "gits"
+    return cache_root() / "gits"
 
 
 def key(params: dict) -> str:
@@ -33,12 +31,15 @@ def key(params: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
-def get_cost(k: str) -> torch.Tensor | None:
+def get_cost(k: str, n: int) -> torch.Tensor | None:
+    """The cached float64 [n, n] cost matrix, or None (missing, unreadable or of the wrong shape)."""
     path = cache_dir() / f"cost-{k}.pt"
     try:
-        return torch.load(path, weights_only=True)
-    except (OSError, RuntimeError, EOFError):
+        cost = torch.load(path, weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, ValueError):
         return None
+    ok = isinstance(cost, torch.Tensor) and cost.shape == (n, n) and cost.dtype == torch.float64
+    return cost if ok else None
 
 
 def put_cost(k: str, cost: torch.Tensor) -> None:

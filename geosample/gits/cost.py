@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 
 from ..solvers import Trajectory
+from ..solvers.base import check_denoised_at_x
 
 __all__ = ["cost_matrix", "METRICS"]
 
@@ -44,6 +45,7 @@ def _check(traj: Trajectory) -> None:
                          f"{tuple(x.shape)} and {tuple(den.shape)}")
     if traj.sigmas.numel() != x.shape[0] or not bool((traj.sigmas > 0).all()):
         raise ValueError("trajectory sigmas must be T positive values (no trailing 0)")
+    check_denoised_at_x(traj, "cost_matrix")
 
 
 def _steps(g: torch.Tensor) -> torch.Tensor:

@@ -138,13 +138,16 @@ def search(denoiser, shape, steps: int, teacher: str = "ipndm", teacher_steps: i
     shape = _check_shape(shape)
     teacher_steps = _check_int("teacher_steps", teacher_steps, 2)
     steps = _check_int("steps", steps, 1)
-    if steps >= teacher_steps:
-        raise ValueError(f"steps must be < teacher_steps ({teacher_steps}), got {steps}")
+    if steps > teacher_steps:
+        raise ValueError(f"steps must be <= teacher_steps ({teacher_steps}), got {steps}")
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; valid: {', '.join(METRICS)}")
     if grid not in GRIDS:
         raise ValueError(f"unknown grid {grid!r}; valid: {', '.join(GRIDS)}")
     teacher, solver = get_solver(teacher).name, get_solver(solver).name
+    if not get_solver(teacher).denoised_at_x:
+        raise ValueError(f"teacher {teacher!r} records D at its predictor points, not on the trajectory; "
+                         "use ipndm, dpmpp, deis, euler, heun, dpm2 or ipndm_v")
     rho = None if grid == "logsnr" else float(rho)
     g = fine_grid(grid, teacher_steps, sigma_min, sigma_max, rho)
     gridp = {"family": grid, "teacher_steps": teacher_steps, "sigma_min": float(sigma_min),
@@ -158,7 +161,7 @@ def search(denoiser, shape, steps: int, teacher: str = "ipndm", teacher_steps: i
     sched_key = cache.key({"grid": gridp, **p, "fingerprint": fp})
     if use_cache and (hit := cache.get_schedule(sched_key)) is not None:
         return hit
-    cost = cache.get_cost(cost_key) if use_cache else None
+    cost = cache.get_cost(cost_key, g.numel()) if use_cache else None
     if cost is None:
         cost = _warmup_cost(denoiser, g, shape, p, device, progress, round_cost)
         if use_cache:

@@ -86,7 +86,9 @@ def get_sigmas_gits(n: int, model: Callable, shape, extra_args=None, device="cpu
 
     model: a k-diffusion denoiser ``model(x, sigma, **extra_args)``; its ``sigma_min`` / ``sigma_max``
     attributes (k-diffusion's discrete-model wrappers have them) set the search range unless
-    ``search_options`` give it.  Returns float64 on ``device``.
+    ``search_options`` give it.  Returns float64 on ``device``.  With ``afs=True`` in
+    ``search_options`` the search inserts the free analytical first step, so ``n + 2`` sigmas come
+    back for the same number of denoiser calls (sample them with ``afs=True``).
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 2:
         raise ValueError(f"n must be an int >= 2 (n - 1 GITS steps plus the final denoise), got {n!r}")

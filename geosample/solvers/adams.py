@@ -11,7 +11,7 @@ import functools
 import numpy as np
 
 from ..schedules import vp_params, vp_sigma_inv
-from .base import register
+from .base import check_order, register
 from .fused import History
 from .single_step import first_denoised
 
@@ -22,12 +22,6 @@ AB_COEFFS = {
     3: (23 / 12, -16 / 12, 5 / 12),
     4: (55 / 24, -59 / 24, 37 / 24, -9 / 24),
 }
-
-
-def _check_order(max_order: int, top: int) -> int:
-    if isinstance(max_order, bool) or not isinstance(max_order, int) or not 1 <= max_order <= top:
-        raise ValueError(f"max_order must be an int in [1, {top}], got {max_order!r}")
-    return max_order
 
 
 def ipndm_coefficients(sigmas, i: int, order: int) -> tuple[float, ...]:
@@ -117,14 +111,14 @@ def _adams(x, sigmas, coefficients, max_order, afs, on_step):
 @register("ipndm", max_order=4)
 def ipndm(x, sigmas, *, afs=False, on_step, max_order=4):
     """Improved PNDM: Adams-Bashforth of order min(i+1, max_order) with fixed uniform-step weights."""
-    _check_order(max_order, 4)
+    max_order = check_order(max_order, 4)
     return (yield from _adams(x, sigmas, lambda i, k: ipndm_coefficients(sigmas, i, k), max_order, afs, on_step))
 
 
 @register("ipndm_v", max_order=4)
 def ipndm_v(x, sigmas, *, afs=False, on_step, max_order=4):
     """iPNDM with the reference's variable-step weights (:func:`ipndm_v_coefficients`)."""
-    _check_order(max_order, 4)
+    max_order = check_order(max_order, 4)
     return (yield from _adams(x, sigmas, lambda i, k: ipndm_v_coefficients(sigmas, i, k), max_order, afs, on_step))
 
 
@@ -134,7 +128,7 @@ def deis(x, sigmas, *, afs=False, on_step, max_order=4, mode="tab"):
 
     max_order=4 uses the current and 3 past directions (DEIS-tAB3).
     """
-    _check_order(max_order, 4)
+    max_order = check_order(max_order, 4)
     if mode != "tab":
         raise ValueError(f"deis mode must be 'tab', got {mode!r}")
     table = deis_tab_coefficients(sigmas, max_order)

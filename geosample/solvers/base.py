@@ -11,12 +11,14 @@ the denoiser value used there.  Solvers never modify tensors in place, so record
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-__all__ = ["Solver", "Trajectory", "CountedDenoiser", "drive", "afs_denoised", "SOLVERS", "register"]
+__all__ = ["Solver", "Trajectory", "CountedDenoiser", "drive", "afs_denoised", "SOLVERS", "register",
+           "check_denoised_at_x"]
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,7 @@ class Solver:
     fn: Callable
     evals_per_step: int = 1
     defaults: dict = field(default_factory=dict)
+    denoised_at_x: bool = True  # on_step's denoised is D(x, sigma) at the recorded x itself
 
     def nfe(self, steps: int, afs: bool = False) -> int:
         """Denoiser calls for ``steps`` ODE steps: evals_per_step * steps, one fewer with AFS."""
@@ -37,12 +40,24 @@ class Solver:
 SOLVERS: dict[str, Solver] = {}
 
 
-def register(name: str, evals_per_step: int = 1, **defaults):
-    """Decorator adding a solver (a generator function, see the module docstring) to :data:`SOLVERS`."""
+def register(name: str, evals_per_step: int = 1, denoised_at_x: bool = True, **defaults):
+    """Decorator adding a solver (a generator function, see the module docstring) to :data:`SOLVERS`.
+
+    denoised_at_x=False marks solvers whose recorded denoised values are evaluated elsewhere than
+    at the recorded states (UniPC: at its predictor points).
+    """
     def wrap(fn):
-        SOLVERS[name] = Solver(name, fn, evals_per_step, dict(defaults))
+        SOLVERS[name] = Solver(name, fn, evals_per_step, dict(defaults), denoised_at_x)
         return fn
     return wrap
+
+
+def check_denoised_at_x(traj: "Trajectory", use: str) -> None:
+    """ValueError unless traj.denoised[i] = D(traj.x[i], sigmas[i]), which ``use`` relies on."""
+    spec = SOLVERS.get(traj.solver)
+    if spec is not None and not spec.denoised_at_x:
+        raise ValueError(f"{use} needs a trajectory with denoised[i] = D(x[i], sigma_i); solver {traj.solver!r} "
+                         "records D at other points (UniPC: its predictor); use another solver for the trajectory")
 
 
 @dataclass
@@ -50,7 +65,8 @@ class Trajectory:
     """A sampling trajectory on the grid ``sigmas``.
 
     x: [steps+1, B, ...] states, x[0] = sigmas[0] * noise, x[-1] the sample;
-    denoised: [steps, B, ...] the denoiser value at each step's start (the analytic value with AFS);
+    denoised: [steps, B, ...] the denoiser value at each step's start, D(x[i], sigmas[i]) (the
+    analytic value with AFS; UniPC records its evaluation at the predictor point instead);
     sigmas: [steps+1] float64; nfe: denoiser calls per sample.
     """
     x: torch.Tensor
@@ -81,6 +97,13 @@ class CountedDenoiser:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(f"denoiser returned {got}, expected a tensor of shape {tuple(x.shape)}")
         return out if out.dtype == x.dtype else out.to(x.dtype)
+
+
+def check_order(max_order, top: int) -> int:
+    """max_order as an int in [1, top] (ValueError naming the range otherwise)."""
+    if isinstance(max_order, bool) or not isinstance(max_order, numbers.Integral) or not 1 <= max_order <= top:
+        raise ValueError(f"max_order must be an int in [1, {top}], got {max_order!r}")
+    return int(max_order)
 
 
 def drive(solver, model: Callable):

@@ -14,7 +14,7 @@ import math
 import numpy as np
 import torch
 
-from .base import register
+from .base import check_order, register
 from .fused import History
 from .single_step import first_denoised
 
@@ -93,11 +93,6 @@ def dynamic_threshold(x0: torch.Tensor, p: float = 0.995) -> torch.Tensor:
     return torch.maximum(torch.minimum(x0, s), -s) / s
 
 
-def _check_max_order(max_order) -> None:
-    if isinstance(max_order, bool) or not isinstance(max_order, int) or not 1 <= max_order <= 3:
-        raise ValueError(f"max_order must be an int in [1, 3], got {max_order!r}")
-
-
 def step_order(i: int, steps: int, max_order: int, lower_order_final: bool) -> int:
     """The reference's order schedule: i+1 while warming up, then max_order, lowered to the
     number of steps left at the end when ``lower_order_final`` (1, 2, 3, ..., 3, 2, 1)."""
@@ -109,7 +104,7 @@ def step_order(i: int, steps: int, max_order: int, lower_order_final: bool) -> i
 @register("dpmpp", max_order=3, lower_order_final=True, thresholding=False)
 def dpmpp(x, sigmas, *, afs=False, on_step, max_order=3, lower_order_final=True, thresholding=False):
     """Multistep DPM-Solver++ (2M for max_order=2, 3M for 3); orders 1, 2, 3, ..., 3, 2, 1."""
-    _check_max_order(max_order)
+    max_order = check_order(max_order, 3)
     steps = len(sigmas) - 1
     hist = History(x, max_order)  # denoiser outputs m_k, newest first
     for i, (s, s_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
@@ -121,16 +116,14 @@ def dpmpp(x, sigmas, *, afs=False, on_step, max_order=3, lower_order_final=True,
     return x
 
 
-@register("unipc", max_order=3, variant="bh2", lower_order_final=True, thresholding=False)
+@register("unipc", denoised_at_x=False, max_order=3, variant="bh2", lower_order_final=True, thresholding=False)
 def unipc(x, sigmas, *, afs=False, on_step, max_order=3, variant="bh2", lower_order_final=True,
           thresholding=False):
     """UniPC: UniP predictor, then the UniC corrector with the new output m_t = D(x_pred, sigma_next),
     which is reused by the next step (no extra call); no corrector on the last step."""
-    _check_max_order(max_order)
+    max_order = check_order(max_order, 3)
     steps = len(sigmas) - 1
     keep = dynamic_threshold if thresholding else (lambda m: m)
-    if steps < 1:
-        return x
     denoised = yield from first_denoised(x, sigmas[0], afs)
     on_step(0, x, denoised)
     hist = History(x, max_order + 1)  # denoiser outputs m_k, newest first (+1 for the corrector's m_t)

@@ -6,7 +6,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from ..schedules import check_sigmas
+from ..schedules import check_sigmas, check_steps
 from .base import SOLVERS, CountedDenoiser, Solver, Trajectory, drive
 
 __all__ = ["sample", "solve", "nfe", "get_solver"]
@@ -30,10 +30,7 @@ def nfe(solver, steps: int, afs: bool = False, denoise_to_zero: bool = False) ->
     sigmas) the last one is the final full denoise, one call for every solver.
     """
     spec = get_solver(solver)
-    if isinstance(steps, bool) or not isinstance(steps, int):
-        raise TypeError(f"steps must be an int, got {type(steps).__name__}")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    steps = check_steps(steps)
     final = int(bool(denoise_to_zero))
     return spec.nfe(steps - final, afs) + final
 
