@@ -288,7 +288,7 @@ class KDEDenoiser:
     backend: "auto" (triton on CUDA tensors when Triton imports, else cpu), "reference",
     "cpu" (the streaming torch path, any device), "triton".
     precision: "exact" (float32 logits + exact float64 re-scoring of the top ``refine_k``
-    candidates) or "fast" (bfloat16 matmuls, no re-scoring; see docs/kde.md for its error).
+    candidates) or "fast" (bfloat16 matmuls, no re-scoring; its measured error is in the README).
     storage: "float32" | "float16" | "uint8" (default: the data's dtype; float64 -> float32);
     uint8 data use y = scale * q + offset (default 2/255, -1: pixels to [-1, 1]).
     chunk_size: rows per streamed chunk (memory O(B C + C D), never O(B N)).
