@@ -1,8 +1,10 @@
 """geosample: fast few-step sampling for diffusion models with geometry-inspired (GITS) schedules."""
-from . import data, geometry, gits, metrics, schedules, solvers
+from . import data, geometry, gits, kernels, metrics, schedules, solvers
 from ._cpp import has_cpp
 from .denoisers import GaussianMixtureDenoiser, KDEDenoiser
 from .solvers import SOLVERS, Trajectory, nfe, sample
+
+solvers.fused.use_triton_step(kernels.fused_update)  # the solvers' CUDA path, wired here (kernels are a leaf)
 
 __version__ = "0.1.0"
 __all__ = ["schedules", "solvers", "sample", "nfe", "SOLVERS", "Trajectory", "KDEDenoiser",

@@ -4,7 +4,7 @@ from __future__ import annotations
 import functools
 import os
 
-__all__ = ["triton_available"]
+__all__ = ["triton_available", "fused_update"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -16,3 +16,10 @@ def triton_available() -> bool:
     except ImportError:
         return False
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def fused_update(*args):
+    """The CUDA solver update (:func:`geosample.kernels.solver_step.fused_update`), importing
+    Triton only on first use."""
+    from .solver_step import fused_update as update
+    return update(*args)

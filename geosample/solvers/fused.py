@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["History", "update", "MAX_ORDER"]
+__all__ = ["History", "update", "use_triton_step", "MAX_ORDER"]
 
 MAX_ORDER = 4
 
@@ -46,14 +46,15 @@ def _torch_update(x, rows, coeffs, a, denoised, sigma, at, out):
     return out
 
 
-def _triton_update(x, hist, slot, coeffs, a, denoised, sigma, at, out):
-    from ..kernels import solver_step as ks
-    coef = torch.zeros(2 + MAX_ORDER, dtype=torch.float64)
-    coef[0], coef[1] = a, 0.0 if sigma is None else 1.0 / sigma
-    coef[2:2 + len(coeffs)] = torch.tensor(coeffs, dtype=torch.float64)
-    new = ks.NONE if denoised is None else (ks.DENOISED if sigma is None else ks.DIRECTION)
-    return ks.solver_step(x, hist, slot, coef.to(x.device, non_blocking=True), len(coeffs), new,
-                          denoised, at, out)
+_triton_update = None  # the CUDA update, installed by use_triton_step (see below)
+
+
+def use_triton_step(triton_update) -> None:
+    """Install the one-kernel CUDA update, ``triton_update(x, hist, slot, coeffs, a, denoised, sigma,
+    at, out)``.  ``import geosample`` installs :func:`geosample.kernels.fused_update`; the solvers
+    never import the kernels themselves (they are a leaf of the package)."""
+    global _triton_update
+    _triton_update = triton_update
 
 
 def update(x: torch.Tensor, hist: torch.Tensor, slot: int, coeffs: Sequence[float], *, a: float = 1.0,
@@ -96,6 +97,8 @@ def _apply(backend, x, hist, views, slot, coeffs, a, denoised, sigma, at, out):
     if backend == "torch":
         rows = [views[(slot - k) % len(views)] for k in range(len(coeffs))]
         return _torch_update(x, rows, coeffs, float(a), denoised, sigma, at, out)
+    if _triton_update is None:
+        raise RuntimeError("no Triton solver step is installed (import geosample installs it)")
     return _triton_update(x, hist, slot, coeffs, float(a), denoised, sigma, at, out)
 
 
