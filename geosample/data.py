@@ -37,13 +37,20 @@ def cache_dir() -> Path:
 
 
 def resolve(name: str) -> Path:
-    """The file behind a dataset name: ``"cifar10"`` -> ``$GEOSAMPLE_CIFAR10`` or
-    ``../shared/data/cifar10/train.tar.gz`` next to the repository; anything else is a path."""
+    """The file behind a dataset name: ``"cifar10"`` -> ``$GEOSAMPLE_CIFAR10``, else the first
+    existing ``shared/data/cifar10/train.tar.gz`` beside the source tree or the working directory
+    (``../shared`` or ``./shared``); anything else is a path."""
     if name == "cifar10":
-        path = Path(os.environ.get("GEOSAMPLE_CIFAR10", _REPO.parent / "shared" / "data" / "cifar10" / "train.tar.gz"))
-        if not path.exists():
-            raise FileNotFoundError(f"cifar10 archive not found at {path}; set GEOSAMPLE_CIFAR10 to its path")
-        return path
+        if "GEOSAMPLE_CIFAR10" in os.environ:
+            candidates = [Path(os.environ["GEOSAMPLE_CIFAR10"])]
+        else:
+            rel = Path("shared") / "data" / "cifar10" / "train.tar.gz"
+            candidates = [_REPO.parent / rel, Path.cwd().parent / rel, Path.cwd() / rel]
+        for path in candidates:
+            if path.exists():
+                return path
+        raise FileNotFoundError(f"cifar10 archive not found at {', '.join(map(str, candidates))}; "
+                                "set GEOSAMPLE_CIFAR10 to its path")
     path = Path(name).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"no dataset named {name!r} and no such file or folder")
