@@ -91,3 +91,12 @@ def test_main_job_afs_keeps_nfe(tmp_path):
                      "--schedule", "logsnr", "--out", str(out)]) == 0
     rows = json.loads((out / "report.json").read_text())["rows"]
     assert [(r["schedule"], r["nfe"], len(r["sigmas"])) for r in rows] == [("logsnr", 5, 7), ("polynomial", 5, 7)]
+
+
+def test_python_dash_m_lists_every_command():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "geosample", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0
+    assert all(name in out.stdout for name in ("sample", "gits", "analyze"))
