@@ -301,3 +301,13 @@ def test_mixture_rejects_bad_calls(gmm):
         gmm(x, torch.ones(2))
     with pytest.raises(ValueError, match="NaN"):
         gmm(x * math.nan, 1.0)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_denoise_only_schedule(gmm, noise, solver):
+    """sigmas = [80, 0]: no ODE step, one call, x = D(x_T, 80)."""
+    den = Counting(gmm)
+    traj = gs.sample(den, noise, [80.0, 0.0], solver=solver, afs=True, return_trajectory=True)
+    assert den.calls == traj.nfe == gs.nfe(solver, 1, afs=True, denoise_to_zero=True) == 1
+    torch.testing.assert_close(traj.x[-1], gmm(noise * 80.0, 80.0), rtol=1e-12, atol=1e-12)
+    assert traj.x.shape[0] == 2 and traj.denoised.shape[0] == 1

@@ -124,6 +124,8 @@ def unipc(x, sigmas, *, afs=False, on_step, max_order=3, variant="bh2", lower_or
     max_order = check_order(max_order, 3)
     steps = len(sigmas) - 1
     keep = dynamic_threshold if thresholding else (lambda m: m)
+    if steps < 1:  # sigmas = [s, 0]: only the final denoise, which the caller makes
+        return x
     denoised = yield from first_denoised(x, sigmas[0], afs)
     on_step(0, x, denoised)
     hist = History(x, max_order + 1)  # denoiser outputs m_k, newest first (+1 for the corrector's m_t)
