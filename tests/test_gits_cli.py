@@ -5,10 +5,7 @@ import pytest
 
 import geosample as gs
 
-pytest.importorskip("geosample.data")
-pytest.importorskip("geosample.denoisers.kde")
-
-from geosample.cli import main  # noqa: E402
+from geosample.cli import main
 
 
 def test_cli_gits_prints_and_saves(tmp_path, capsys):

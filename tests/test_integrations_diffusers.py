@@ -129,9 +129,6 @@ def test_misuse_raises(unet):
 
 
 def test_gits_schedule_is_searched_lazily(unet):
-    gits = pytest.importorskip("geosample.gits")
-    if not hasattr(gits, "search"):
-        pytest.skip("geosample.gits.search is not available")
     s = GITSScheduler(solver="ipndm")
     s.use_gits(unet, (3, 8, 8), num_warmup=2, teacher_steps=8, use_cache=False)
     got = run_like_a_pipeline(unet, s, _latents(batch=1), 4)

@@ -198,9 +198,6 @@ def test_bad_input(gmm, noise):
 
 
 def test_get_sigmas_gits(gmm):
-    gits = pytest.importorskip("geosample.gits")
-    if not hasattr(gits, "search"):
-        pytest.skip("geosample.gits.search is not available")
     sigmas = kd.get_sigmas_gits(5, gmm, (6,), num_warmup=16, teacher_steps=20, use_cache=False)
     assert sigmas.dtype == torch.float64 and sigmas.shape == (6,)
     assert sigmas[-1] == 0 and bool((sigmas[1:] < sigmas[:-1]).all())
