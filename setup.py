@@ -4,6 +4,7 @@ The extension is optional: when GEOSAMPLE_NO_CPP=1 is set, cmake or a compiler i
 build fails, a warning is printed and geosample installs as pure Python (geosample.has_cpp() is
 False).  ``python setup.py build_ext --inplace`` drops geosample/_C*.so next to the sources.
 """
+import glob
 import os
 import shutil
 import subprocess
@@ -36,15 +37,20 @@ class CMakeBuild(build_ext):
     def run(self):
         if os.environ.get("GEOSAMPLE_NO_CPP", "") not in ("", "0"):
             print("geosample: GEOSAMPLE_NO_CPP is set, installing without the C++ extension")
-            return
+            return self._drop_stale()
         self.cmake = find_cmake()
         if self.cmake is None:
             print("geosample: WARNING no working cmake found, installing without the C++ extension")
-            return
+            return self._drop_stale()
         try:
             super().run()
         except (OSError, ImportError, subprocess.CalledProcessError) as e:
             print(f"geosample: WARNING building the C++ extension failed ({e}); installing pure Python")
+
+    def _drop_stale(self):
+        """Remove an extension left in build/ by an earlier build, so a pure install stays pure."""
+        for path in glob.glob(os.path.join(self.build_lib, "geosample", "_C*")):
+            os.remove(path)
 
     def build_extension(self, ext):
         import pybind11
