@@ -22,7 +22,7 @@ import torch
 from .schedules import check_sigmas
 from .solvers import fused
 from .solvers.adams import deis_tab_coefficients, ipndm_coefficients, ipndm_v_coefficients
-from .solvers.base import afs_denoised, check_order
+from .solvers.base import afs_denoised, check_order, checked_output
 from .solvers.exponential import dpmpp_coefficients, dynamic_threshold, step_order, unipc_coefficients
 from .solvers.sampling import _check_options, _check_noise, get_solver
 
@@ -143,21 +143,16 @@ class FusedSampler:
         self.sigma_t = {v: torch.full((B,), v, dtype=like.dtype, device=like.device)
                         for v in {op.eval_sigma for op in self.ops if op.eval_sigma is not None} | {self.final}
                         if v is not None}
-        self.coef = torch.zeros((len(self.ops), 2 + fused.MAX_ORDER), dtype=torch.float64)
-        for j, op in enumerate(self.ops):
-            self.coef[j, 0], self.coef[j, 1] = op.a, 0.0 if op.sigma is None else 1.0 / op.sigma
-            self.coef[j, 2:2 + len(op.coeffs)] = torch.tensor(op.coeffs, dtype=torch.float64)
-        self.coef = self.coef.to(like.device)
+        self.coef = None  # Triton: every op's coefficient row on the device, so a graph replays them
+        if self.backend == "triton":
+            from .kernels import solver_step as ks
+            self.coef = torch.stack([ks.coefficient_row(op.a, op.sigma, op.coeffs) for op in self.ops]).to(like.device)
         self.graph = None
         if graph:
             self._capture()
 
     def _model(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
-        out = self.denoiser(x, self.sigma_t[sigma])
-        if not isinstance(out, torch.Tensor) or out.shape != x.shape:
-            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ValueError(f"denoiser returned {got}, expected a tensor of shape {tuple(x.shape)}")
-        return out.to(x.dtype)
+        return checked_output(self.denoiser(x, self.sigma_t[sigma]), x)
 
     def _step(self, j: int, op: Op, slot: int) -> int:
         at = self.state[op.src]
@@ -172,8 +167,8 @@ class FusedSampler:
         x, out = self.state[X], self.state[op.dst]
         if self.backend == "triton":
             from .kernels import solver_step as ks
-            new = ks.NONE if denoised is None else (ks.DENOISED if op.sigma is None else ks.DIRECTION)
-            ks.solver_step(x, self.hist, slot, self.coef[j], len(op.coeffs), new, denoised, at, out)
+            ks.solver_step(x, self.hist, slot, self.coef[j], len(op.coeffs), ks.entry_kind(denoised is not None, op.sigma),
+                           denoised, at, out)
         else:
             fused.update(x, self.hist, slot, op.coeffs, a=op.a, denoised=denoised, sigma=op.sigma, at=at,
                          out=out, backend=self.backend)

@@ -67,13 +67,6 @@ class GaussianMixtureDenoiser:
         out = p @ mu + w.sum(1, keepdim=True) * xf - w @ mu
         return out.reshape(x.shape).to(x.dtype)
 
-    def sample_data(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """n exact samples from the mixture, float64 [n, ...]."""
-        comp = torch.multinomial(self.log_weights.exp(), n, replacement=True, generator=generator)
-        z = torch.randn((n, *self.shape), dtype=torch.float64, generator=generator)
-        scale = self.stds[comp].reshape(-1, *([1] * len(self.shape)))
-        return self.means[comp] + scale * z
-
     def solve(self, x: torch.Tensor, sigma_from: float, sigma_to: float, steps: int = 4000) -> torch.Tensor:
         """x(sigma_to) from x(sigma_from) on the probability-flow ODE, RK4 in u = log sigma, float64.
 

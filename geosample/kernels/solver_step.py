@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["BLOCK_SIZE", "NUM_WARPS", "NONE", "DENOISED", "DIRECTION", "MAX_ORDER", "solver_step", "fused_update"]
+__all__ = ["BLOCK_SIZE", "NUM_WARPS", "NONE", "DENOISED", "DIRECTION", "MAX_ORDER", "solver_step", "fused_update", "coefficient_row", "entry_kind"]
 
 BLOCK_SIZE = 1024   # elements per program: 4 KiB of float32 per operand, 8 per thread at 4 warps
 NUM_WARPS = 4
@@ -61,15 +61,24 @@ def _solver_step_kernel(x_ptr, y_ptr, d_ptr, hist_ptr, out_ptr, coef_ptr, numel,
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def fused_update(x, hist, slot, coeffs, a, denoised, sigma, at, out):
-    """:func:`geosample.solvers.fused.update` on CUDA: pack [a, 1/sigma, c_0..c_3] as float64 on the
-    device and launch one :func:`solver_step` (direction entry when ``sigma`` is given, D itself
-    when it is None, no new entry without ``denoised``)."""
+def coefficient_row(a: float, sigma: float | None, coeffs) -> torch.Tensor:
+    """The kernel's float64 coefficient row [a, 1/sigma (0 without sigma), c_0..c_3] on the CPU."""
     coef = torch.zeros(2 + MAX_ORDER, dtype=torch.float64)
     coef[0], coef[1] = a, 0.0 if sigma is None else 1.0 / sigma
-    coef[2:2 + len(coeffs)] = torch.tensor(coeffs, dtype=torch.float64)
-    new = NONE if denoised is None else (DENOISED if sigma is None else DIRECTION)
-    return solver_step(x, hist, slot, coef.to(x.device, non_blocking=True), len(coeffs), new, denoised, at, out)
+    coef[2:2 + len(coeffs)] = torch.tensor([float(c) for c in coeffs], dtype=torch.float64)
+    return coef
+
+
+def entry_kind(has_denoised: bool, sigma: float | None) -> int:
+    """The new history entry: DIRECTION (x - D) / sigma, DENOISED (sigma None) or NONE (no D)."""
+    return NONE if not has_denoised else (DENOISED if sigma is None else DIRECTION)
+
+
+def fused_update(x, hist, slot, coeffs, a, denoised, sigma, at, out):
+    """:func:`geosample.solvers.fused.update` on CUDA: one :func:`solver_step` launch with the
+    coefficient row uploaded to the device."""
+    coef = coefficient_row(a, sigma, coeffs).to(x.device, non_blocking=True)
+    return solver_step(x, hist, slot, coef, len(coeffs), entry_kind(denoised is not None, sigma), denoised, at, out)
 
 
 def solver_step(x: torch.Tensor, hist: torch.Tensor, slot: int, coef: torch.Tensor, order: int, new: int,

@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["Solver", "Trajectory", "CountedDenoiser", "drive", "afs_denoised", "SOLVERS", "register",
+__all__ = ["Solver", "Trajectory", "CountedDenoiser", "checked_output", "drive", "afs_denoised", "SOLVERS", "register",
            "check_denoised_at_x"]
 
 
@@ -91,12 +91,15 @@ class CountedDenoiser:
 
     def __call__(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
         self.calls += 1
-        s = torch.full((x.shape[0],), sigma, dtype=x.dtype, device=x.device)
-        out = self.denoiser(x, s)
-        if not isinstance(out, torch.Tensor) or out.shape != x.shape:
-            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ValueError(f"denoiser returned {got}, expected a tensor of shape {tuple(x.shape)}")
-        return out if out.dtype == x.dtype else out.to(x.dtype)
+        return checked_output(self.denoiser(x, torch.full((x.shape[0],), sigma, dtype=x.dtype, device=x.device)), x)
+
+
+def checked_output(out, x: torch.Tensor) -> torch.Tensor:
+    """A denoiser's output in x's dtype; ValueError unless it is a tensor of x's shape."""
+    if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"denoiser returned {got}, expected a tensor of shape {tuple(x.shape)}")
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 def check_order(max_order, top: int) -> int:
