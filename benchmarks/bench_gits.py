@@ -1,4 +1,5 @@
-"""GITS speed: cost matrix (vs the reference's per-pair loop) and the DP backends.
+"""GITS speed: cost matrix backends (vs the reference's per-pair loop and this machine's
+roofline) and the DP backends.
 
     pytest benchmarks/bench_gits.py                       # small sizes, pytest-benchmark
     GEOSAMPLE_BENCH_FULL=1 pytest benchmarks/bench_gits.py  # B=64, D=3072, 61 points
@@ -19,6 +20,7 @@ import torch
 
 import geosample as gs
 from geosample._io import atomic_write_text
+from geosample.gits.cost import available_backends as cost_backends
 from geosample.gits.dp import available_backends
 
 FULL = os.environ.get("GEOSAMPLE_BENCH_FULL") == "1"
@@ -64,10 +66,26 @@ def traj():
     return synthetic_trajectory(B, D, T)
 
 
+@pytest.mark.parametrize("backend", cost_backends("cpu"))
 @pytest.mark.parametrize("metric", ["l2", "dev", "l1"])
-def test_cost_matrix(benchmark, traj, metric):
-    c = benchmark(gs.gits.cost_matrix, traj, metric)
+def test_cost_matrix(benchmark, traj, metric, backend):
+    c = benchmark(gs.gits.cost_matrix, traj, metric, backend=backend)
     assert c.shape == (T, T)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("metric", ["l2", "dev", "l1"])
+def test_cost_matrix_gpu(benchmark, traj, metric):
+    t = gs.Trajectory(x=traj.x.cuda(), denoised=traj.denoised.cuda(), sigmas=traj.sigmas, nfe=traj.nfe)
+    ref = gs.gits.cost_matrix(traj, metric, backend="torch")
+
+    def run():
+        out = gs.gits.cost_matrix(t, metric, backend="triton")
+        torch.cuda.synchronize()
+        return out
+    c = benchmark(run).cpu()
+    m = torch.isfinite(ref)
+    assert torch.allclose(c[m], ref[m], rtol=1e-4, atol=1e-4 * float(ref[m].abs().max()))
 
 
 @pytest.mark.parametrize("metric", ["l2", "dev"])
@@ -120,15 +138,41 @@ def search_breakdown(limit: int = 5000) -> dict:
             "other_fraction": 1 - den.seconds / total}
 
 
+def roofline(traj: gs.Trajectory) -> dict:
+    """This machine's practical limits, measured in the same process: memory bandwidth (a float32
+    sum over x and denoised, which dev must read once) and float32 FMA throughput (sgemm)."""
+    x, den = traj.x, traj.denoised
+    sweep = _best(lambda: (x.sum(), den.sum()), 5)
+    a = torch.randn(2048, 2048)
+    mm = _best(lambda: a @ a, 5)
+    return {"read_GBs": (x.numel() + den.numel()) * 4 / sweep / 1e9, "read_x_den_s": sweep,
+            "sgemm_GFLOPs": 2 * 2048 ** 3 / mm / 1e9}
+
+
+def pair_flops(traj: gs.Trajectory) -> float:
+    """l1 / l2 work: T(T-1)/2 pairs x B x D elements, 5 flops each (subtract, multiply-add, square-add)."""
+    t, b = traj.x.shape[:2]
+    return t * (t - 1) / 2 * b * traj.x[0, 0].numel() * 5
+
+
 def main() -> None:
     traj = synthetic_trajectory(64, 3072, 61)
-    rows = {"cost_matrix": {}, "dp": {}}
-    for metric in ("l2", "dev"):
-        fast = _best(lambda: gs.gits.cost_matrix(traj, metric), 5)
-        ref = _best(lambda: reference_cost(traj, metric), 1)
-        rows["cost_matrix"][metric] = {"geosample_s": fast, "reference_loop_s": ref, "speedup": ref / fast}
-        print(metric, rows["cost_matrix"][metric], flush=True)
-    rows["cost_matrix"]["l1"] = {"geosample_s": _best(lambda: gs.gits.cost_matrix(traj, "l1"), 3)}
+    rows = {"cost_matrix": {}, "dp": {}, "roofline": roofline(traj)}
+    print(rows["roofline"], flush=True)
+    for metric in ("l2", "dev", "l1"):
+        r = {f"{b}_s": _best(lambda: gs.gits.cost_matrix(traj, metric, backend=b), 5 if b != "torch" else 3)
+             for b in cost_backends("cpu")}
+        if metric != "l1":
+            r["reference_loop_s"] = _best(lambda: reference_cost(traj, metric), 1)
+            r.update({f"{b}_speedup": r["reference_loop_s"] / r[f"{b}_s"] for b in cost_backends("cpu")})
+        best = min(r[f"{b}_s"] for b in cost_backends("cpu"))
+        if metric == "dev":
+            r["of_roofline"] = rows["roofline"]["read_x_den_s"] / best
+        else:
+            r["GFLOPs"] = pair_flops(traj) / best / 1e9
+            r["of_roofline"] = r["GFLOPs"] / rows["roofline"]["sgemm_GFLOPs"]
+        rows["cost_matrix"][metric] = r
+        print(metric, r, flush=True)
     c = np.random.default_rng(0).random((61, 61))
     for backend in available_backends():
         gs.gits.solve_dp(c, 10, backend=backend)
@@ -143,13 +187,21 @@ def main() -> None:
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
     atomic_write_text(out / "gits.json", json.dumps({"meta": meta, **rows}, indent=1))
+    roof = rows["roofline"]
     lines = [f"# GITS speed ({meta['date']}, {meta['cpus']} CPU cores, {meta['machine']}, torch {meta['torch']})", "",
              f"{meta['sizes']}; best of several runs, reference loop run once in the same process.", "",
-             "| cost matrix | geosample | reference per-pair loop | speedup |", "|---|---|---|---|"]
-    for metric in ("l2", "dev"):
+             f"Roofline measured in the same process: reading x and denoised (float32) {roof['read_x_den_s'] * 1e3:.1f} ms "
+             f"({roof['read_GBs']:.1f} GB/s); sgemm {roof['sgemm_GFLOPs']:.0f} GFLOP/s.", "",
+             "| metric | cpp | torch (float64) | reference per-pair loop | cpp speedup | torch speedup | cpp vs roofline |",
+             "|---|---|---|---|---|---|---|"]
+    for metric in ("l2", "dev", "l1"):
         r = rows["cost_matrix"][metric]
-        lines.append(f"| {metric} | {r['geosample_s'] * 1e3:.1f} ms | {r['reference_loop_s']:.2f} s | {r['speedup']:.0f}x |")
-    lines.append(f"| l1 | {rows['cost_matrix']['l1']['geosample_s'] * 1e3:.1f} ms | | |")
+        ref = f"{r['reference_loop_s']:.2f} s" if "reference_loop_s" in r else ""
+        speed = [f"{r[k]:.0f}x" if k in r else "" for k in ("cpp_speedup", "torch_speedup")]
+        roofs = (f"{r['of_roofline']:.2f} of the read time" if metric == "dev" else
+                 f"{r['GFLOPs']:.0f} GFLOP/s = {r['of_roofline']:.2f} of sgemm")
+        lines.append(f"| {metric} | {r.get('cpp_s', float('nan')) * 1e3:.1f} ms | {r['torch_s'] * 1e3:.1f} ms | {ref} | "
+                     f"{speed[0]} | {speed[1]} | {roofs} |")
     lines += ["", "| DP backend (61 points, 10 steps) | time per call |", "|---|---|"]
     lines += [f"| {b} | {r['us']:.0f} us |" for b, r in rows["dp"].items()]
     r = rows["search"]

@@ -10,30 +10,10 @@ from hypothesis import given, settings, strategies as st
 
 import geosample as gs
 from geosample.gits.dp import available_backends
+from reference_cost import expansion_floor, jump_error_bound, loop_cost
 
 
 # ----------------------------------------------------------------------------- cost matrix
-
-def loop_cost(traj, metric):
-    """Textbook definition, one pair at a time, float64."""
-    x, den, g = traj.x.double().flatten(2), traj.denoised.double().flatten(2), traj.sigmas
-    t = x.shape[0]
-    u = (x[-1] - x[0]) / (x[-1] - x[0]).norm(dim=-1, keepdim=True)
-
-    def dev(y):
-        a = x[-1] - y
-        return (a - (a * u).sum(-1, keepdim=True) * u).norm(dim=-1).mean()
-
-    c = torch.full((t, t), math.inf, dtype=torch.float64)
-    for i in range(t - 1):
-        d = (x[i] - den[i]) / g[i]
-        for j in range(i + 1, t):
-            e = x[i] + (g[j] - g[i]) * d
-            c[i, j] = {"l1": lambda: (e - x[j]).abs().sum(-1).mean(),
-                       "l2": lambda: (e - x[j]).norm(dim=-1).mean(),
-                       "dev": lambda: dev(e) - dev(x[j])}[metric]()
-    return c
-
 
 @pytest.fixture(scope="module")
 def mixture():
@@ -47,16 +27,48 @@ def traj(mixture):
     return gs.sample(mixture, noise, gs.schedules.polynomial(16), solver="ipndm", return_trajectory=True)
 
 
+CPU_BACKENDS = gs.gits.cost.available_backends("cpu")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("metric", ["l1", "l2", "dev"])
-def test_cost_matrix_matches_pair_loop(traj, metric):
-    fast, slow = gs.gits.cost_matrix(traj, metric), loop_cost(traj, metric)
+def test_cost_matrix_matches_pair_loop(traj, metric, backend):
+    fast, slow = gs.gits.cost_matrix(traj, metric, backend=backend), loop_cost(traj, metric)
     assert fast.dtype == torch.float64 and fast.shape == (17, 17)
     upper = torch.ones(17, 17, dtype=torch.bool).triu(1)
     assert torch.isinf(fast[~upper]).all() and torch.isfinite(fast[upper]).all()
-    # l2 expands |e|^2 through Gram matrices: the error floor is ~ sqrt(eps) |X[i] - X[-1]|
-    scale = (traj.x - traj.x[-1]).flatten(2).norm(dim=-1).mean(1)[:, None].expand(17, 17)
-    tol = 1e-12 + (3e-7 * scale[upper] if metric == "l2" else 1e-10 * slow[upper].abs())
+    # torch's l2 expands |e|^2 through Gram matrices, cpp's dev through dot products (|P r|^2 =
+    # r.r - (r.c)^2 / c.c): the error floor is ~ sqrt(eps) |X[i] - X[-1]|
+    expanded = (metric, backend) in (("l2", "torch"), ("dev", "cpp"))
+    tol = 1e-12 + (3e-7 * expansion_floor(traj)[upper] if expanded else 1e-10 * slow[upper].abs())
     assert ((fast[upper] - slow[upper]).abs() <= tol).all()
+
+
+@pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="geosample._C is not built")
+@pytest.mark.parametrize("metric", ["l1", "l2", "dev"])
+def test_cpp_cost_matrix_on_float32_within_its_rounding_bound(traj, metric):
+    t32 = gs.Trajectory(x=traj.x.float(), denoised=traj.denoised.float(), sigmas=traj.sigmas, nfe=traj.nfe)
+    fast, slow = gs.gits.cost_matrix(t32, metric, backend="cpp"), loop_cost(t32, metric)
+    upper = torch.isfinite(slow)
+    # dev works from float64 dot products of the float32 points: float64 rounding only
+    bound = jump_error_bound(t32, metric) if metric != "dev" else 3e-7 * expansion_floor(t32)
+    assert ((fast[upper] - slow[upper]).abs() <= bound[upper]).all()
+    assert (fast[upper] - slow[upper]).abs().max() > 0 or metric == "dev"   # it really ran in float32
+
+
+@pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="geosample._C is not built")
+def test_cpp_cost_matrix_independent_of_threads_and_sample_groups():
+    from geosample._cpp import _C
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(7, 70, 300, generator=g)            # 70 samples: a group of 64 and one of 6
+    den, grid = 0.5 * x[:-1], gs.schedules.polynomial(6).numpy()
+    for metric in ("l1", "l2", "dev"):
+        one = _C.cost_matrix(x.numpy(), den.numpy(), grid, metric, 1)
+        assert np.array_equal(one, _C.cost_matrix(x.numpy(), den.numpy(), grid, metric, 3))
+        halves = [_C.cost_matrix(x[:, s].numpy(), den[:, s].numpy(), grid, metric, 2)
+                  for s in (slice(0, 35), slice(35, 70))]
+        up = np.triu_indices(7, 1)
+        np.testing.assert_allclose(one[up], ((halves[0] + halves[1]) / 2)[up], rtol=1e-12, atol=1e-12)
 
 
 def test_cost_matrix_first_step_of_ipndm_is_exact_euler(traj):
@@ -73,9 +85,29 @@ def test_cost_matrix_float32_trajectory_close_to_float64(traj):
         assert torch.allclose(a[m], b[m], rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_cost_matrix_rejects_non_finite_results(traj, backend):
+    bad = traj.x.clone()
+    bad[3, 1, 0, 0, 0] = math.nan
+    t = gs.Trajectory(x=bad, denoised=traj.denoised, sigmas=traj.sigmas, nfe=traj.nfe)
+    for metric in ("l1", "l2", "dev"):
+        with pytest.raises(ValueError, match="non-finite"):
+            gs.gits.cost_matrix(t, metric, backend=backend)
+    same = traj.x.clone()
+    same[-1] = same[0]                                   # no chord to measure deviations from
+    t = gs.Trajectory(x=same, denoised=traj.denoised, sigmas=traj.sigmas, nfe=traj.nfe)
+    with pytest.raises(ValueError, match="chord"):
+        gs.gits.cost_matrix(t, "dev", backend=backend)
+
+
 def test_cost_matrix_errors(traj):
     with pytest.raises(ValueError, match="unknown metric"):
         gs.gits.cost_matrix(traj, "l3")
+    with pytest.raises(ValueError, match="unknown backend"):
+        gs.gits.cost_matrix(traj, "l2", backend="cuda")
+    if not gs.has_cpp():
+        with pytest.raises(ValueError, match="not built"):
+            gs.gits.cost_matrix(traj, "l2", backend="cpp")
     with pytest.raises(TypeError, match="Trajectory"):
         gs.gits.cost_matrix(traj.x, "l2")
     bad = gs.Trajectory(x=traj.x, denoised=traj.denoised[:-1], sigmas=traj.sigmas, nfe=1)
@@ -257,6 +289,50 @@ def test_afs_without_room_keeps_the_dp_path(mixture):
     s = gs.gits.search(mixture, (3, 4, 4), 4, afs=True, use_cache=False, **SMALL)
     assert s.indices == gs.gits.solve_dp(s.cost_matrix, 4, 1.15) and s.indices[1] == 1
     assert s.params["nfe"] == 3
+
+
+def test_gamma_sweep_keeps_the_path_closest_to_the_teacher(mixture, cache_dir):
+    gammas = (0.6, 0.8, 1.0, 1.15, 1.5)
+    s = gs.gits.search(Counting(mixture), (3, 4, 4), 4, gamma=gammas, solver="euler", **SMALL)
+    sel = s.params["selection"]
+    assert [r["gamma"] for r in sel] == list(gammas) and s.params["gamma"] == list(gammas)
+    # every gamma's DP path, judged by euler's mean L2 distance to the teacher on round 0
+    noise = torch.randn((5, 3, 4, 4), generator=torch.Generator().manual_seed(0))
+    grid = gs.schedules.polynomial(20)
+    target = gs.sample(mixture, noise, grid, solver="ipndm")
+    for r in sel:
+        assert r["indices"] == r["dp_indices"] == gs.gits.solve_dp(s.cost_matrix, 4, r["gamma"])
+        got = gs.sample(mixture, noise, grid[r["indices"]], solver="euler")
+        assert r["error"] == pytest.approx(float((got - target).flatten(1).double().norm(dim=1).mean()), rel=1e-6)
+    best = min(sel, key=lambda r: r["error"])
+    assert s.indices == best["indices"] and s.params["selected_gamma"] == best["gamma"]
+    assert s.cost == pytest.approx(gs.gits.path_cost(s.cost_matrix, s.indices, best["gamma"])[0])
+    assert len({tuple(r["indices"]) for r in sel}) > 1          # the sweep really offered a choice
+    # the teacher's samples are cached with the cost matrix: a new sweep runs no teacher
+    again = Counting(mixture)
+    t = gs.gits.search(again, (3, 4, 4), 5, gamma=gammas, solver="euler", **SMALL)
+    assert again.calls <= 3 + len(gammas) * 5 and t.params["selected_gamma"] in gammas
+    assert sorted(p.name.split("-")[0] for p in cache_dir.iterdir()) == ["cost", "schedule", "schedule", "target"]
+
+
+def test_gamma_sweep_with_afs_judges_each_insertion(mixture):
+    s = gs.gits.search(mixture, (3, 4, 4), 3, gamma=(1.0, 1.15), afs=True, use_cache=False, **SMALL)
+    inserted = 0
+    for r in s.params["selection"]:
+        dp = r["dp_indices"]
+        if dp[1] == 1:                                   # no room: judged as it is
+            assert r["indices"] == dp
+        else:
+            assert r["indices"][2:] == dp[1:] and 0 < r["indices"][1] < dp[1]
+            inserted += 1
+    assert inserted and s.params["nfe"] == 3 and s.indices in [r["indices"] for r in s.params["selection"]]
+
+
+@pytest.mark.parametrize("gamma, err, match", [((), ValueError, "empty"), ((1.0, -1.0), ValueError, "gamma"),
+                                               ("1.0", TypeError, "gamma"), (True, TypeError, "gamma")])
+def test_gamma_sweep_errors(mixture, gamma, err, match):
+    with pytest.raises(err, match=match):
+        gs.gits.search(mixture, (3, 4, 4), 3, gamma=gamma, use_cache=False, **SMALL)
 
 
 @pytest.mark.parametrize("kwargs, err, match", [

@@ -23,3 +23,19 @@ def test_cli_gits_prints_and_saves(tmp_path, capsys):
 def test_cli_gits_rejects_bad_metric():
     with pytest.raises(SystemExit):
         main(["gits", "--data", "digits", "--metric", "l3"])
+
+
+def test_cli_gits_gamma_sweep(tmp_path, capsys):
+    out = tmp_path / "s.json"
+    rc = main(["gits", "--data", "digits", "--steps", "2", "--teacher-steps", "6", "--num-warmup", "2",
+               "--batch-size", "2", "--gamma", "0.9,1.15", "--no-cache", "--out", str(out)])
+    assert rc == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    sched = gs.gits.load(out)
+    assert sched.params["gamma"] == [0.9, 1.15] and printed["gamma"] == sched.params["selected_gamma"]
+    assert [r["gamma"] for r in sched.params["selection"]] == [0.9, 1.15]
+
+
+def test_cli_gits_rejects_bad_gamma():
+    with pytest.raises(SystemExit):
+        main(["gits", "--data", "digits", "--gamma", "a,b"])

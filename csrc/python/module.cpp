@@ -56,6 +56,29 @@ py::tuple sample(const py::function& denoiser, const F32& noise, const std::vect
     return py::make_tuple(out, nfe);
 }
 
+// GITS cost matrix of x [T, B, D] and den [T-1, B, D] (both float32 or both float64), grid [T].
+template <class S>
+py::array_t<double> cost_matrix_typed(const py::array& x_in, const py::array& den_in, const F64& grid,
+                                      const std::string& metric, int threads) {
+    using A = py::array_t<S, py::array::c_style | py::array::forcecast>;
+    const A x = A::ensure(x_in), den = A::ensure(den_in);
+    if (x.ndim() != 3 || den.ndim() != 3 || den.shape(0) + 1 != x.shape(0) || den.shape(1) != x.shape(1) ||
+        den.shape(2) != x.shape(2))
+        throw py::value_error("cost_matrix needs x [T, B, D] and den [T-1, B, D]");
+    const int T = static_cast<int>(x.shape(0));
+    if (grid.ndim() != 1 || grid.shape(0) != T) throw py::value_error("grid must hold T = x.shape[0] sigmas");
+    const auto m = gs::gits::metric_from_name(metric);
+    py::array_t<double> out({T, T});
+    const S *xp = x.data(), *dp = den.data();
+    const double* gp = grid.data();
+    double* op = out.mutable_data();
+    {
+        py::gil_scoped_release release;
+        gs::gits::cost_matrix(xp, dp, gp, T, x.shape(1), x.shape(2), m, op, threads);
+    }
+    return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -81,6 +104,14 @@ PYBIND11_MODULE(_C, m) {
               return gs::gits::solve_dp_all(c, n, max_steps, gamma);
           }, py::arg("cost"), py::arg("max_steps"), py::arg("gamma") = 1.15,
           "GITS paths for every step count 1..max_steps from one DP table");
+
+    m.def("cost_matrix", [](const py::array& x, const py::array& den, const F64& grid, const std::string& metric,
+                            int threads) {
+              if (x.dtype().is(py::dtype::of<double>()) && den.dtype().is(py::dtype::of<double>()))
+                  return cost_matrix_typed<double>(x, den, grid, metric, threads);
+              return cost_matrix_typed<float>(x, den, grid, metric, threads);
+          }, py::arg("x"), py::arg("den"), py::arg("grid"), py::arg("metric") = "dev", py::arg("threads") = 0,
+          "GITS cost matrix [T, T] (batch mean, +inf for i >= j) of x [T, B, D] and den [T-1, B, D]");
 
     m.def("ipndm_coefficients", &gs::solvers::ipndm_coefficients, py::arg("sigmas"), py::arg("i"), py::arg("order"));
     m.def("ipndm_v_coefficients", &gs::solvers::ipndm_v_coefficients, py::arg("sigmas"), py::arg("i"),

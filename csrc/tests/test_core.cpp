@@ -115,9 +115,49 @@ void test_sample() {
     assert(throws_invalid([&] { gs::solvers::sample("euler", d, x, {1.0, 2.0}); }));
 }
 
+void test_cost_matrix() {
+    // A straight teacher, x_t = a + G_t n with D(x_t) = a: every Euler jump lands exactly on the
+    // teacher (l1 = l2 = 0) and every point lies on the chord (dev = 0, up to the sqrt(eps) |r|
+    // floor of |P r|^2 = r.r - (r.c)^2 / c.c, with |r| <= 80 * sqrt(D) here).
+    const int T = 7, B = 3, D = 37;
+    const auto grid = gs::schedules::polynomial(T - 1);
+    std::vector<double> x(T * B * D), den((T - 1) * B * D);
+    for (int t = 0; t < T; ++t)
+        for (int b = 0; b < B; ++b)
+            for (int k = 0; k < D; ++k) {
+                const double a = std::sin(0.3 * k + b), n = std::cos(1.7 * k - b);
+                x[(t * B + b) * D + k] = a + grid[t] * n;
+                if (t + 1 < T) den[(t * B + b) * D + k] = a;
+            }
+    std::vector<double> out(T * T);
+    for (auto m : {gs::gits::Metric::l1, gs::gits::Metric::l2, gs::gits::Metric::dev}) {
+        gs::gits::cost_matrix(x.data(), den.data(), grid.data(), T, B, D, m, out.data(), 2);
+        const double tol = m == gs::gits::Metric::dev ? 3e-8 * 80 * std::sqrt(D) : 1e-9;
+        for (int i = 0; i < T; ++i)
+            for (int j = 0; j < T; ++j) assert(i < j ? std::fabs(out[i * T + j]) < tol : std::isinf(out[i * T + j]));
+    }
+    // Bending it makes jumps miss: positive l2 cost, growing with the jump length from point 0.
+    for (int b = 0; b < B; ++b) x[(3 * B + b) * D] += 1.0;
+    gs::gits::cost_matrix(x.data(), den.data(), grid.data(), T, B, D, gs::gits::Metric::l2, out.data(), 1);
+    assert(out[0 * T + 3] > 0.99 && out[0 * T + 1] < 1e-9);
+    std::vector<float> xf(x.begin(), x.end()), df(den.begin(), den.end());
+    std::vector<double> outf(T * T);
+    gs::gits::cost_matrix(xf.data(), df.data(), grid.data(), T, B, D, gs::gits::Metric::l2, outf.data(), 0);
+    assert(std::fabs(outf[3] - out[3]) < 1e-4);
+    assert(gs::gits::metric_from_name("dev") == gs::gits::Metric::dev);
+    assert(throws_invalid([] { gs::gits::metric_from_name("l3"); }));
+    assert(throws_invalid([&] { gs::gits::cost_matrix(x.data(), den.data(), grid.data(), 1, B, D,
+                                                      gs::gits::Metric::l2, out.data()); }));
+    std::vector<double> bad_grid(grid.begin(), grid.end());
+    bad_grid[2] = 0.0;
+    assert(throws_invalid([&] { gs::gits::cost_matrix(x.data(), den.data(), bad_grid.data(), T, B, D,
+                                                      gs::gits::Metric::dev, out.data()); }));
+}
+
 int main() {
     test_schedules();
     test_dp();
+    test_cost_matrix();
     test_coefficients();
     test_sample();
     std::puts("test_core: all passed");

@@ -7,6 +7,19 @@ import json
 HELP = "search a GITS schedule on a dataset's closed-form denoiser, print it and save it as JSON"
 
 
+def gammas(text: str):
+    """'1.15' -> 1.15; '0.9,1.0' -> [0.9, 1.0]; 'sweep' -> geosample.gits.GAMMAS."""
+    from ..gits import GAMMAS
+
+    if text == "sweep":
+        return list(GAMMAS)
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"gamma must be a number, a comma list of numbers or 'sweep', got {text!r}")
+    return values[0] if len(values) == 1 else values
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..gits.cost import METRICS
     from ..gits.schedule import GRIDS
@@ -20,7 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--grid", choices=GRIDS, default="polynomial", help="fine grid family (default polynomial)")
     a("--rho", type=float, default=7.0, help="fine grid rho (default 7)")
     a("--metric", choices=METRICS, default="dev", help="cost metric (default dev)")
-    a("--gamma", type=float, default=1.15, help="DP discount gamma (default 1.15)")
+    a("--gamma", type=gammas, default=1.15,
+      help="DP discount gamma (default 1.15); a comma list (0.9,1.0,1.15) or 'sweep' (0.8 to 1.3) "
+           "keeps the gamma whose schedule brings --solver closest to the teacher")
     a("--num-warmup", type=int, default=256, help="teacher samples (default 256)")
     a("--batch-size", type=int, default=64, help="teacher samples per round (default 64)")
     a("--seed", type=int, default=0, help="noise seed (default 0)")
@@ -52,5 +67,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     sched.save(args.out)
     print(json.dumps({"sigmas": [round(s, 6) for s in sched.sigmas.tolist()], "indices": sched.indices,
-                      "nfe": sched.params["nfe"], "cost": round(sched.cost, 6), "saved": args.out}))
+                      "nfe": sched.params["nfe"], "cost": round(sched.cost, 6),
+                      "gamma": sched.params.get("selected_gamma", sched.params["gamma"]), "saved": args.out}))
     return 0

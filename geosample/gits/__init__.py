@@ -6,7 +6,7 @@ points, ``solve_dp`` picks the cheapest sub-grid; results are cached (:mod:`.cac
 from .cost import METRICS, cost_matrix
 from .dp import available_backends, path_cost, solve_dp, solve_dp_sweep
 from .schedule import GITSSchedule, fine_grid, load
-from .search import fingerprint, search
+from .search import GAMMAS, fingerprint, search
 
 __all__ = ["search", "cost_matrix", "solve_dp", "solve_dp_sweep", "path_cost", "available_backends",
-           "GITSSchedule", "load", "fine_grid", "fingerprint", "METRICS"]
+           "GITSSchedule", "load", "fine_grid", "fingerprint", "METRICS", "GAMMAS"]

@@ -1,8 +1,9 @@
 """On-disk cache of GITS results, keyed by a hash of every search parameter and the fingerprint.
 
 Folder: ``$GEOSAMPLE_CACHE/gits`` if that variable is set, else ``~/.cache/geosample/gits``.
-Two kinds of entries: ``cost-<key>.pt`` (the averaged teacher cost matrix; shared by every step
-count and gamma) and ``schedule-<key>.json`` (a finished :class:`GITSSchedule`).  Writes are
+Three kinds of entries: ``cost-<key>.pt`` (the averaged teacher cost matrix; shared by every step
+count and gamma), ``target-<key>.pt`` (the teacher's samples from round 0's noise, the yardstick
+of AFS and gamma selection; same key) and ``schedule-<key>.json`` (a finished :class:`GITSSchedule`).  Writes are
 atomic; a corrupt or unreadable entry counts as a miss.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from .._io import atomic_write, cache_root
 
 from .schedule import GITSSchedule, load
 
-__all__ = ["cache_dir", "key", "get_cost", "put_cost", "get_schedule", "put_schedule"]
+__all__ = ["cache_dir", "key", "get_tensor", "put_tensor", "get_schedule", "put_schedule"]
 
 
 def cache_dir() -> Path:
@@ -31,21 +32,20 @@ def key(params: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
-def get_cost(k: str, n: int) -> torch.Tensor | None:
-    """The cached float64 [n, n] cost matrix, or None (missing, unreadable or of the wrong shape)."""
-    path = cache_dir() / f"cost-{k}.pt"
+def get_tensor(kind: str, k: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor | None:
+    """The cached ``kind-<k>.pt`` tensor, or None (missing, unreadable, or of another shape/dtype)."""
     try:
-        cost = torch.load(path, weights_only=True)
+        t = torch.load(cache_dir() / f"{kind}-{k}.pt", weights_only=True)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, ValueError):
         return None
-    ok = isinstance(cost, torch.Tensor) and cost.shape == (n, n) and cost.dtype == torch.float64
-    return cost if ok else None
+    ok = isinstance(t, torch.Tensor) and t.shape == tuple(shape) and t.dtype == dtype
+    return t if ok else None
 
 
-def put_cost(k: str, cost: torch.Tensor) -> None:
+def put_tensor(kind: str, k: str, t: torch.Tensor) -> None:
     folder = cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write(folder / f"cost-{k}.pt", lambda f: torch.save(cost.detach().cpu(), f))
+    atomic_write(folder / f"{kind}-{k}.pt", lambda f: torch.save(t.detach().cpu(), f))
 
 
 def get_schedule(k: str) -> GITSSchedule | None:

@@ -22,18 +22,28 @@ student's deviation minus mean of the teacher's).  Only ``i < j`` is defined: ev
   h^2 |P d_i|^2`` with ``r_i = X[-1] - X[i]``;
 * l1 has no such expansion and is vectorised over all later points j for each i.
 
-All maths is float64, a block of samples at a time; per-sample costs are summed, then divided by B.
+Backends (``backend=``): ``"torch"`` does all of the above in float64, a block of samples at a time
+(the reference); ``"cpp"`` (``geosample._C``, CPU) forms every jump error ``(X[i] - X[j]) + h_ij d_i``
+in the trajectory's precision inside a cache-blocked SIMD loop and sums in float64 (l1, l2), and
+builds dev from five float64 dot products per point, ``r.r, r.c, d.d, d.c, r.d`` with
+``c = X[-1] - X[0]`` (:func:`dev_from_moments`), in one pass over memory on all cores; ``"triton"``
+(CUDA) runs the same two kernels on the GPU (:mod:`geosample.kernels.gits_cost`).  ``"auto"``:
+triton on CUDA, cpp on CPU, torch where those are missing.  Per-sample costs are summed in a fixed
+order, then divided by B.
 """
 from __future__ import annotations
 
 import torch
 
+from .._cpp import _C, has_cpp
+from ..kernels import triton_available
 from ..solvers import Trajectory
 from ..solvers.base import check_denoised_at_x
 
-__all__ = ["cost_matrix", "METRICS"]
+__all__ = ["cost_matrix", "dev_from_moments", "METRICS", "BACKENDS", "available_backends"]
 
 METRICS = ("l1", "l2", "dev")
+BACKENDS = ("torch", "cpp", "triton")
 
 
 def _check(traj: Trajectory) -> None:
@@ -98,14 +108,85 @@ def _l1(x: torch.Tensor, d: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 _METRIC_FN = {"l1": _l1, "l2": _l2, "dev": _dev}
 
 
+def dev_from_moments(m: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """[T-1, T] dev cost summed over samples from float64 moments m [T, B, 5] = (r.r, r.c, d.d, d.c, r.d):
+
+    |P r|^2 = r.r - (r.c)^2 / c.c,  <P r, P d> = r.d - (r.c)(d.c) / c.c,  |P d|^2 = d.d - (d.c)^2 / c.c
+    (c.c = r_0.c), and the student's |P (r_i - h d_i)|^2 expands as in ``_dev``."""
+    rr, rc, dd, dc, rd = m.unbind(-1)
+    cc = rc[0]
+    prr = (rr - rc * rc / cc).clamp_min(0)
+    prd = rd - rc * dc / cc
+    pdd = (dd - dc * dc / cc).clamp_min(0)
+    h = _steps(g)[:, :, None]
+    student = (prr[:-1, None] - 2 * h * prd[:-1, None] + h * h * pdd[:-1, None]).clamp_min(0).sqrt().sum(-1)
+    return student - prr.sqrt().sum(-1)[None, :]
+
+
+def available_backends(device="cpu") -> list[str]:
+    """The cost-matrix backends usable here for tensors on ``device``, preferred first."""
+    cuda = torch.device(device).type == "cuda"
+    fast = ["triton"] if cuda and triton_available() else ["cpp"] if not cuda and has_cpp() else []
+    return fast + ["torch"]
+
+
+def _pick(backend: str, device) -> str:
+    if backend == "auto":
+        return available_backends(device)[0]
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; valid: auto, {', '.join(BACKENDS)}")
+    if backend == "cpp" and not has_cpp():
+        raise ValueError("backend 'cpp' needs the C++ extension geosample._C, which is not built here")
+    if backend == "triton" and not triton_available():
+        raise ValueError("backend 'triton' needs Triton and a CUDA device (or TRITON_INTERPRET=1)")
+    return backend
+
+
+def _kernel_inputs(x: torch.Tensor, den: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """x and den contiguous on ``device`` in one kernel dtype: float64 if either is, else float32."""
+    dtype = torch.float64 if torch.float64 in (x.dtype, den.dtype) else torch.float32
+    return x.to(device=device, dtype=dtype).contiguous(), den.to(device=device, dtype=dtype).contiguous()
+
+
+def _mean_torch(x, den, g, metric, chunk) -> torch.Tensor:
+    t, b = x.shape[:2]
+    chunk = chunk or max(1, (1 << 20) // (t * x.shape[-1]))
+    total = torch.zeros(t - 1, t, dtype=torch.float64, device=x.device)
+    for s in range(0, b, chunk):
+        xc = x[:, s:s + chunk].to(torch.float64)
+        dc = (xc[:-1] - den[:, s:s + chunk].to(torch.float64)) / g[:-1, None, None]
+        total += _METRIC_FN[metric](xc, dc, g)
+    return total / b
+
+
+def _mean_cpp(x, den, g, metric) -> torch.Tensor:
+    x, den = _kernel_inputs(x, den, "cpu")
+    c = _C.cost_matrix(x.numpy(), den.numpy(), g.cpu().numpy(), metric, torch.get_num_threads())
+    return torch.from_numpy(c[:-1]).to(g.device)
+
+
+def _mean_triton(x, den, g, metric) -> torch.Tensor:
+    from ..kernels import gits_cost
+
+    x, den = _kernel_inputs(x, den, x.device)
+    if metric == "dev":
+        return dev_from_moments(gits_cost.dev_moments(x, den, g), g) / x.shape[1]
+    sums = gits_cost.pair_sums(x, den, g, square=metric == "l2")
+    per_sample = sums.sqrt() if metric == "l2" else sums
+    return per_sample.sum(0)[:-1] / x.shape[1]
+
+
 @torch.no_grad()
-def cost_matrix(traj: Trajectory, metric: str = "dev", chunk: int | None = None) -> torch.Tensor:
+def cost_matrix(traj: Trajectory, metric: str = "dev", chunk: int | None = None,
+                backend: str = "auto") -> torch.Tensor:
     """[T, T] float64 cost of an Euler jump between every pair of grid points (i < j; else +inf).
 
     traj: a :class:`geosample.Trajectory` (x [T, B, ...], denoised [T-1, B, ...], sigmas [T] > 0),
     e.g. ``gs.sample(..., return_trajectory=True)``.  metric: "l1" | "l2" | "dev".
-    chunk: samples per float64 block (default: ~8 MB blocks, which stay cache-friendly).
-    Returned on the trajectory's device.
+    chunk: samples per float64 block of the torch backend (default: ~8 MB blocks).
+    backend: "auto" | "torch" | "cpp" | "triton" (see the module docstring).
+    Returned on the trajectory's device.  Raises ValueError when a cost is not finite (NaN or inf
+    in the trajectory, or x[-1] == x[0] for dev).
     """
     if metric not in _METRIC_FN:
         raise ValueError(f"unknown metric {metric!r}; valid: {', '.join(METRICS)}")
@@ -114,13 +195,17 @@ def cost_matrix(traj: Trajectory, metric: str = "dev", chunk: int | None = None)
     x = traj.x.reshape(t, b, -1)
     den = traj.denoised.reshape(t - 1, b, -1)
     g = traj.sigmas.to(x.device, torch.float64)
-    chunk = chunk or max(1, (1 << 20) // (t * x.shape[-1]))
-    total = torch.zeros(t - 1, t, dtype=torch.float64, device=x.device)
-    for s in range(0, b, chunk):
-        xc = x[:, s:s + chunk].to(torch.float64)
-        dc = (xc[:-1] - den[:, s:s + chunk].to(torch.float64)) / g[:-1, None, None]
-        total += _METRIC_FN[metric](xc, dc, g)
+    backend = _pick(backend, x.device)
+    if backend == "cpp":
+        mean = _mean_cpp(x, den, g, metric)
+    elif backend == "triton":
+        mean = _mean_triton(x, den, g, metric)
+    else:
+        mean = _mean_torch(x, den, g, metric, chunk)
     out = torch.full((t, t), float("inf"), dtype=torch.float64, device=x.device)
     mask = torch.ones(t - 1, t, dtype=torch.bool, device=x.device).triu(1)
-    out[:-1][mask] = total[mask] / b
+    out[:-1][mask] = mean[mask]
+    if not bool(torch.isfinite(mean[mask]).all()):
+        raise ValueError(f"the {metric} cost matrix has non-finite entries: the trajectory holds NaN or inf"
+                         + (", or its chord x[-1] - x[0] is zero" if metric == "dev" else ""))
     return out

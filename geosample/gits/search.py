@@ -12,6 +12,11 @@
    one-evaluation solvers.  k is the one whose ``solver`` sample (with ``afs=True``) from round 0's
    noise lands closest (mean L2) to the teacher's.  If ``indices[1] == 1`` there is no room and
    the path is kept as it is.
+5. Gamma selection (``gamma`` a sequence, e.g. :data:`GAMMAS`): the DP objective is a proxy (Euler
+   jump costs, discounted by gamma^k), and the best gamma depends on the model and the solver.  So
+   the DP runs once per gamma, and of the distinct paths (each with its AFS point when ``afs``) the
+   one whose ``solver`` sample from round 0's noise lands closest (mean L2) to the teacher's is kept
+   (ties: the earlier gamma).  The same yardstick as step 4; a single gamma skips it.
 """
 from __future__ import annotations
 
@@ -28,12 +33,15 @@ from ..solvers import sample
 from ..solvers.sampling import get_solver
 from . import cache
 from .cost import METRICS, cost_matrix
-from .dp import _check_gamma, path_cost, solve_dp
+from .dp import _check_gamma, path_cost, solve_dp_sweep
 from .schedule import GRIDS, GITSSchedule, fine_grid
 
-__all__ = ["search", "fingerprint", "round_cost"]
+__all__ = ["search", "fingerprint", "round_cost", "GAMMAS"]
 
 _PROBE_SEED = 20240101
+#: A gamma sweep for ``search(gamma=GAMMAS)``: 0.8 to 1.3 in steps of 0.05 (the authors sweep
+#: 0.8-1.2 by hand for Stable Diffusion; 1.15 is their CIFAR-10 default).
+GAMMAS = tuple(round(0.8 + 0.05 * k, 2) for k in range(11))
 
 
 @torch.no_grad()
@@ -73,6 +81,19 @@ def _check_shape(shape) -> tuple[int, ...]:
     return shape
 
 
+def _check_gammas(gamma) -> list[float]:
+    """One gamma or a non-empty sequence of them, each finite and > 0."""
+    if isinstance(gamma, numbers.Real) and not isinstance(gamma, bool):
+        return [_check_gamma(gamma)]
+    try:
+        gammas = [_check_gamma(g) for g in gamma]
+    except TypeError:
+        raise TypeError(f"gamma must be a float or a sequence of floats, got {type(gamma).__name__}") from None
+    if not gammas:
+        raise ValueError("gamma must be a float or a non-empty sequence of floats, got an empty sequence")
+    return gammas
+
+
 def _rounds(num_warmup: int, batch_size: int) -> list[int]:
     full, rest = divmod(num_warmup, batch_size)
     return [batch_size] * full + ([rest] if rest else [])
@@ -99,25 +120,56 @@ def _warmup_cost(denoiser, grid, shape, p, device, progress, round_cost) -> torc
     return total / p["num_warmup"]
 
 
-def _afs_insert(denoiser, grid, indices, shape, p, device) -> list[int]:
-    """indices with the AFS point k in (indices[0], indices[1]) closest to the teacher on round 0."""
-    if indices[1] <= 1:
-        return indices
+def _validation(denoiser, grid, shape, p, device, key) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round 0's noise and the teacher's samples from it (cached under ``key`` when given): the
+    yardstick of steps 4 and 5."""
     gen = torch.Generator().manual_seed(p["seed"])
     noise = torch.randn((min(p["batch_size"], p["num_warmup"]), *shape), generator=gen).to(device)
-    target = _teacher(denoiser, grid, noise, p["teacher"], True).x[-1]
-    best, best_dist = indices, math.inf
-    for k in range(1, indices[1]):
-        cand = [0, k] + indices[1:]
-        x = sample(denoiser, noise, grid[cand], solver=p["solver"], afs=True)
-        dist = float((x - target).flatten(1).double().norm(dim=1).mean())
-        if dist < best_dist:
-            best, best_dist = cand, dist
-    return best
+    target = cache.get_tensor("target", key, noise.shape, noise.dtype) if key else None
+    if target is None:
+        target = _teacher(denoiser, grid, noise, p["teacher"], p["afs"]).x[-1]
+        if key:
+            cache.put_tensor("target", key, target)
+    return noise, target.to(device)
+
+
+def _endpoint_error(denoiser, grid, indices, validation, p) -> float:
+    """Mean L2 distance of ``solver``'s samples on ``grid[indices]`` to the teacher's."""
+    noise, target = validation
+    x = sample(denoiser, noise, grid[indices], solver=p["solver"], afs=p["afs"])
+    return float((x - target).flatten(1).double().norm(dim=1).mean())
+
+
+def _judge(denoiser, grid, indices, validation, p) -> tuple[list[int], float]:
+    """(path, error): the DP path itself, or with ``afs`` the best AFS insertion k in
+    (indices[0], indices[1]) (none when indices[1] == 1)."""
+    cands = [[0, k] + indices[1:] for k in range(1, indices[1])] if p["afs"] else []
+    errors = [_endpoint_error(denoiser, grid, c, validation, p) for c in cands or [indices]]
+    best = int(np.argmin(errors))                    # first minimum: the smallest k
+    return (cands or [indices])[best], errors[best]
+
+
+def _select(denoiser, grid, cost, steps, gammas, shape, p, device, backend, key) -> dict:
+    """Steps 3-5: the record {gamma, dp_indices, indices, error} of the best gamma, and with
+    "selection" every gamma's record when there was a choice."""
+    dp = solve_dp_sweep(cost, [steps], gammas, backend)
+    path = dp[steps, gammas[0]]
+    if len(gammas) == 1 and (not p["afs"] or path[1] == 1):
+        return {"gamma": gammas[0], "dp_indices": path, "indices": path}
+    validation = _validation(denoiser, grid, shape, p, device, key)
+    judged, records = {}, []
+    for g in gammas:
+        key = tuple(dp[steps, g])
+        if key not in judged:
+            judged[key] = _judge(denoiser, grid, list(key), validation, p)
+        path, error = judged[key]
+        records.append({"gamma": g, "dp_indices": list(key), "indices": path, "error": error})
+    best = min(records, key=lambda r: r["error"])       # first minimum: the earlier gamma
+    return {**best, "selection": records}
 
 
 def search(denoiser, shape, steps: int, teacher: str = "ipndm", teacher_steps: int = 60,
-           grid: str = "polynomial", metric: str = "dev", gamma: float = 1.15, num_warmup: int = 256,
+           grid: str = "polynomial", metric: str = "dev", gamma=1.15, num_warmup: int = 256,
            seed: int = 0, batch_size: int = 64, afs: bool = False, solver: str = "ipndm",
            sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
            device="cpu", backend: str = "auto", use_cache: bool = True,
@@ -126,9 +178,11 @@ def search(denoiser, shape, steps: int, teacher: str = "ipndm", teacher_steps: i
 
     denoiser: D(x, sigma) on samples of ``shape`` (one sample, e.g. (3, 32, 32)).
     teacher / teacher_steps / grid / rho / sigma_min / sigma_max: the teacher solve on the fine grid.
-    metric: "dev" | "l1" | "l2"; gamma: DP discount (> 0); num_warmup samples in rounds of
-    batch_size, seeded by seed; afs: search the inserted analytical first step, judged with
-    ``solver``; backend: DP backend; use_cache: read and write the schedule cache
+    metric: "dev" | "l1" | "l2"; gamma: DP discount (> 0), or a sequence of them to pick from by
+    ``solver``'s error to the teacher (e.g. :data:`GAMMAS`; ``params["selection"]`` then records
+    each gamma's path and error, ``params["selected_gamma"]`` the winner); num_warmup samples in
+    rounds of batch_size, seeded by seed; afs: search the inserted analytical first step, judged
+    with ``solver``; backend: DP backend; use_cache: read and write the schedule cache
     (:mod:`geosample.gits.cache`).  ``rho`` is ignored (stored as None) for ``grid="logsnr"``.
     round_cost(denoiser, grid, noise, params) -> n * C: how one warm-up round's summed cost is
     computed (:func:`geosample.distributed.gits_search` splits each round across ranks).
@@ -157,19 +211,22 @@ def search(denoiser, shape, steps: int, teacher: str = "ipndm", teacher_steps: i
          "afs": bool(afs), "shape": list(shape)}
     fp = fingerprint(denoiser, shape, device)
     cost_key = cache.key({"grid": gridp, **p, "fingerprint": fp})
-    p.update(steps=steps, gamma=_check_gamma(gamma), solver=solver)
+    gammas = _check_gammas(gamma)
+    p.update(steps=steps, gamma=gammas[0] if isinstance(gamma, numbers.Real) else gammas, solver=solver)
     sched_key = cache.key({"grid": gridp, **p, "fingerprint": fp})
     if use_cache and (hit := cache.get_schedule(sched_key)) is not None:
         return hit
-    cost = cache.get_cost(cost_key, g.numel()) if use_cache else None
+    cost = cache.get_tensor("cost", cost_key, (g.numel(),) * 2, torch.float64) if use_cache else None
     if cost is None:
         cost = _warmup_cost(denoiser, g, shape, p, device, progress, round_cost)
         if use_cache:
-            cache.put_cost(cost_key, cost)
-    indices = solve_dp(cost.numpy(), steps, gamma, backend)
-    total, step_costs = path_cost(cost.numpy(), indices, gamma)
-    if afs:
-        indices = _afs_insert(denoiser, g, indices, shape, p, device)
+            cache.put_tensor("cost", cost_key, cost)
+    best = _select(denoiser, g, cost.numpy(), steps, gammas, shape, p, device, backend,
+                   cost_key if use_cache else None)
+    indices = best["indices"]
+    if len(gammas) > 1:
+        p.update(selected_gamma=best["gamma"], selection=best["selection"])
+    total, step_costs = path_cost(cost.numpy(), best["dp_indices"], best["gamma"])
     p["nfe"] = count_nfe(solver, len(indices) - 1, afs=afs)
     sched = GITSSchedule(sigmas=g[indices].clone(), indices=indices, grid=gridp, cost=total,
                          step_costs=step_costs, params=p, fingerprint=fp, cost_matrix=cost)
