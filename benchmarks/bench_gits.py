@@ -160,7 +160,7 @@ def main() -> None:
     rows = {"cost_matrix": {}, "dp": {}, "roofline": roofline(traj)}
     print(rows["roofline"], flush=True)
     for metric in ("l2", "dev", "l1"):
-        r = {f"{b}_s": _best(lambda: gs.gits.cost_matrix(traj, metric, backend=b), 5 if b != "torch" else 3)
+        r = {f"{b}_s": _best(lambda: gs.gits.cost_matrix(traj, metric, backend=b), 15 if b != "torch" else 3)
              for b in cost_backends("cpu")}
         if metric != "l1":
             r["reference_loop_s"] = _best(lambda: reference_cost(traj, metric), 1)
