@@ -8,13 +8,17 @@ import geosample as gs
 from geosample.cli import main
 
 
-def test_cli_gits_prints_and_saves(tmp_path, capsys):
+def run_gits(tmp_path, capsys, *extra):
+    """`geosample gits` on digits with a tiny teacher: (printed JSON, saved schedule)."""
     out = tmp_path / "s.json"
-    rc = main(["gits", "--data", "digits", "--steps", "2", "--solver", "ipndm", "--teacher-steps", "4",
-               "--num-warmup", "2", "--batch-size", "2", "--no-cache", "--out", str(out)])
+    rc = main(["gits", "--data", "digits", "--steps", "2", "--solver", "ipndm", "--num-warmup", "2",
+               "--batch-size", "2", "--no-cache", "--out", str(out), *extra])
     assert rc == 0
-    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    sched = gs.gits.load(out)
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1]), gs.gits.load(out)
+
+
+def test_cli_gits_prints_and_saves(tmp_path, capsys):
+    printed, sched = run_gits(tmp_path, capsys, "--teacher-steps", "4")
     assert printed["indices"] == sched.indices and len(sched.indices) == 3
     assert sched.params["num_warmup"] == 2 and sched.grid["teacher_steps"] == 4
     assert sched.indices[0] == 0 and sched.indices[-1] == 4
@@ -26,12 +30,7 @@ def test_cli_gits_rejects_bad_metric():
 
 
 def test_cli_gits_gamma_sweep(tmp_path, capsys):
-    out = tmp_path / "s.json"
-    rc = main(["gits", "--data", "digits", "--steps", "2", "--teacher-steps", "6", "--num-warmup", "2",
-               "--batch-size", "2", "--gamma", "0.9,1.15", "--no-cache", "--out", str(out)])
-    assert rc == 0
-    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    sched = gs.gits.load(out)
+    printed, sched = run_gits(tmp_path, capsys, "--teacher-steps", "6", "--gamma", "0.9,1.15")
     assert sched.params["gamma"] == [0.9, 1.15] and printed["gamma"] == sched.params["selected_gamma"]
     assert [r["gamma"] for r in sched.params["selection"]] == [0.9, 1.15]
 

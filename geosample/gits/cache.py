@@ -3,8 +3,8 @@
 Folder: ``$GEOSAMPLE_CACHE/gits`` if that variable is set, else ``~/.cache/geosample/gits``.
 Three kinds of entries: ``cost-<key>.pt`` (the averaged teacher cost matrix; shared by every step
 count and gamma), ``target-<key>.pt`` (the teacher's samples from round 0's noise, the yardstick
-of AFS and gamma selection; same key) and ``schedule-<key>.json`` (a finished :class:`GITSSchedule`).  Writes are
-atomic; a corrupt or unreadable entry counts as a miss.
+of AFS and gamma selection; same key) and ``schedule-<key>.json`` (a finished
+:class:`GITSSchedule`).  Writes are atomic; a corrupt or unreadable entry counts as a miss.
 """
 from __future__ import annotations
 

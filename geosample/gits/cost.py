@@ -14,7 +14,7 @@ Per sample, the metrics are (then averaged over the batch):
 
 ``dev`` is signed and, as in the reference, the batch means are subtracted (mean of the
 student's deviation minus mean of the teacher's).  Only ``i < j`` is defined: every entry with
-``i >= j`` is ``+inf``.  No loop over pairs:
+``i >= j`` is ``+inf``.  The torch backend, without a Python loop over pairs:
 
 * l2 expands ``|e_ij|^2 = |Y_i - Y_j|^2 + 2 h_ij <d_i, Y_i - Y_j> + h_ij^2 |d_i|^2`` with
   ``Y = X - X[-1]``, built from the float64 Gram matrices ``Y Y^T`` and ``d Y^T`` ([B, T, T]);
@@ -24,7 +24,8 @@ student's deviation minus mean of the teacher's).  Only ``i < j`` is defined: ev
 
 Backends (``backend=``): ``"torch"`` does all of the above in float64, a block of samples at a time
 (the reference); ``"cpp"`` (``geosample._C``, CPU) forms every jump error ``(X[i] - X[j]) + h_ij d_i``
-in the trajectory's precision inside a cache-blocked SIMD loop and sums in float64 (l1, l2), and
+in the trajectory's precision inside a cache-blocked SIMD loop, sums each 1024-element block in that
+precision and the blocks in float64 (l1, l2; never storing a jumped point), and
 builds dev from five float64 dot products per point, ``r.r, r.c, d.d, d.c, r.d`` with
 ``c = X[-1] - X[0]`` (:func:`dev_from_moments`), in one pass over memory on all cores; ``"triton"``
 (CUDA) runs the same two kernels on the GPU (:mod:`geosample.kernels.gits_cost`).  ``"auto"``:

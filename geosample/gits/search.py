@@ -21,7 +21,6 @@
 from __future__ import annotations
 
 import hashlib
-import math
 import numbers
 
 import numpy as np
@@ -157,13 +156,13 @@ def _select(denoiser, grid, cost, steps, gammas, shape, p, device, backend, key)
     if len(gammas) == 1 and (not p["afs"] or path[1] == 1):
         return {"gamma": gammas[0], "dp_indices": path, "indices": path}
     validation = _validation(denoiser, grid, shape, p, device, key)
-    judged, records = {}, []
+    judged, records = {}, []                             # distinct DP paths are judged once
     for g in gammas:
-        key = tuple(dp[steps, g])
-        if key not in judged:
-            judged[key] = _judge(denoiser, grid, list(key), validation, p)
-        path, error = judged[key]
-        records.append({"gamma": g, "dp_indices": list(key), "indices": path, "error": error})
+        dp_path = tuple(dp[steps, g])
+        if dp_path not in judged:
+            judged[dp_path] = _judge(denoiser, grid, list(dp_path), validation, p)
+        path, error = judged[dp_path]
+        records.append({"gamma": g, "dp_indices": list(dp_path), "indices": path, "error": error})
     best = min(records, key=lambda r: r["error"])       # first minimum: the earlier gamma
     return {**best, "selection": records}
 
