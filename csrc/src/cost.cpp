@@ -60,16 +60,6 @@ GEOSAMPLE_INLINE void pair_block(const S* const* xr, const S* d, const S* h, int
     }
 }
 
-// Asks for n elements from p into cache ahead of use (a hint; nothing where the compiler has none).
-template <class S>
-inline void prefetch_block(const S* p, long n) {
-#if defined(__GNUC__)
-    for (long k = 0; k < n; k += 64 / static_cast<long>(sizeof(S))) __builtin_prefetch(p + k);
-#else
-    (void)p, (void)n;
-#endif
-}
-
 template <class S>
 struct PairScratch {
     std::vector<const S*> xr;
@@ -93,8 +83,6 @@ struct PairKernel {
                 const double inv = 1.0 / grid[t];  // a multiply, not a divide, per element
                 S* dt = s->d.data() + t * K;
                 for (long k = 0; k < K; ++k) dt[k] = static_cast<S>((static_cast<double>(xt[k]) - dr[k]) * inv);
-                prefetch_block(xt + K, std::min(kBlock, D - k0 - K));  // the next block arrives while
-                prefetch_block(dr + K, std::min(kBlock, D - k0 - K));  // this one is computed
             }
             pair_block<S, Square>(s->xr.data(), s->d.data(), h, T, K, cost);
         }
