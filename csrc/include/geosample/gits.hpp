@@ -30,10 +30,11 @@ Metric metric_from_name(const std::string& name);  // "l1" | "l2" | "dev"; throw
 // The batch-mean cost of every jump i -> j of a teacher trajectory (geosample/gits/cost.py).
 // x: T x B x D row-major (the teacher's points), den: (T-1) x B x D with den[t] = D(x[t], grid[t]),
 // grid: T sigmas > 0.  out: T x T row-major, out[i][j] for i < j and +inf elsewhere.
-// l1 and l2 form each jump error element in the input precision (for float input an error of the
-// order of the rounding already in the stored points) and sum in double; dev needs only five
-// double dot products per point.  Summation order is fixed: the result does not depend on threads
-// (<= 0: std::thread::hardware_concurrency()).  Throws std::invalid_argument on bad sizes or sigmas.
+// l1 and l2 form each jump error element (x[i] - x[j]) + h d_i in the input precision (for float
+// input an error of the order of the rounding already in the stored points), sum it over blocks of
+// 1024 elements in that precision and the blocks in double; dev needs only five double dot products
+// per point.  Summation order is fixed: the result does not depend on threads (<= 0:
+// std::thread::hardware_concurrency()).  Throws std::invalid_argument on bad sizes or sigmas.
 void cost_matrix(const float* x, const float* den, const double* grid, int T, long B, long D, Metric metric,
                  double* out, int threads = 0);
 void cost_matrix(const double* x, const double* den, const double* grid, int T, long B, long D, Metric metric,
