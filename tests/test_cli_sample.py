@@ -66,6 +66,11 @@ def test_main_job_end_to_end_small(tmp_path, monkeypatch, capsys):
     assert report["rows"][1]["sigmas"] == gs.schedules.polynomial(6).tolist()
     sched = gs.gits.load(out / "schedule.json")
     assert sched.sigmas.tolist() == report["rows"][0]["sigmas"] and len(sched.sigmas) == 7
+    # the default picks gamma from the sweep for the job's solver; --gamma 1.15 is the reference's
+    assert sched.params["gamma"] == list(gs.gits.GAMMAS) and report["gits_gamma"] == sched.params["selected_gamma"]
+    assert cli.main(["sample", "--limit", "100", "--batch", "4", "--num-warmup", "16", "--gamma", "1.15",
+                     "--out", str(out)]) == 0
+    assert json.loads((out / "report.json").read_text())["gits_gamma"] == 1.15
     img = Image.open(out / "samples.png")
     assert img.width > 2.5 * img.height   # three panels side by side: gits, polynomial, reference
     table = capsys.readouterr().out

@@ -1,7 +1,8 @@
 """``geosample sample``: the main job.  With no options, on the bundled 8x8 digits:
 
 1. closed-form (KDE) denoiser of the dataset;
-2. GITS search (iPNDM teacher, 60-step polynomial fine grid) for an iPNDM schedule of NFE 6;
+2. GITS search (iPNDM teacher, 60-step polynomial fine grid, gamma picked from
+   :data:`geosample.gits.GAMMAS` by iPNDM's error to the teacher) for an iPNDM schedule of NFE 6;
 3. iPNDM samples from the same seeded noise on that schedule and on EDM's polynomial rho=7 one;
 4. a reference solve (Heun, 100 steps, polynomial rho=7) from the same noise; per schedule the
    RMSE and PSNR to it (:func:`geosample.metrics.reference_error`) and the wall time;
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 
 from .._io import atomic_write, atomic_write_text
+from .gits import gammas
 
 HELP = "the main job: GITS vs EDM schedule on a dataset's closed-form denoiser (samples.png, report.json)"
 SCHEDULES = ("gits", "polynomial", "logsnr", "time_uniform")
@@ -40,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--threads", type=int, default=0, help="torch CPU threads (default 0: 1 for small samples (< 1024 values, "
       "e.g. digits), where thread start-up costs more than it saves, else torch's default)")
     a("--num-warmup", type=int, default=256, help="GITS teacher samples (default 256)")
+    a("--gamma", type=gammas, default="sweep",
+      help="GITS DP discount: 'sweep' (default: the gamma in 0.8-1.3 whose schedule brings --solver closest "
+           "to the teacher), a comma list to pick from, or one value (1.15: the reference's)")
     a("--no-cache", action="store_true", help="do not read or write the GITS schedule cache")
 
 
@@ -78,12 +83,13 @@ def load_schedule_file(path) -> "torch.Tensor":
 
 
 def make_schedule(name: str, solver: str, nfe: int, denoiser=None, shape=None, *, afs: bool = False,
-                  seed: int = 0, num_warmup: int = 256, device="cpu", use_cache: bool = True,
+                  seed: int = 0, num_warmup: int = 256, gamma=1.15, device="cpu", use_cache: bool = True,
                   progress: bool = False, distributed: bool = False):
     """(sigmas, gits_schedule_or_None) for ``name`` with ``nfe`` calls of ``solver``.
 
     gits: :func:`geosample.gits.search` with the defaults (iPNDM teacher, 60-step polynomial
-    grid, dev metric, gamma 1.15, ``num_warmup`` teacher samples) for ``denoiser`` on samples of ``shape``;
+    grid, dev metric, ``num_warmup`` teacher samples) and ``gamma`` (one value, or a sequence to
+    pick from for ``solver``) for ``denoiser`` on samples of ``shape``;
     with ``afs`` it searches one step fewer and inserts the free analytical first step.
     ``distributed``: :func:`geosample.distributed.gits_search` (teacher split across ranks, no cache).
     """
@@ -95,8 +101,8 @@ def make_schedule(name: str, solver: str, nfe: int, denoiser=None, shape=None, *
         if steps - int(afs) < 1:
             raise ValueError(f"GITS with afs needs at least 2 steps; got nfe={nfe} for {solver}")
         search, cache = (gits_search, {}) if distributed else (gits.search, {"use_cache": use_cache})
-        found = search(denoiser, shape, steps - int(afs), seed=seed, num_warmup=num_warmup, afs=afs, solver=solver,
-                       device=device, progress=progress, **cache)
+        found = search(denoiser, shape, steps - int(afs), seed=seed, num_warmup=num_warmup, gamma=gamma, afs=afs,
+                       solver=solver, device=device, progress=progress, **cache)
         return found.sigmas, found
     families = {"polynomial": schedules.polynomial, "logsnr": schedules.logsnr, "time_uniform": schedules.time_uniform}
     if name in families:
@@ -197,8 +203,8 @@ def run(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     sigmas, found = make_schedule(args.schedule, solver, args.nfe, denoiser, shape, afs=args.afs, seed=args.seed,
-                                  num_warmup=args.num_warmup, device=args.device, use_cache=not args.no_cache,
-                                  progress=main, distributed=parallel)
+                                  num_warmup=args.num_warmup, gamma=args.gamma, device=args.device,
+                                  use_cache=not args.no_cache, progress=main, distributed=parallel)
     search_s = time.perf_counter() - t0
     grids = {args.schedule: sigmas}
     if args.schedule != BASELINE:
@@ -239,6 +245,7 @@ def run(args: argparse.Namespace) -> int:
               "schedule": args.schedule, "batch": args.batch, "seed": args.seed, "device": str(args.device),
               "reference": {**REFERENCE, "nfe": count_nfe(REFERENCE["solver"], REFERENCE["steps"]),
                             "schedule": "polynomial rho=7", "time_s": ref_s},
+              "gits_gamma": found.params.get("selected_gamma", found.params["gamma"]) if found is not None else None,
               "schedule_search_s": search_s, "rows": rows, "total_s": time.perf_counter() - t_start,
               "versions": _versions()}
     _write_json(out / "report.json", report)
