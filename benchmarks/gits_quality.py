@@ -72,7 +72,7 @@ def main() -> None:
             p = rmse(gs.sample(den, noise, picked.sigmas, solver=solver), ref)
             rows.append({"solver": solver, "steps": steps, "nfe": steps, "rmse_edm": e, "rmse_gits": g,
                          "gits_indices": sched.indices, "rmse_gits_picked": p,
-                         "picked_gamma": picked.params["selected_gamma"], "picked_indices": picked.indices})
+                         "picked_gamma": picked.gamma, "picked_indices": picked.indices})
             print(rows[-1], flush=True)
     meta = {"date": datetime.date.today().isoformat(), "data": args.data, "n_data": int(data.shape[0]),
             "num_eval": args.num_eval, "num_warmup": args.num_warmup, "cpus": os.cpu_count(),

@@ -219,6 +219,7 @@ def test_search_reproducible_and_seeded(mixture, cache_dir):
     assert a.indices[0] == 0 and a.indices[-1] == 20 and len(a.indices) == 5
     assert a.cost == pytest.approx(gs.gits.path_cost(a.cost_matrix, a.indices, 1.15)[0])
     assert a.params["nfe"] == 4 and a.fingerprint == gs.gits.fingerprint(mixture, (3, 4, 4))
+    assert a.gamma == 1.15 and "selected_gamma" not in a.params
 
 
 def test_search_averages_rounds_over_all_samples(mixture):
@@ -305,7 +306,7 @@ def test_gamma_sweep_keeps_the_path_closest_to_the_teacher(mixture, cache_dir):
         got = gs.sample(mixture, noise, grid[r["indices"]], solver="euler")
         assert r["error"] == pytest.approx(float((got - target).flatten(1).double().norm(dim=1).mean()), rel=1e-6)
     best = min(sel, key=lambda r: r["error"])
-    assert s.indices == best["indices"] and s.params["selected_gamma"] == best["gamma"]
+    assert s.indices == best["indices"] and s.params["selected_gamma"] == best["gamma"] == s.gamma
     assert s.cost == pytest.approx(gs.gits.path_cost(s.cost_matrix, s.indices, best["gamma"])[0])
     assert len({tuple(r["indices"]) for r in sel}) > 1          # the sweep really offered a choice
     # the teacher's samples are cached with the cost matrix: a new sweep runs no teacher

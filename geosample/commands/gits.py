@@ -68,5 +68,5 @@ def run(args: argparse.Namespace) -> int:
     sched.save(args.out)
     print(json.dumps({"sigmas": [round(s, 6) for s in sched.sigmas.tolist()], "indices": sched.indices,
                       "nfe": sched.params["nfe"], "cost": round(sched.cost, 6),
-                      "gamma": sched.params.get("selected_gamma", sched.params["gamma"]), "saved": args.out}))
+                      "gamma": sched.gamma, "saved": args.out}))
     return 0

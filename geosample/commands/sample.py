@@ -245,7 +245,7 @@ def run(args: argparse.Namespace) -> int:
               "schedule": args.schedule, "batch": args.batch, "seed": args.seed, "device": str(args.device),
               "reference": {**REFERENCE, "nfe": count_nfe(REFERENCE["solver"], REFERENCE["steps"]),
                             "schedule": "polynomial rho=7", "time_s": ref_s},
-              "gits_gamma": found.params.get("selected_gamma", found.params["gamma"]) if found is not None else None,
+              "gits_gamma": found.gamma if found is not None else None,
               "schedule_search_s": search_s, "rows": rows, "total_s": time.perf_counter() - t_start,
               "versions": _versions()}
     _write_json(out / "report.json", report)

@@ -83,17 +83,21 @@ def _l2(x: torch.Tensor, d: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return e2.clamp_min(0).sqrt().sum(0)                                   # [T-1, T]
 
 
+def _deviation_cost(prr: torch.Tensor, prd: torch.Tensor, pdd: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """[T-1, T] dev cost summed over samples from the projections |P r_t|^2 [T, b],
+    <P r_i, P d_i> and |P d_i|^2 [T-1, b]: the student's |P (r_i - h d_i)|^2 expands to
+    |P r_i|^2 - 2 h <P r_i, P d_i> + h^2 |P d_i|^2, the teacher's deviation is |P r_j|."""
+    h = _steps(g)[:, :, None]                                              # [T-1, T, 1]
+    dev2 = prr[:-1, None] - 2 * h * prd[:, None] + h * h * pdd[:, None]    # [T-1, T, b]
+    return dev2.clamp_min(0).sqrt().sum(-1) - prr.sqrt().sum(-1)[None, :]
+
+
 def _dev(x: torch.Tensor, d: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     r = x[-1] - x                                                          # [T, b, D]
     u = r[0] / r[0].norm(dim=-1, keepdim=True)                             # [b, D]
     pr = r.sub_(_dot(r, u)[..., None] * u)                                 # P r_i
     pd = d - _dot(d, u)[..., None] * u                                     # P d_i
-    rr, rd, dd = _dot(pr[:-1], pr[:-1]), _dot(pr[:-1], pd), _dot(pd, pd)   # [T-1, b]
-    h = _steps(g)[:, :, None]                                              # [T-1, T, 1]
-    dev2 = rr[:, None] - 2 * h * rd[:, None] + h * h * dd[:, None]         # [T-1, T, b]
-    student = dev2.clamp_min(0).sqrt().sum(-1)
-    teacher = _dot(pr, pr).sqrt().sum(-1)                                  # [T]
-    return student - teacher[None, :]
+    return _deviation_cost(_dot(pr, pr), _dot(pr[:-1], pd), _dot(pd, pd), g)
 
 
 def _l1(x: torch.Tensor, d: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -111,17 +115,14 @@ _METRIC_FN = {"l1": _l1, "l2": _l2, "dev": _dev}
 
 def dev_from_moments(m: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """[T-1, T] dev cost summed over samples from float64 moments m [T, B, 5] = (r.r, r.c, d.d, d.c, r.d):
-
     |P r|^2 = r.r - (r.c)^2 / c.c,  <P r, P d> = r.d - (r.c)(d.c) / c.c,  |P d|^2 = d.d - (d.c)^2 / c.c
-    (c.c = r_0.c), and the student's |P (r_i - h d_i)|^2 expands as in ``_dev``."""
+    (c.c = r_0.c; d = 0 at the last point)."""
     rr, rc, dd, dc, rd = m.unbind(-1)
     cc = rc[0]
     prr = (rr - rc * rc / cc).clamp_min(0)
-    prd = rd - rc * dc / cc
-    pdd = (dd - dc * dc / cc).clamp_min(0)
-    h = _steps(g)[:, :, None]
-    student = (prr[:-1, None] - 2 * h * prd[:-1, None] + h * h * pdd[:-1, None]).clamp_min(0).sqrt().sum(-1)
-    return student - prr.sqrt().sum(-1)[None, :]
+    prd = (rd - rc * dc / cc)[:-1]
+    pdd = (dd - dc * dc / cc).clamp_min(0)[:-1]
+    return _deviation_cost(prr, prd, pdd, g)
 
 
 def available_backends(device="cpu") -> list[str]:

@@ -55,6 +55,11 @@ class GITSSchedule:
         return len(self.indices) - 1
 
     @property
+    def gamma(self) -> float:
+        """The DP discount behind ``indices``: the picked one when ``params["gamma"]`` was a sweep."""
+        return self.params.get("selected_gamma", self.params["gamma"])
+
+    @property
     def grid_sigmas(self) -> torch.Tensor:
         g = self.grid
         return fine_grid(g["family"], g["teacher_steps"], g["sigma_min"], g["sigma_max"], g["rho"])
