@@ -1,18 +1,14 @@
-"""The Triton GITS cost kernels against the float64 torch backend, under TRITON_INTERPRET=1 on CPU.
-
-Runs in a subprocess: the interpreter flag must be set before Triton is first imported, and the
-rest of the test session must not see it.  On a CUDA machine the same checks run on the GPU.
+"""The Triton GITS cost kernels against the float64 torch backend, in a subprocess
+(:mod:`triton_script`): compiled on a CUDA machine, under TRITON_INTERPRET=1 on CPU.
 D = 100 is not a multiple of BLOCK_D (64) and T = 9 not a power of two, so every mask is exercised.
 """
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("triton")
+
+from triton_script import run_triton_script  # noqa: E402
 
 SCRIPT = textwrap.dedent("""
     import torch
@@ -46,8 +42,4 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_triton_cost_kernels_match_torch_backend():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    root = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join([root, os.path.join(root, "tests"), env.get("PYTHONPATH", "")])
-    r = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr
+    run_triton_script(SCRIPT, "OK")

@@ -1,19 +1,15 @@
-"""The Triton kernels against the float64 reference, on CPU under TRITON_INTERPRET=1 (small sizes).
-
-Runs in a subprocess: the interpreter flag must be set before Triton is first imported, and the
-rest of the test session must not see it.  On a CUDA machine the same checks run on the GPU.
+"""The Triton kernels against the float64 reference (small sizes), in a subprocess
+(:mod:`triton_script`): compiled on a CUDA machine, under TRITON_INTERPRET=1 on CPU.
 The fused small-D kernel is checked at D in {16, 64} (N = 300: splits of several tiles, one or two
 query blocks, ranges of 128 rows), the two-phase kernels at D = 48 by setting FUSED_MAX_D = 0.
 """
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("triton")
+
+from triton_script import run_triton_script  # noqa: E402
 
 SCRIPT = textwrap.dedent("""
     import torch
@@ -59,6 +55,4 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_triton_kernels_match_reference():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(Path(__file__).resolve().parent.parent))
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+    run_triton_script(SCRIPT, "ok")
