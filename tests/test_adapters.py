@@ -1,5 +1,4 @@
 """Adapters: oracle models with known outputs, checked in float64."""
-import math
 
 import pytest
 import torch

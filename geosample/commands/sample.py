@@ -16,9 +16,14 @@ import json
 import platform
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .._io import atomic_write, atomic_write_text
 from .gits import gammas
+
+if TYPE_CHECKING:  # imported lazily at run time, so that `geosample --help` stays fast
+    import torch
+    from PIL import Image
 
 HELP = "the main job: GITS vs EDM schedule on a dataset's closed-form denoiser (samples.png, report.json)"
 SCHEDULES = ("gits", "polynomial", "logsnr", "time_uniform")
