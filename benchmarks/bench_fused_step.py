@@ -8,14 +8,17 @@ of 1.  Steps measured: iPNDM order 4 (direction + 4 history terms) and DPM-Solve
     kdiffusion  k-diffusion's LMS loop: ds.append(to_d(x, s, D)); x + sum(c * d for c, d in zip(c, reversed(ds)))
     fused       History.update(x, c, denoised=D, sigma=s)   (torch in place on CPU, one Triton kernel on CUDA)
 
-On CUDA ``extra_info`` gets the bytes a step must move (read x, D and the older history once,
-write x and the new entry once) and the achieved bandwidth.
+On CUDA two larger batches are added (a step then moves 120-350 MB) and ``extra_info`` gets the
+bytes a step must move (read x, D and the older history once, write x and the new entry once),
+the achieved bandwidth, and its ratio to a device-to-device copy measured in the same process.
 
 ``test_loop`` times a whole 10-step solve (batch 1, or 1 and 8 with GEOSAMPLE_BENCH_FULL=1) with the
 exact denoiser of N(0, I) data, D = x / (1 + sigma^2), so that the solver's own overhead dominates:
 ``gs.sample`` against :class:`geosample.graph.FusedSampler`, and on CUDA the same sampler captured
 as one CUDA graph (``graph=True``), where per-launch overhead is what is left.
 """
+import functools
+import math
 import os
 
 import pytest
@@ -28,7 +31,10 @@ from geosample.solvers.exponential import dpmpp_coefficients
 
 FULL = os.environ.get("GEOSAMPLE_BENCH_FULL") == "1"
 SHAPES = {"3x64x64": (8 if FULL else 1, 3, 64, 64), "4x128x128": (4 if FULL else 1, 4, 128, 128)}
+# CUDA only: batches whose step moves 120-350 MB, so that bandwidth, not launch latency, bounds it
+CUDA_SHAPES = {"3x64x64-b256": (256, 3, 64, 64), "4x128x128-b64": (64, 4, 128, 128)}
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+CASES = [(d, s) for d in DEVICES for s in (SHAPES if d == "cpu" else {**SHAPES, **CUDA_SHAPES})]
 SIGMAS = gs.schedules.polynomial(10).tolist()
 ORDER = 4
 PATTERNS = {  # (a, coefficients newest first, direction?)
@@ -77,12 +83,28 @@ def _min_bytes(x, order):
     return x.numel() * x.element_size() * (2 + (order - 1) + 2)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("shape", list(SHAPES))
+@functools.lru_cache(maxsize=None)
+def copy_roofline_gb_per_s() -> float:
+    """Bytes read + written per second by a 1 GiB device-to-device copy: the attainable HBM
+    bandwidth, measured in this process (best of 10, CUDA events)."""
+    src = torch.empty(2 ** 28, device="cuda")
+    dst = torch.empty_like(src)
+    best = math.inf
+    for _ in range(11):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3)
+    return 2 * src.numel() * src.element_size() / best / 1e9
+
+
+@pytest.mark.parametrize("device, shape", CASES)
 @pytest.mark.parametrize("pattern", list(PATTERNS))
 @pytest.mark.parametrize("impl", ["unfused", "kdiffusion", "fused"])
 def test_step(benchmark, device, shape, pattern, impl):
-    x, D, past = _tensors(SHAPES[shape], device)
+    x, D, past = _tensors({**SHAPES, **CUDA_SHAPES}[shape], device)
     a, c, direction = PATTERNS[pattern]
     want = _unfused(x, D, past, a, c, direction, SIGMAS[4])
     torch.testing.assert_close(_step_fn(impl, x, D, past, pattern)(), want, rtol=1e-4, atol=1e-3)
@@ -96,7 +118,10 @@ def test_step(benchmark, device, shape, pattern, impl):
     benchmark.extra_info["numel"] = x.numel()
     benchmark.extra_info["min_bytes"] = _min_bytes(x, len(c))
     if device == "cuda" and benchmark.stats is not None:
-        benchmark.extra_info["GB_per_s"] = _min_bytes(x, len(c)) / benchmark.stats.stats.mean / 1e9
+        gb_per_s = _min_bytes(x, len(c)) / benchmark.stats.stats.mean / 1e9
+        benchmark.extra_info.update(GB_per_s=gb_per_s, copy_GB_per_s=copy_roofline_gb_per_s(),
+                                    vs_roofline=gb_per_s / copy_roofline_gb_per_s(),
+                                    device_name=torch.cuda.get_device_name())
 
 
 def unit_gaussian_denoiser(x, sigma):

@@ -21,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["BLOCK_SIZE", "NUM_WARPS", "NONE", "DENOISED", "DIRECTION", "MAX_ORDER", "solver_step", "fused_update", "coefficient_row", "entry_kind"]
+__all__ = ["BLOCK_SIZE", "NUM_WARPS", "NONE", "DENOISED", "DIRECTION", "MAX_ORDER", "solver_step", "fused_update",
+           "coefficient_row", "entry_kind"]
 
 BLOCK_SIZE = 1024   # elements per program: 4 KiB of float32 per operand, 8 per thread at 4 warps
 NUM_WARPS = 4
@@ -76,8 +77,12 @@ def entry_kind(has_denoised: bool, sigma: float | None) -> int:
 
 def fused_update(x, hist, slot, coeffs, a, denoised, sigma, at, out):
     """:func:`geosample.solvers.fused.update` on CUDA: one :func:`solver_step` launch with the
-    coefficient row uploaded to the device."""
-    coef = coefficient_row(a, sigma, coeffs).to(x.device, non_blocking=True)
+    coefficient row uploaded to the device from pinned memory (an upload from pageable memory
+    would first wait for everything queued on the stream, every step)."""
+    coef = coefficient_row(a, sigma, coeffs)
+    if x.is_cuda:
+        coef = coef.pin_memory()
+    coef = coef.to(x.device, non_blocking=True)
     return solver_step(x, hist, slot, coef, len(coeffs), entry_kind(denoised is not None, sigma), denoised, at, out)
 
 
