@@ -10,31 +10,36 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-benchmarks/results}"
 mkdir -p "$out"
-exec > >(tee "$out/gpu_check.log") 2>&1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 py="${PYTHON:-python3}"
-
-date -u
-"$py" -c "import torch, triton; assert torch.cuda.is_available(), 'no CUDA device'; \
-print(torch.cuda.get_device_name(), '| torch', torch.__version__, '| triton', triton.__version__)" || exit 2
-nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem --format=csv || true
-
 status=0
+
 step() {  # step SECONDS COMMAND...: run with a time limit, note a failure and go on
     local limit=$1; shift
     echo "== $*"
     timeout "$limit" "$@" || { echo "!! failed (exit $?): $*"; status=1; }
 }
+
 bench() {  # bench SECONDS NAME SELECTION: one benchmark file's GPU cases at full size
     step "$1" env GEOSAMPLE_BENCH_FULL=1 "$py" -m pytest -q -p no:cacheprovider "benchmarks/bench_$2.py" -k "$3" \
         --benchmark-enable --benchmark-only --benchmark-min-rounds=10 --benchmark-max-time=0.25 \
         --benchmark-json "$out/$2_cuda.json"
 }
 
-step 180 "$py" -m pytest -q -p no:cacheprovider -rs tests/test_fused_step.py tests/test_kde_triton.py \
-    tests/test_gits_triton.py
-bench 120 fused_step cuda   # the limits add up to 9 minutes, inside one 10-minute device call
-bench 60 gits gpu
-bench 180 kde gpu
-date -u
-exit $status
+checks() {
+    date -u
+    "$py" -c "import torch, triton; assert torch.cuda.is_available(), 'no CUDA device'; \
+print(torch.cuda.get_device_name(), '| torch', torch.__version__, '| triton', triton.__version__)" || return 2
+    nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem --format=csv || true
+    # the limits add up to 9 minutes, inside one 10-minute device call
+    step 180 "$py" -m pytest -q -p no:cacheprovider -rs tests/test_fused_step.py tests/test_kde_triton.py \
+        tests/test_gits_triton.py
+    bench 120 fused_step cuda
+    bench 60 gits gpu
+    bench 180 kde gpu
+    date -u
+    return $status
+}
+
+checks 2>&1 | tee "$out/gpu_check.log"
+exit "${PIPESTATUS[0]}"
