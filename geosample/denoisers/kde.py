@@ -222,8 +222,8 @@ def refine(store: Store, x64: torch.Tensor, inv_s2: torch.Tensor, part: Partial)
     D = (sum_top e^{l_i - M} y_i + e^{m - M} S_rest) / (sum_top e^{l_i - M} + e^{m - M} Z_rest),
     where S_rest, Z_rest are the streamed sums minus the streamed top-k terms."""
     y = store.gather64(part.top_i)                                 # [B, k, D]
-    d2 = torch.cdist(x64[:, None, :], y, compute_mode="donot_use_mm_for_euclid_dist")[:, 0].square()  # [B, k]
-    # ^ |x - y_i|^2 from direct differences (no [B, k, D] temporary), exact to float64 rounding
+    # [B, k] |x - y_i|^2 from direct differences (no [B, k, D] temporary), exact to float64 rounding
+    d2 = torch.cdist(x64[:, None, :], y, compute_mode="donot_use_mm_for_euclid_dist")[:, 0].square()
     half = 0.5 * inv_s2[:, None]
     exact = (0.5 * (x64 * x64).sum(1))[:, None] * inv_s2[:, None] - d2 * half   # l_i exactly
     exact = exact.masked_fill(torch.isinf(part.top_v), -math.inf)  # padding of ranges shorter than k

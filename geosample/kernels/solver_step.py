@@ -62,12 +62,11 @@ def _solver_step_kernel(x_ptr, y_ptr, d_ptr, hist_ptr, out_ptr, coef_ptr, numel,
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def coefficient_row(a: float, sigma: float | None, coeffs) -> torch.Tensor:
-    """The kernel's float64 coefficient row [a, 1/sigma (0 without sigma), c_0..c_3] on the CPU."""
-    coef = torch.zeros(2 + MAX_ORDER, dtype=torch.float64)
-    coef[0], coef[1] = a, 0.0 if sigma is None else 1.0 / sigma
-    coef[2:2 + len(coeffs)] = torch.tensor([float(c) for c in coeffs], dtype=torch.float64)
-    return coef
+def coefficient_row(a: float, sigma: float | None, coeffs, pin_memory: bool = False) -> torch.Tensor:
+    """The kernel's float64 coefficient row [a, 1/sigma (0 without sigma), c_0..c_3] on the CPU
+    (in pinned memory when ``pin_memory``), built in one call."""
+    row = [float(a), 0.0 if sigma is None else 1.0 / sigma, *map(float, coeffs)]
+    return torch.tensor(row + [0.0] * (2 + MAX_ORDER - len(row)), dtype=torch.float64, pin_memory=pin_memory)
 
 
 def entry_kind(has_denoised: bool, sigma: float | None) -> int:
@@ -79,10 +78,7 @@ def fused_update(x, hist, slot, coeffs, a, denoised, sigma, at, out):
     """:func:`geosample.solvers.fused.update` on CUDA: one :func:`solver_step` launch with the
     coefficient row uploaded to the device from pinned memory (an upload from pageable memory
     would first wait for everything queued on the stream, every step)."""
-    coef = coefficient_row(a, sigma, coeffs)
-    if x.is_cuda:
-        coef = coef.pin_memory()
-    coef = coef.to(x.device, non_blocking=True)
+    coef = coefficient_row(a, sigma, coeffs, pin_memory=x.is_cuda).to(x.device, non_blocking=True)
     return solver_step(x, hist, slot, coef, len(coeffs), entry_kind(denoised is not None, sigma), denoised, at, out)
 
 
