@@ -146,6 +146,24 @@ def test_dp_ties_pick_smallest_index_in_every_backend():
         assert gs.gits.solve_dp(c, 3, 1.0, backend=b) == [0, 1, 2, 8]
 
 
+@pytest.mark.parametrize("scale, gamma", [(1e307, 1.15), (1e308, 1.15), (1.7e308, 1.0), (-1e308, 1.15)])
+def test_dp_huge_finite_costs_give_the_optimal_path_in_every_backend(scale, gamma):
+    """Sums of costs near the top of the double range overflowed to inf: cpp and numba returned -1."""
+    c = np.random.default_rng(5).uniform(0.5, 1.0, (8, 8))
+    expected = gs.gits.solve_dp(c, 4, gamma, backend="python")
+    for b in available_backends():
+        assert gs.gits.solve_dp(c * scale, 4, gamma, backend=b) == (expected if scale > 0 else
+                                                                   gs.gits.solve_dp(-c, 4, gamma, backend="python"))
+        assert gs.gits.solve_dp_sweep(c * scale, 4, gamma, backend=b)[4, gamma] == gs.gits.solve_dp(c * scale, 4, gamma)
+
+
+def test_dp_overflowing_gamma_still_gives_a_valid_path_in_every_backend():
+    c = np.random.default_rng(6).uniform(0.5, 1.0, (8, 8))
+    paths = {b: gs.gits.solve_dp(c, 5, 1e200, backend=b) for b in available_backends()}
+    assert all(p == paths["python"] for p in paths.values()), paths
+    assert paths["python"][0] == 0 and paths["python"][-1] == 7 and all(np.diff(paths["python"]) > 0)
+
+
 def test_dp_ignores_lower_triangle():
     c = np.random.default_rng(0).random((12, 12))
     noisy = c.copy()

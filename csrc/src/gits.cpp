@@ -25,7 +25,22 @@ void check(const double* cost, int n, int steps, double gamma) {
                                             ", " + std::to_string(m) + ")");
 }
 
-// Fills ptr[k][j] (k = 1..max_steps) with the argmin m of V[j][k]; ptr[1][j] = n - 1.
+// The objective sum_k gamma^k C[i_k][i_{k+1}] is scale-invariant, so costs near the top of the
+// double range (|C| >= 2^512, where V sums would overflow to inf and hide the argmin) are divided by
+// a power of two (exact) that brings the largest |C| into [0.5, 1); smaller costs are used as given.
+std::vector<double> rescaled(const double* cost, int n) {
+    double peak = 0;
+    for (int j = 0; j < n; ++j)
+        for (int m = j + 1; m < n; ++m) peak = std::max(peak, std::fabs(cost[j * n + m]));
+    if (peak < std::ldexp(1.0, 512)) return {};
+    int exponent = 0;
+    std::frexp(peak, &exponent);
+    std::vector<double> out(cost, cost + static_cast<std::size_t>(n) * n);
+    for (double& v : out) v = std::ldexp(v, -exponent);
+    return out;
+}
+
+// Fills ptr[k] (k = 1..max_steps) with the argmin m of V[j][k]; ptr[1][j] = n - 1.
 // V is kept for two levels only; infeasible states (fewer than k points left) stay at +inf.
 std::vector<std::vector<int>> table(const double* cost, int n, int max_steps, double gamma) {
     const double inf = std::numeric_limits<double>::infinity();
@@ -44,7 +59,7 @@ std::vector<std::vector<int>> table(const double* cost, int n, int max_steps, do
             int arg = -1;
             for (int m = j + 1; m + k - 1 <= end; ++m) {
                 const double v = row[m] + gamma * prev[m];
-                if (v < best) {
+                if (arg < 0 || v < best) {  // the first m even when every sum is +inf (huge gamma^k)
                     best = v;
                     arg = m;
                 }
@@ -67,12 +82,14 @@ std::vector<int> backtrack(const std::vector<std::vector<int>>& ptr, int steps) 
 
 std::vector<int> solve_dp(const double* cost, int n, int steps, double gamma) {
     check(cost, n, steps, gamma);
-    return backtrack(table(cost, n, steps, gamma), steps);
+    const auto scaled = rescaled(cost, n);
+    return backtrack(table(scaled.empty() ? cost : scaled.data(), n, steps, gamma), steps);
 }
 
 std::vector<std::vector<int>> solve_dp_all(const double* cost, int n, int max_steps, double gamma) {
     check(cost, n, max_steps, gamma);
-    const auto ptr = table(cost, n, max_steps, gamma);
+    const auto scaled = rescaled(cost, n);
+    const auto ptr = table(scaled.empty() ? cost : scaled.data(), n, max_steps, gamma);
     std::vector<std::vector<int>> paths;
     for (int k = 1; k <= max_steps; ++k) paths.push_back(backtrack(ptr, k));
     return paths;

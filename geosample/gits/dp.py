@@ -9,7 +9,8 @@ and the path follows the argmin back-pointers ``P[j][k]`` from ``j = 0`` (never 
 search).  The objective of a path 0 = i_0 < i_1 < ... < i_K = end is therefore
 ``sum_k gamma^k C[i_k, i_{k+1}]``: gamma > 1 makes late (low-noise) steps dearer.  Ties go to the
 smallest m (strict ``<`` while m ascends), identically in every backend.  Only the strict upper
-triangle of C is read; the diagonal and lower triangle are ignored.
+triangle of C is read; the diagonal and lower triangle are ignored.  Costs with |C| >= 2^512 are
+first divided by a power of two (exact; the argmin is scale-invariant) so that sums cannot overflow.
 
 Backends: ``"cpp"`` (``geosample._C``), ``"numba"`` (njit), ``"python"`` (numpy over m);
 ``"auto"`` takes the first one available in that order.
@@ -47,7 +48,16 @@ def _check_cost(cost) -> np.ndarray:
     if not np.isfinite(upper).all():
         i, j = (int(v[0]) for v in np.nonzero(np.triu(~np.isfinite(c), 1)))
         raise ValueError(f"cost must be finite above the diagonal (no NaN or inf), got {c[i, j]} at ({i}, {j})")
-    return c
+    return _rescaled(c, np.abs(upper).max(initial=0.0))
+
+
+def _rescaled(c: np.ndarray, peak: float) -> np.ndarray:
+    """c / 2^e bringing the largest |C| into [0.5, 1) when it is >= 2^512 (sums of such costs would
+    overflow to inf and hide the argmin); the objective is scale-invariant and the division exact.
+    Smaller costs are returned as given (as the C++ core does)."""
+    if peak < 2.0 ** 512:
+        return c
+    return np.ldexp(c, -np.frexp(peak)[1])
 
 
 def _check_steps(steps, n: int) -> int:
@@ -94,7 +104,8 @@ def _table_python(c: np.ndarray, max_steps: int, gamma: float) -> np.ndarray:
         cur = np.full(n, np.inf)
         for j in range(end - k + 1):
             ms = slice(j + 1, end - k + 2)
-            v = c[j, ms] + gamma * prev[ms]
+            with np.errstate(over="ignore"):     # gamma^k C may overflow to inf; argmin takes the first
+                v = c[j, ms] + gamma * prev[ms]
             a = int(np.argmin(v))            # first minimum = smallest m, like strict '<'
             cur[j], ptr[k, j] = v[a], j + 1 + a
         prev = cur
@@ -115,7 +126,7 @@ def _table_loops(c, max_steps, gamma):
             best, arg = np.inf, -1
             for m in range(j + 1, end - k + 2):
                 v = c[j, m] + gamma * prev[m]
-                if v < best:
+                if arg < 0 or v < best:      # the first m even when every sum is +inf (huge gamma^k)
                     best, arg = v, m
             cur[j], ptr[k, j] = best, arg
         prev = cur

@@ -4,7 +4,9 @@
 //   V[i][1] = C[i][n-1],   V[j][k] = min_{j < m < n-1} C[j][m] + gamma V[m][k-1],
 //
 // with argmin back-pointers (ties: the smallest m). The path for `steps` steps starts at 0,
-// follows the pointers and ends at n-1: steps + 1 strictly increasing indices.
+// follows the pointers and ends at n-1: steps + 1 strictly increasing indices. Costs with
+// |C| >= 2^512 are first divided by a power of two (exact; the argmin is scale-invariant), so the
+// sums do not overflow; if they still do (gamma^k near the double range) the smallest m is taken.
 #pragma once
 
 #include <string>
