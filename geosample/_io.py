@@ -1,10 +1,31 @@
-"""Atomic file writes: every output file appears whole or not at all."""
+"""Atomic file writes: every output file appears whole or not at all.
+
+A write goes to a temporary file ``.<name>.<pid>@<host>.<random>.tmp`` next to the target, which is
+then renamed over it.  A process killed mid-write leaves its temporary file behind; the next write
+into the same folder removes the temporary files of processes that no longer exist on this host
+(and any older than :data:`STALE_AFTER_S`, whoever wrote them).  The process umask is never
+touched: the temporary file is created with mode 0666 and the kernel applies the umask (or the
+folder's default ACL) exactly as for a plain ``open(path, "w")``; overwriting keeps the old file's
+mode, again as a plain overwrite would.
+"""
 from __future__ import annotations
 
 import os
-import tempfile
+import re
+import secrets
+import socket
+import stat
+import time
 from pathlib import Path
 from typing import Callable, IO
+
+__all__ = ["cache_root", "atomic_write", "atomic_write_text", "remove_stale_temps", "STALE_AFTER_S"]
+
+#: Temporary files older than this are removed whatever process wrote them (a write on another host
+#: sharing the folder cannot be checked for liveness).
+STALE_AFTER_S = 24 * 3600.0
+_HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
+_TEMP = re.compile(r"^\..+\.(\d+)@([A-Za-z0-9_-]+)\.[0-9a-f]{16}\.tmp$")
 
 
 def cache_root() -> Path:
@@ -13,19 +34,71 @@ def cache_root() -> Path:
     return Path(os.environ.get("GEOSAMPLE_CACHE") or Path.home() / ".cache" / "geosample")
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temps(folder) -> list[Path]:
+    """Delete the temporary files of killed writes in ``folder``; returns what was removed.
+
+    Stale: written on this host by a process that no longer exists, or older than
+    :data:`STALE_AFTER_S`.  Only names of the form ``.<name>.<pid>@<host>.<hex16>.tmp`` are
+    considered, so no other file is ever touched."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    now = time.time()
+    for entry in entries:
+        m = _TEMP.match(entry.name)
+        if m is None:
+            continue
+        try:
+            old = now - entry.stat(follow_symlinks=False).st_mtime > STALE_AFTER_S
+            if old or (m.group(2) == _HOST and not _alive(int(m.group(1)))):
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+        except OSError:  # removed meanwhile by another cleaner, or not ours to remove
+            continue
+    return removed
+
+
+def _create_temp(path: Path) -> tuple[int, Path]:
+    """A new file next to ``path``, opened for writing with mode 0666 (the kernel applies the
+    umask); O_EXCL makes the name ours alone."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
+    while True:
+        tmp = path.parent / f".{path.name}.{os.getpid()}@{_HOST}.{secrets.token_hex(8)}.tmp"
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:  # pragma: no cover - 64 random bits
+            continue
+
+
 def atomic_write(path, write: Callable[[IO[bytes]], None]) -> Path:
     """Call ``write(f)`` on a temporary binary file next to ``path``, then rename it into place.
 
-    The folder is created if needed; the file gets the usual permissions (0666 & ~umask).
+    The folder is created if needed.  A new file gets the usual permissions (0666 & ~umask, applied
+    by the kernel); an existing one keeps its mode.  Stale temporary files of killed writes in the
+    folder are removed first (:func:`remove_stale_temps`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
+    remove_stale_temps(path.parent)
+    fd, tmp = _create_temp(path)
     try:
-        os.chmod(tmp, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
+            try:
+                os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
+            except FileNotFoundError:
+                pass
             write(f)
         os.replace(tmp, path)
     except BaseException:
