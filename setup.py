@@ -1,8 +1,10 @@
-"""Build geosample, with the optional C++ extension geosample._C compiled by CMake from csrc/.
+"""Build geosample with its C++ extension geosample._C, compiled by CMake from csrc/.
 
-The extension is optional: when GEOSAMPLE_NO_CPP=1 is set, cmake or a compiler is missing, or the
-build fails, a warning is printed and geosample installs as pure Python (geosample.has_cpp() is
-False).  ``python setup.py build_ext --inplace`` drops geosample/_C*.so next to the sources.
+The extension is built unless the environment variable GEOSAMPLE_NO_CPP=1 is set, which installs
+pure Python (``geosample.has_cpp()`` is then False).  Without cmake, a C++17 compiler or
+pybind11, or when the build fails, the install stops with an error naming GEOSAMPLE_NO_CPP=1: a
+pure-Python install is chosen, never fallen into.  ``python setup.py build_ext --inplace`` (or
+``pip install -e . --no-build-isolation``) drops geosample/_C*.so next to the sources.
 """
 import glob
 import os
@@ -13,8 +15,10 @@ from pathlib import Path
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.errors import CompileError
 
 ROOT = Path(__file__).parent.resolve()
+NO_CPP = os.environ.get("GEOSAMPLE_NO_CPP", "") not in ("", "0")
 
 
 def find_cmake():
@@ -35,17 +39,19 @@ class CMakeBuild(build_ext):
     """Configures and builds CMakeLists.txt with GEOSAMPLE_BUILD_PYTHON=ON into the extension's path."""
 
     def run(self):
-        if os.environ.get("GEOSAMPLE_NO_CPP", "") not in ("", "0"):
-            print("geosample: GEOSAMPLE_NO_CPP is set, installing without the C++ extension")
+        if NO_CPP:
+            print("geosample: GEOSAMPLE_NO_CPP is set, installing pure Python without geosample._C")
             return self._drop_stale()
         self.cmake = find_cmake()
-        if self.cmake is None:
-            print("geosample: WARNING no working cmake found, installing without the C++ extension")
-            return self._drop_stale()
         try:
+            if self.cmake is None:
+                raise OSError("no working cmake on PATH")
             super().run()
         except (OSError, ImportError, subprocess.CalledProcessError) as e:
-            print(f"geosample: WARNING building the C++ extension failed ({e}); installing pure Python")
+            raise CompileError(
+                f"geosample: building the C++ extension geosample._C failed: {e}\n"
+                "Install cmake >= 3.15, a C++17 compiler and pybind11 and retry, or install pure "
+                "Python explicitly with GEOSAMPLE_NO_CPP=1 (e.g. GEOSAMPLE_NO_CPP=1 pip install .)") from e
 
     def _drop_stale(self):
         """Remove an extension left in build/ by an earlier build, so a pure install stays pure."""

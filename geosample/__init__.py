@@ -6,6 +6,6 @@ from .solvers import SOLVERS, Trajectory, nfe, sample
 
 solvers.fused.use_triton_step(kernels.fused_update)  # the solvers' CUDA path, wired here (kernels are a leaf)
 
-__version__ = "0.1.0"
+from ._version import __version__
 __all__ = ["schedules", "solvers", "sample", "nfe", "SOLVERS", "Trajectory", "KDEDenoiser",
            "GaussianMixtureDenoiser", "gits", "geometry", "metrics", "data", "has_cpp"]

@@ -4,6 +4,11 @@ import torch
 import geosample as gs
 
 
+def pytest_report_header(config):
+    """Which geosample the tests import: the installed copy in CI (.ci/run), with or without _C."""
+    return f"geosample {gs.__version__} from {gs.__file__}, C++ extension: {'yes' if gs.has_cpp() else 'no'}"
+
+
 @pytest.fixture(scope="session")
 def gmm():
     """A 4-component isotropic mixture in 6 dimensions (float64 maths)."""

@@ -132,7 +132,10 @@ def _sigma_axis(ax, ylabel, logy=False):
 
 def figures(m: dict, title: str) -> dict:
     """name -> PNG bytes for the four figures."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("geosample analyze needs matplotlib: pip install 'geosample[plots]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import torch

@@ -5,5 +5,4 @@
 #include "geosample/gits.hpp"
 #include "geosample/schedules.hpp"
 #include "geosample/solvers.hpp"
-
-#define GEOSAMPLE_VERSION "0.1.0"
+#include "geosample/version.hpp"  // GEOSAMPLE_VERSION
