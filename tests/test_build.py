@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -88,17 +89,23 @@ def test_cmake_reads_the_python_version(core_build):
     assert f'set(PACKAGE_VERSION "{gs.__version__}")' in config
 
 
+def copy_sources(dst: Path) -> Path:
+    """The files a build reads, copied to dst (no build outputs)."""
+    dst.mkdir(exist_ok=True)
+    for name in ("setup.py", "pyproject.toml", "README.md", "MANIFEST.in", "CMakeLists.txt"):
+        shutil.copy(ROOT / name, dst / name)
+    skip = shutil.ignore_patterns("__pycache__", "_C*.so", "_C*.pyd")
+    shutil.copytree(ROOT / "geosample", dst / "geosample", ignore=skip)
+    shutil.copytree(ROOT / "csrc", dst / "csrc", ignore=skip)
+    return dst
+
+
 @pytest.fixture(scope="module")
 def broken_cmake_tree(tmp_path_factory):
     """A copy of the sources whose CMake configure step fails."""
-    src = tmp_path_factory.mktemp("src")
-    for name in ("setup.py", "pyproject.toml", "README.md"):
-        shutil.copy(ROOT / name, src / name)
-    skip = shutil.ignore_patterns("__pycache__", "_C*.so", "_C*.pyd")
-    shutil.copytree(ROOT / "geosample", src / "geosample", ignore=skip)
-    shutil.copytree(ROOT / "csrc", src / "csrc")
-    cmake = (ROOT / "CMakeLists.txt").read_text()
-    (src / "CMakeLists.txt").write_text(cmake + '\nmessage(FATAL_ERROR "a deliberately broken build")\n')
+    src = copy_sources(tmp_path_factory.mktemp("src"))
+    with open(src / "CMakeLists.txt", "a") as f:
+        f.write('\nmessage(FATAL_ERROR "a deliberately broken build")\n')
     return src
 
 
@@ -135,6 +142,18 @@ def test_no_cpp_installs_pure_python(broken_cmake_tree, tmp_path):
     out = subprocess.run([sys.executable, "-P", "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert Path(out.stdout.strip()).is_relative_to(tmp_path / "site")
+
+
+def test_sdist_carries_the_cpp_sources(tmp_path):
+    src = copy_sources(tmp_path / "src")
+    run(sys.executable, "setup.py", "-q", "sdist", "--dist-dir", tmp_path / "dist", cwd=src)
+    (sdist,) = (tmp_path / "dist").glob("geosample-*.tar.gz")
+    with tarfile.open(sdist) as t:
+        names = {n.split("/", 1)[1] for n in t.getnames() if "/" in n}
+    wanted = {"CMakeLists.txt", "csrc/include/geosample/version.hpp.in", "csrc/python/module.cpp",
+              "geosample/_version.py"}
+    assert wanted <= names
+    assert not any(n.endswith(".so") or "__pycache__" in n for n in names)
 
 
 def test_missing_matplotlib_names_the_plots_extra(monkeypatch):
