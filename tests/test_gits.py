@@ -2,6 +2,7 @@
 import itertools
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -371,23 +372,91 @@ def test_search_errors(mixture, kwargs, err, match):
         gs.gits.search(mixture, **args)
 
 
-def test_corrupt_or_misshapen_cache_entries_are_misses(mixture, cache_dir):
-    a = gs.gits.search(Counting(mixture), (3, 4, 4), 4, **SMALL)
-    for p in cache_dir.iterdir():
-        if p.name.startswith("schedule"):
-            p.unlink()
-    (cost,) = [p for p in cache_dir.iterdir() if p.name.startswith("cost")]
-    for junk in (b"not a torch file", None):
-        if junk is None:
-            torch.save(torch.zeros(3, 3, dtype=torch.float64), cost)   # readable, wrong shape
-        else:
-            cost.write_bytes(junk)
+def _entry(cache_dir, kind):
+    (path,) = [p for p in cache_dir.iterdir() if p.name.startswith(kind + "-")]
+    return path
+
+
+def _search_again(mixture, expect_teacher: bool):
+    """A cached search after an entry was damaged: a CacheWarning, the right schedule, the entry
+    rewritten (a third search reads it silently)."""
+    counted = Counting(mixture)
+    with pytest.warns(gs.gits.cache.CacheWarning):
+        b = gs.gits.search(counted, (3, 4, 4), 4, **SMALL)
+    assert (counted.calls > 3 * 20) == expect_teacher
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         again = Counting(mixture)
-        b = gs.gits.search(again, (3, 4, 4), 4, use_cache=True, **SMALL)
-        assert again.calls > 3 * 20 and b.indices == a.indices             # the teacher ran again
-        for p in cache_dir.iterdir():
-            if p.name.startswith("schedule"):
-                p.unlink()
+        c = gs.gits.search(again, (3, 4, 4), 4, **SMALL)
+    assert again.calls == 3 and c.indices == b.indices
+    return b
+
+
+def _flip_byte(path, at):
+    blob = bytearray(path.read_bytes())
+    blob[at] ^= 0x10
+    path.write_bytes(bytes(blob))
+
+
+@pytest.mark.parametrize("damage", ["random bytes", "empty", "wrong shape", "nan", "bit flip", "bare tensor"])
+def test_damaged_cost_entries_are_misses_recomputed_and_rewritten(mixture, cache_dir, damage):
+    """Random bytes raised IndexError, a NaN made every later search fail, a bit flip changed the schedule."""
+    a = gs.gits.search(Counting(mixture), (3, 4, 4), 4, **SMALL)
+    _entry(cache_dir, "schedule").unlink()
+    cost, k = _entry(cache_dir, "cost"), _entry(cache_dir, "cost").stem.split("-", 1)[1]
+    good = a.cost_matrix
+    if damage == "random bytes":
+        cost.write_bytes(np.random.default_rng(0).bytes(3000))
+    elif damage == "empty":
+        cost.write_bytes(b"")
+    elif damage == "wrong shape":
+        gs.gits.cache.put_tensor("cost", k, torch.zeros(3, 3, dtype=torch.float64))
+    elif damage == "nan":
+        bad = good.clone()
+        bad[0, 5] = math.nan
+        gs.gits.cache.put_tensor("cost", k, bad)           # a valid hash: only the finiteness check sees it
+    elif damage == "bit flip":
+        blob = cost.read_bytes()
+        _flip_byte(cost, blob.index(good[0, 5].numpy().tobytes()) + 3)
+    else:
+        torch.save(good, cost)                             # an entry without key and hash
+    b = _search_again(mixture, expect_teacher=True)
+    assert b.indices == a.indices and torch.equal(b.cost_matrix, good)
+
+
+def _forged_schedule(s, **changes):
+    d = s.to_dict()
+    d.update(changes)
+    return gs.gits.GITSSchedule.from_dict(d)
+
+
+@pytest.mark.parametrize("damage", ["[]", "null", "random bytes", "bad indices", "unsorted indices",
+                                    "sigmas off the grid", "nan cost", "bit flip", "plain schedule file"])
+def test_damaged_schedule_entries_are_misses_recomputed_and_rewritten(mixture, cache_dir, damage):
+    """[] or null raised AttributeError; indices [0, 99, -5, 20] were returned as they were."""
+    a = gs.gits.search(Counting(mixture), (3, 4, 4), 4, **SMALL)
+    path = _entry(cache_dir, "schedule")
+    k = path.stem.split("-", 1)[1]
+    if damage in ("[]", "null"):
+        path.write_text(damage)
+    elif damage == "random bytes":
+        path.write_bytes(np.random.default_rng(1).bytes(500))
+    elif damage == "bad indices":
+        gs.gits.cache.put_schedule(k, _forged_schedule(a, indices=[0, 99, -5, 20]))
+    elif damage == "unsorted indices":
+        gs.gits.cache.put_schedule(k, _forged_schedule(a, indices=[0, 9, 4, 12, 20]))
+    elif damage == "sigmas off the grid":
+        gs.gits.cache.put_schedule(k, _forged_schedule(a, sigmas=(a.sigmas * 1.01).tolist()))
+    elif damage == "nan cost":
+        gs.gits.cache.put_schedule(k, _forged_schedule(a, cost=math.nan))
+    elif damage == "bit flip":
+        text = path.read_text()
+        at = text.index('"indices"') + 40
+        path.write_text(text[:at] + ("7" if text[at] != "7" else "3") + text[at + 1:])
+    else:
+        a.save(path)
+    b = _search_again(mixture, expect_teacher=False)       # the cost entry is intact: no teacher
+    assert b.indices == a.indices and torch.equal(b.sigmas, a.sigmas)
 
 
 def test_unipc_trajectories_are_rejected(mixture):
