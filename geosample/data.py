@@ -5,7 +5,14 @@ Every loader returns images as ``[N, C, H, W]``: float32 in [-1, 1] (``x = q / 1
 :data:`UINT8_SCALE` and :data:`UINT8_OFFSET`, which ``KDEDenoiser`` does by default).
 
 Decoded image archives are cached as uint8 ``.npy`` under ``$GEOSAMPLE_CACHE`` (default
-``~/.cache/geosample``), keyed by the archive's path, size and mtime, and written atomically.
+``~/.cache/geosample``), written atomically and keyed by the source: a tar's path, size and mtime;
+a folder's path and every image file's relative name, size and mtime, subfolders included, so
+editing, adding or removing an image is a new key.  A cache file that fails to load or holds
+something other than a uint8 ``[N, C, H, W]`` array of the expected length is a miss (with a
+:class:`DataCacheWarning`): the images are decoded again and the file rewritten.
+
+Hostile input is refused before it is read: a tar member larger than ``max_member_bytes`` (a
+gzip bomb inflates a small archive to any size) and a ``.npy`` shorter than its header says.
 """
 from __future__ import annotations
 
@@ -13,6 +20,7 @@ import hashlib
 import io
 import os
 import tarfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +29,19 @@ from tqdm.auto import tqdm
 
 from ._io import atomic_write, cache_root
 
-__all__ = ["load_dataset", "load_digits", "load_images", "cache_dir", "resolve", "UINT8_SCALE", "UINT8_OFFSET"]
+__all__ = ["load_dataset", "load_digits", "load_images", "cache_dir", "resolve", "UINT8_SCALE", "UINT8_OFFSET",
+           "MAX_MEMBER_BYTES", "DataCacheWarning"]
 
 UINT8_SCALE = 2.0 / 255.0
 UINT8_OFFSET = -1.0
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+#: Largest decompressed size of one image in a tar (64 MiB: a 4096 x 4096 RGBA bitmap fits).
+MAX_MEMBER_BYTES = 64 << 20
 _REPO = Path(__file__).resolve().parent.parent
+
+
+class DataCacheWarning(RuntimeWarning):
+    """A decoded-image cache file was unreadable or invalid and is rebuilt."""
 
 
 def cache_dir() -> Path:
@@ -76,39 +91,86 @@ def _decode(blob: bytes) -> np.ndarray:
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
-def _members(path: Path, limit: int | None):
+def _image_files(path: Path) -> list[Path]:
+    return sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def _members(path: Path, limit: int | None, max_member_bytes: int):
     """(name, encoded bytes) of the first ``limit`` images of a folder or tar(.gz), by name.
 
-    A tar is read once, sequentially (seeking backwards in a gzip stream restarts it)."""
+    A tar is read once, sequentially (seeking backwards in a gzip stream restarts it); a member
+    whose header declares more than ``max_member_bytes`` is refused before it is inflated."""
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
-        return [(str(p.relative_to(path)), p.read_bytes()) for p in files]
+        return [(str(p.relative_to(path)), p.read_bytes()) for p in _image_files(path)[:limit]]
+    items = []
     with tarfile.open(path) as tar:
-        items = [(m.name, tar.extractfile(m).read()) for m in tar
-                 if m.isfile() and m.name.lower().endswith(IMAGE_SUFFIXES)]
+        for m in tar:
+            if not (m.isfile() and m.name.lower().endswith(IMAGE_SUFFIXES)):
+                continue
+            if m.size > max_member_bytes:
+                raise ValueError(f"{path}: member {m.name!r} inflates to {m.size} bytes, more than "
+                                 f"max_member_bytes={max_member_bytes} (a decompression bomb?)")
+            items.append((m.name, tar.extractfile(m).read()))
     return sorted(items)[:limit]
 
 
-def _cache_key(path: Path, limit: int | None) -> str:
-    st = path.stat()
-    tag = f"{path.resolve()}|{st.st_size}|{int(st.st_mtime)}|{limit}"
-    return f"{path.name.split('.')[0]}-{hashlib.sha256(tag.encode()).hexdigest()[:16]}.npy"
+def _source_tag(path: Path) -> str:
+    """What the decoded cache depends on: a file's size and mtime; for a folder, every image's
+    relative name, size and mtime (nanoseconds), subfolders included."""
+    if not path.is_dir():
+        st = path.stat()
+        return f"{st.st_size}|{st.st_mtime_ns}"
+    h = hashlib.sha256()
+    for p in _image_files(path):
+        st = p.stat()
+        h.update(f"{p.relative_to(path)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
 
 
-def load_images(path, limit: int | None = None, progress: bool = True, cache: bool = True) -> np.ndarray:
+def _cache_key(path: Path, tag: str, limit: int | None) -> str:
+    key = f"{path.resolve()}|{tag}|{limit}"
+    return f"{path.name.split('.')[0]}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npy"
+
+
+def _read_cache(file: Path, count: int | None) -> np.ndarray | None:
+    """The cached uint8 [N, C, H, W] array (memory-mapped), or None when missing; an unreadable or
+    misshapen file (``count``: the expected N, when known) is a miss with a warning."""
+    if not file.exists():
+        return None
+    try:
+        arr = _load_npy(file, mmap=True)
+        ok = arr.dtype == np.uint8 and arr.ndim == 4 and arr.shape[0] >= 1 and count in (None, arr.shape[0])
+        why = f"holds {arr.dtype} {arr.shape}, expected uint8 [{count if count else 'N'}, C, H, W]"
+    except (OSError, ValueError, EOFError) as e:
+        ok, why = False, f"unreadable: {e}"
+    if ok:
+        return arr
+    warnings.warn(f"decoded-image cache {file} is invalid ({why}); decoding again", DataCacheWarning, stacklevel=3)
+    return None
+
+
+def load_images(path, limit: int | None = None, progress: bool = True, cache: bool = True,
+                max_member_bytes: int = MAX_MEMBER_BYTES) -> np.ndarray:
     """uint8 ``[N, C, H, W]`` decoded from a folder or tar(.gz) of same-sized images.
 
     The first call decodes (tqdm progress) and caches the array; later calls memory-map the cache.
-    ``limit`` keeps the first ``limit`` images in name order."""
+    ``limit`` keeps the first ``limit`` images in name order.  ``max_member_bytes``: refuse a tar
+    member that would inflate to more than this."""
     path = Path(path)
+    count = None
     if cache:
-        full = cache_dir() / _cache_key(path, None)
-        if full.exists():
-            return np.load(full, mmap_mode="r")[:limit]
-    target = cache_dir() / _cache_key(path, limit) if cache else None
-    if target is not None and target.exists():
-        return np.load(target, mmap_mode="r")
-    members = _members(path, limit)
+        tag = _source_tag(path)
+        if path.is_dir():
+            count = len(_image_files(path))
+        full = _read_cache(cache_dir() / _cache_key(path, tag, None), count)
+        if full is not None:
+            return full[:limit]
+        if count is not None and limit is not None:
+            count = min(count, limit)
+        cached = _read_cache(cache_dir() / _cache_key(path, tag, limit), count)
+        if cached is not None:
+            return cached
+    members = _members(path, limit, max_member_bytes)
     if not members:
         raise ValueError(f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     first = _decode(members[0][1])
@@ -119,17 +181,44 @@ def load_images(path, limit: int | None = None, progress: bool = True, cache: bo
             raise ValueError(f"{name} has shape {img.shape}, expected {first.shape} like the first image")
         out[i] = img
     out = np.ascontiguousarray(out.transpose(0, 3, 1, 2))
-    if target is None:
+    if not cache:
         return out
+    target = cache_dir() / _cache_key(path, tag, limit)
     atomic_write(target, lambda f: np.save(f, out))
     return np.load(target, mmap_mode="r")
 
 
-def _load_array(path: Path, mmap: bool) -> np.ndarray:
-    if path.suffix == ".npz":
-        with np.load(path) as z:
-            return z[z.files[0]]
+def _load_npy(path: Path, mmap: bool) -> np.ndarray:
+    """``np.load`` of a ``.npy`` after checking that the file holds all the bytes its header
+    declares (a short file would otherwise be memory-mapped and fault when read)."""
+    fmt = np.lib.format
+    with open(path, "rb") as f:
+        version = fmt.read_magic(f)
+        read_header = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}.get(version)
+        if read_header is None:  # format 3.0 (utf-8 field names): numpy's own checks only
+            return np.load(path, mmap_mode="r" if mmap else None)
+        shape, _, dtype = read_header(f)
+        offset = f.tell()
+    if dtype.hasobject:
+        raise ValueError(f"{path} holds Python objects ({dtype}); only numeric arrays are loaded")
+    need = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    have = os.path.getsize(path)
+    if have < need:
+        raise ValueError(f"{path} is truncated: its header declares {dtype} {tuple(shape)} "
+                         f"({need} bytes with the header), the file has {have}")
     return np.load(path, mmap_mode="r" if mmap else None)
+
+
+def _load_array(path: Path, mmap: bool) -> np.ndarray:
+    if path.suffix != ".npz":
+        return _load_npy(path, mmap)
+    with np.load(path) as z:
+        shapes = {k: z[k].shape for k in z.files}
+        images = [k for k, shape in shapes.items() if len(shape) == 4]
+        if len(shapes) == 1 or len(images) == 1:
+            return z[z.files[0] if len(shapes) == 1 else images[0]]
+    listing = ", ".join(f"{k} {list(v)}" for k, v in shapes.items()) or "nothing"
+    raise ValueError(f"{path} holds {listing}: give a .npz with one array, or one 4-D [N, C, H, W] image array")
 
 
 def _to_output(arr, dtype: str, limit: int | None):

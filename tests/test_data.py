@@ -85,3 +85,84 @@ def test_bad_input(tmp_path):
 def test_cifar10_prefix():
     x = data.load_dataset("cifar10", limit=64, progress=False)
     assert x.shape == (64, 3, 32, 32) and -1 <= x.min() and x.max() <= 1
+
+
+def _write_folder(folder, imgs):
+    for i, im in enumerate(imgs):
+        Image.fromarray(im).save(folder / f"{i:03d}.png")
+
+
+def test_folder_cache_sees_edits_in_place_and_images_added_in_subfolders(tmp_path):
+    """The decoded cache was keyed on the folder's own mtime: both were served stale, silently."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    imgs = images(4)
+    _write_folder(folder, imgs)
+    first = data.load_dataset(folder, dtype="uint8", progress=False)
+    assert torch.equal(first, torch.from_numpy(imgs.transpose(0, 3, 1, 2).copy()))
+    stamp = os.stat(folder)
+    edited = images(1, seed=9)[0]
+    Image.fromarray(edited).save(folder / "001.png")                    # same name, new pixels
+    os.utime(folder, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))          # the folder itself looks unchanged
+    again = data.load_dataset(folder, dtype="uint8", progress=False)
+    assert torch.equal(again[1], torch.from_numpy(edited.transpose(2, 0, 1).copy()))
+    (folder / "sub").mkdir()
+    Image.fromarray(images(1, seed=3)[0]).save(folder / "sub" / "000.png")
+    os.utime(folder, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    assert data.load_dataset(folder, dtype="uint8", progress=False).shape[0] == 5
+    assert data.load_dataset(folder, dtype="uint8", limit=2, progress=False).shape[0] == 2
+
+
+def test_damaged_decoded_cache_is_rebuilt_with_a_warning(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    imgs = images(3)
+    _write_folder(folder, imgs)
+    want = data.load_dataset(folder, dtype="uint8", progress=False)
+    (cached,) = (tmp_path / "cache").glob("*.npy")
+    for junk in (b"garbage", None):
+        if junk is None:
+            np.save(cached, np.zeros((2, 3, 6, 5), np.uint8))              # readable, wrong length
+        else:
+            cached.write_bytes(junk)
+        with pytest.warns(data.DataCacheWarning):
+            assert torch.equal(data.load_dataset(folder, dtype="uint8", progress=False), want)
+        assert torch.equal(torch.from_numpy(np.load(cached)), want)        # rewritten
+
+
+def test_tar_member_over_the_size_cap_is_refused_before_it_is_inflated(tmp_path):
+    """A gzip bomb: one member declaring 1 TiB inflated until memory ran out."""
+    info = tarfile.TarInfo("bomb.png")
+    info.size = 1 << 40
+    import gzip
+    (tmp_path / "bomb.tar.gz").write_bytes(gzip.compress(info.tobuf() + b"\0" * 4096))
+    with pytest.raises(ValueError, match="decompression bomb"):
+        data.load_dataset(tmp_path / "bomb.tar.gz", progress=False)
+    with tarfile.open(tmp_path / "small.tar", "w") as tar:
+        blob = io.BytesIO()
+        Image.fromarray(images(1)[0]).save(blob, format="PNG")
+        member = tarfile.TarInfo("a.png")
+        member.size = blob.tell()
+        blob.seek(0)
+        tar.addfile(member, blob)
+    with pytest.raises(ValueError, match="max_member_bytes=10"):
+        data.load_images(tmp_path / "small.tar", max_member_bytes=10, progress=False)
+    assert data.load_images(tmp_path / "small.tar", progress=False).shape == (1, 3, 6, 5)
+
+
+@pytest.mark.parametrize("mmap", [True, False])
+def test_npy_shorter_than_its_header_is_refused_at_open(tmp_path, mmap):
+    np.save(tmp_path / "a.npy", np.zeros((1000, 10), np.float32))
+    os.truncate(tmp_path / "a.npy", 2000)
+    with pytest.raises(ValueError, match=r"truncated: its header declares float32 \(1000, 10\)"):
+        data.load_dataset(tmp_path / "a.npy", mmap=mmap)
+
+
+def test_npz_picks_the_image_array_or_names_its_arrays(tmp_path):
+    """The first key was taken: labels [N] gave a misleading shape error downstream."""
+    imgs = images(4).transpose(0, 3, 1, 2)
+    np.savez(tmp_path / "a.npz", labels=np.arange(4), images=imgs)
+    assert torch.equal(data.load_dataset(tmp_path / "a.npz", dtype="uint8"), torch.from_numpy(imgs))
+    np.savez(tmp_path / "b.npz", labels=np.arange(4), weights=np.ones(4))
+    with pytest.raises(ValueError, match=r"labels \[4\], weights \[4\]"):
+        data.load_dataset(tmp_path / "b.npz")
