@@ -10,6 +10,8 @@ mode, again as a plain overwrite would.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import secrets
@@ -19,7 +21,11 @@ import time
 from pathlib import Path
 from typing import Callable, IO
 
-__all__ = ["cache_root", "atomic_write", "atomic_write_text", "remove_stale_temps", "STALE_AFTER_S"]
+__all__ = ["cache_root", "atomic_write", "atomic_write_text", "remove_stale_temps", "STALE_AFTER_S",
+           "check_out_dir", "check_out_file", "publish_run", "read_run", "MANIFEST"]
+
+#: The file naming one run's outputs (see :func:`publish_run`).
+MANIFEST = "manifest.json"
 
 #: Temporary files older than this are removed whatever process wrote them (a write on another host
 #: sharing the folder cannot be checked for liveness).
@@ -111,3 +117,81 @@ def atomic_write(path, write: Callable[[IO[bytes]], None]) -> Path:
 def atomic_write_text(path, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def check_out_dir(path) -> Path:
+    """Create the output folder ``path`` (parents too) and prove it writable with a probe file, so
+    that a bad ``--out`` fails before the work starts.  ValueError naming the problem otherwise."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"output folder {path} exists and is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = _create_temp(path / "probe")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"cannot write into output folder {path}: {e.strerror or e}") from None
+    return path
+
+
+def check_out_file(path) -> Path:
+    """Check before the work starts that ``path`` can be written: not a folder, in a writable folder
+    (created if needed, see :func:`check_out_dir`)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"output file {path} is a folder")
+    check_out_dir(path.parent)
+    return path
+
+
+def _sha256(blob: bytes) -> str:
+    return hashlib.sha256(blob).hexdigest()
+
+
+def publish_run(folder, files: dict[str, bytes], run: dict | None = None) -> Path:
+    """Publish one run's output files into ``folder`` as a set, with a manifest naming them.
+
+    Every file is first written whole to a temporary file; then the old :data:`MANIFEST` is
+    removed, the files are renamed into place, and the new manifest (``run`` plus each file's
+    size and sha256) is written last.  So a manifest always describes the files next to it: a run
+    killed before publishing leaves the previous set untouched, one killed while renaming leaves
+    no manifest.  Returns the manifest's path."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(folder)
+    staged = []
+    try:
+        for name, blob in files.items():
+            fd, tmp = _create_temp(folder / name)
+            staged.append((tmp, folder / name))
+            with os.fdopen(fd, "wb") as f:
+                f.write(blob)
+        (folder / MANIFEST).unlink(missing_ok=True)
+        for tmp, target in staged:
+            os.replace(tmp, target)
+    except BaseException:
+        for tmp, _ in staged:
+            if tmp.exists():
+                tmp.unlink()
+        raise
+    manifest = {**(run or {}), "files": {n: {"bytes": len(b), "sha256": _sha256(b)} for n, b in files.items()}}
+    return atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=1))
+
+
+def read_run(folder) -> dict:
+    """The manifest of the run published in ``folder``, after checking that every file it names is
+    there with its recorded size and sha256; ValueError when the set is incomplete or mixed."""
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{folder} holds no complete run ({MANIFEST}: {e})") from None
+    for name, meta in manifest.get("files", {}).items():
+        try:
+            blob = (folder / name).read_bytes()
+        except OSError:
+            raise ValueError(f"{folder}: {name} of run {manifest.get('run')} is missing") from None
+        if len(blob) != meta["bytes"] or _sha256(blob) != meta["sha256"]:
+            raise ValueError(f"{folder}: {name} is not the one run {manifest.get('run')} wrote")
+    return manifest

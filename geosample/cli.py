@@ -3,6 +3,10 @@
 ``geosample`` alone (or with options only) runs the main job, ``geosample sample``.  Each command
 lives in ``geosample.commands.<name>`` and exposes ``HELP`` (one line),
 ``add_arguments(parser)`` and ``run(args) -> int``; modules are imported only when used.
+
+A user error (a bad option value, a missing file, an unwritable ``--out``: ValueError, TypeError,
+KeyError or OSError out of a command) prints ``geosample: error: <message>`` and exits with status
+2, like an argparse error; ``--debug`` (anywhere on the line) shows the traceback instead.
 """
 from __future__ import annotations
 
@@ -11,6 +15,8 @@ import importlib
 import sys
 
 COMMANDS = ("sample", "gits", "analyze")
+USER_ERRORS = (ValueError, TypeError, KeyError, OSError)
+EXIT_USAGE = 2
 
 
 def _load(name: str):
@@ -20,6 +26,8 @@ def _load(name: str):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="geosample", description="Fast few-step diffusion sampling "
                                      "with geometry-inspired (GITS) schedules.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         try:
@@ -28,18 +36,32 @@ def build_parser() -> argparse.ArgumentParser:
             if e.name != f"geosample.commands.{name}":
                 raise
             continue
-        module.add_arguments(sub.add_parser(name, help=module.HELP, description=module.HELP))
+        module.add_arguments(sub.add_parser(name, help=module.HELP, description=module.HELP, parents=[common]))
     return parser
 
 
+def _message(e: BaseException) -> str:
+    """One line for a user error: KeyError's repr quotes are dropped, an OSError keeps its path."""
+    text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    return " ".join(text.split()) or type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["sample", *argv]  # the main job: `geosample [options]` runs `geosample sample [options]`
     args = parser.parse_args(argv)
+    args.debug = debug
     try:
         return int(_load(args.command).run(args) or 0)
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        print(f"{parser.prog}: error: {_message(e)}", file=sys.stderr)
+        return EXIT_USAGE
     finally:
         _leave_process_group()
 

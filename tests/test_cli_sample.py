@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import torch
@@ -86,8 +87,9 @@ def test_main_job_heun_polynomial_only(tmp_path):
     assert len(report["rows"]) == 1 and report["rows"][0]["nfe"] == 8
     assert report["versions"]["torch_threads"] == 1
     assert json.loads((out / "schedule.json").read_text())["sigmas"] == gs.schedules.polynomial(4).tolist()
+    assert cli.main(["sample", "--limit", "50", "--solver", "heun", "--nfe", "7", "--out", str(out)]) == 2
     with pytest.raises(ValueError, match="valid NFEs"):
-        cli.main(["sample", "--limit", "50", "--solver", "heun", "--nfe", "7", "--out", str(out)])
+        cli.main(["sample", "--debug", "--limit", "50", "--solver", "heun", "--nfe", "7", "--out", str(out)])
 
 
 def test_main_job_afs_keeps_nfe(tmp_path):
@@ -105,3 +107,80 @@ def test_python_dash_m_lists_every_command():
     out = subprocess.run([sys.executable, "-m", "geosample", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0
     assert all(name in out.stdout for name in ("sample", "gits", "analyze"))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--solver", "foo"], "unknown solver 'foo'"),
+    (["--data", "no/such/folder"], "no dataset named 'no/such/folder'"),
+    (["--solver", "heun", "--nfe", "7"], "cannot use exactly 7 denoiser calls"),
+    (["--schedule", "cosine"], "unknown schedule 'cosine'"),
+    (["--batch", "0"], "--batch must be >= 1"),
+])
+def test_user_errors_print_one_line_and_exit_2(tmp_path, capsys, argv, message):
+    """They printed a full Python traceback."""
+    assert cli.main([*argv, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("geosample: error: ") and message in err[-1]
+    assert not any("Traceback" in line for line in err)
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(ValueError, match="unknown solver"):
+        cli.main(["--debug", "--solver", "foo", "--out", str(tmp_path)])
+
+
+@pytest.mark.parametrize("make_out", [
+    lambda p: (p / "file").write_text("x") and p / "file",                    # a file
+    lambda p: (p / "file").write_text("x") and p / "file" / "sub",            # under a file
+])
+def test_bad_out_fails_before_the_work(tmp_path, capsys, monkeypatch, make_out):
+    """An unusable --out failed only after the whole job had run."""
+    out = make_out(tmp_path)
+    monkeypatch.setattr("geosample.data.load_dataset", lambda *a, **k: pytest.fail("the job started"))
+    assert cli.main(["sample", "--out", str(out)]) == 2
+    assert "geosample: error:" in capsys.readouterr().err
+    assert cli.main(["analyze", "--out", str(out)]) == 2
+    assert cli.main(["gits", "--data", "digits", "--out", str(tmp_path)]) == 2   # a folder, not a file
+
+
+def test_outputs_are_published_as_one_run(tmp_path, monkeypatch):
+    """A run killed between its writes left report.json of one run next to samples.png of another."""
+    from geosample import _io
+
+    out = tmp_path / "out"
+    argv = ["sample", "--limit", "30", "--batch", "2", "--schedule", "logsnr", "--out", str(out)]
+    assert cli.main(argv) == 0
+    first = _io.read_run(out)
+    assert set(first["files"]) == {"samples.png", "schedule.json", "report.json"}
+    assert json.loads((out / "report.json").read_text())["run"] == first["run"]
+
+    real, calls = os.replace, []
+
+    def killed_after_one(src, dst):                 # the second run dies while publishing
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError("killed")
+        real(src, dst)
+    monkeypatch.setattr(os, "replace", killed_after_one)
+    assert cli.main([*argv[:-2], "--seed", "1", "--out", str(out)]) == 2
+    with pytest.raises(ValueError, match="no complete run"):
+        _io.read_run(out)                           # no manifest vouches for the mixed folder
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+    monkeypatch.setattr(os, "replace", real)
+    assert cli.main(argv) == 0
+    second = _io.read_run(out)
+    assert second["run"] != first["run"]
+    monkeypatch.setattr(cmd, "png_bytes", lambda image: (_ for _ in ()).throw(OSError("killed")))
+    assert cli.main(argv) == 2                      # dies before publishing: the last set stays whole
+    assert _io.read_run(out) == second
+
+
+def test_console_command_error_has_no_traceback():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "geosample", "--solver", "foo"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("geosample: error: unknown solver 'foo'")

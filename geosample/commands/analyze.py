@@ -2,7 +2,8 @@
 
 Solves ``--num`` seeded trajectories with ``--solver`` on ``--steps`` polynomial (rho=7) steps
 from sigma_max = 80 to sigma_min = 0.002 with ``KDEDenoiser(data)``, measures them with
-:mod:`geosample.geometry` and writes into ``--out`` (PNGs and JSON written atomically):
+:mod:`geosample.geometry` and publishes into ``--out`` as one set with a ``manifest.json`` naming
+the run (:func:`geosample._io.publish_run`; ``--out`` is checked before any work starts):
 
 * ``boomerang.png``: deviation from the chord (sampling and denoising trajectories, relative to
   the chord length), distance to the final sample, and cos(ODE direction, x_t - x_end), vs sigma;
@@ -18,7 +19,6 @@ from __future__ import annotations
 import argparse
 import io
 import time
-from pathlib import Path
 
 HELP = "trajectory geometry on a dataset's closed-form denoiser: boomerang, PCA, 3-D projections (PNGs + analysis.json)"
 QUANTILES = (0.1, 0.5, 0.9)
@@ -220,16 +220,17 @@ def run(args: argparse.Namespace) -> int:
     from ..data import load_dataset
     from ..denoisers.kde import KDEDenoiser
     from ..solvers import get_solver, sample
-    from .._io import atomic_write
-    from .sample import _versions, _write_json
+    from .._io import check_out_dir, publish_run
+    from .sample import _json_bytes, _versions, run_id
 
     t_start = time.perf_counter()
     solver = get_solver(args.solver).name
     for name in ("num", "steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if args.window < 2:
+        raise ValueError(f"--window must be >= 2, got {args.window}")
+    out = check_out_dir(args.out)
     data = torch.as_tensor(load_dataset(args.data, limit=args.limit)).to(args.device)
     denoiser = KDEDenoiser(data)
     shape = tuple(data.shape[1:])
@@ -250,11 +251,11 @@ def run(args: argparse.Namespace) -> int:
                "schedule": "polynomial rho=7", "num": args.num, "seed": args.seed, "window": args.window, "dtype": args.dtype,
                **report(m), "sample_s": sample_s, "measure_s": time.perf_counter() - t0}
     title = f"{args.data} ({solver}, {args.steps} steps, {args.num} samples)"
-    for name, blob in figures(m, title).items():
-        atomic_write(out / f"{name}.png", lambda f, b=blob: f.write(b))
-    numbers["total_s"] = time.perf_counter() - t_start
-    numbers["versions"] = _versions()
-    _write_json(out / "analysis.json", numbers)
+    files = {f"{name}.png": blob for name, blob in figures(m, title).items()}
+    run = run_id()
+    numbers.update(run=run, total_s=time.perf_counter() - t_start, versions=_versions())
+    files["analysis.json"] = _json_bytes(numbers)
+    publish_run(out, files, {"run": run, "command": "analyze"})
     ev = numbers["explained_variance_top2_chord_removed"]
     print(f"top-2 chord-orthogonal explained variance: min {ev['min']:.4f}, mean {ev['mean']:.4f}\n"
           f"deviation single bump: {numbers['deviation_single_bump_fraction']:.0%} of samples, "

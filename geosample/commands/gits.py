@@ -52,8 +52,10 @@ def run(args: argparse.Namespace) -> int:
 
     from .. import distributed as gd
     from .. import gits
+    from .._io import check_out_file
     from ..data import load_dataset
 
+    check_out_file(args.out)
     parallel = gd.init_from_env()  # under torchrun: dataset sharded, teacher split, rank 0 writes
     data = torch.as_tensor(load_dataset(args.data)).to(args.device)
     search, cache = (gd.gits_search, {}) if parallel else (gits.search, {"use_cache": not args.no_cache})

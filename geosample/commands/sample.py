@@ -6,19 +6,23 @@
 3. iPNDM samples from the same seeded noise on that schedule and on EDM's polynomial rho=7 one;
 4. a reference solve (Heun, 100 steps, polynomial rho=7) from the same noise; per schedule the
    RMSE and PSNR to it (:func:`geosample.metrics.reference_error`) and the wall time;
-5. writes ``samples.png`` (one labelled panel per schedule, then the reference), ``schedule.json``
-   and ``report.json`` (atomically) into ``--out``, and prints a table.
+5. publishes ``samples.png`` (one labelled panel per schedule, then the reference),
+   ``schedule.json`` and ``report.json`` into ``--out`` as one set with a ``manifest.json`` naming
+   the run (:func:`geosample._io.publish_run`), and prints a table.  ``--out`` is checked
+   (a writable folder) before any work starts.
 """
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import platform
+import secrets
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .._io import atomic_write, atomic_write_text
+from .._io import check_out_dir, publish_run
 from .gits import gammas
 
 if TYPE_CHECKING:  # imported lazily at run time, so that `geosample --help` stays fast
@@ -117,8 +121,19 @@ def make_schedule(name: str, solver: str, nfe: int, denoiser=None, shape=None, *
     raise ValueError(f"unknown schedule {name!r}; valid: {', '.join(SCHEDULES)} or a .json file")
 
 
-def _write_json(path: Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=1))
+def _json_bytes(obj) -> bytes:
+    return json.dumps(obj, indent=1).encode("utf-8")
+
+
+def run_id() -> str:
+    """A new run's name: UTC time and 8 random hex digits."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(4)
+
+
+def png_bytes(image: "Image.Image") -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def image_grid(images, scale: int) -> "Image.Image":
@@ -190,7 +205,12 @@ def run(args: argparse.Namespace) -> int:
     solver = get_solver(args.solver).name
     if args.batch < 1:
         raise ValueError(f"--batch must be >= 1, got {args.batch}")
-    out = Path(args.out)
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 0, got {args.threads}")
+    steps_for_nfe(solver, args.nfe, args.afs)
+    if args.schedule != "gits":
+        make_schedule(args.schedule, solver, args.nfe, afs=args.afs)   # a bad name or file fails here, not later
+    out = check_out_dir(args.out)
     parallel = gd.init_from_env()  # under torchrun: the dataset sharded over ranks, rank 0 reports
     main = gd.is_main()
     say = print if main else (lambda *a, **k: None)
@@ -198,8 +218,6 @@ def run(args: argparse.Namespace) -> int:
     data = torch.as_tensor(load_dataset(args.data, limit=args.limit)).to(args.device)
     denoiser = gd.closed_form_denoiser(data)
     shape = tuple(data.shape[1:])
-    if args.threads < 0:
-        raise ValueError(f"--threads must be >= 0, got {args.threads}")
     if args.threads or data[0].numel() < SMALL:
         torch.set_num_threads(args.threads or 1)
     say(f"geosample sample: data={args.data} {tuple(data.shape)}, solver={solver}, NFE={args.nfe}, "
@@ -236,25 +254,27 @@ def run(args: argparse.Namespace) -> int:
     panels.append((f"reference ({REFERENCE['solver']}, {REFERENCE['steps']} steps)", ref))
     if not main:
         return 0
-    out.mkdir(parents=True, exist_ok=True)
 
-    written = []
+    files = {}
     if data.dim() == 4 and data.shape[1] in (1, 3):
-        written.append(atomic_write(out / "samples.png", lambda f: labelled_panels(panels).save(f, format="PNG")))
+        files["samples.png"] = png_bytes(labelled_panels(panels))
     if found is not None:
-        found.save(out / "schedule.json")
+        files["schedule.json"] = _json_bytes(found.to_dict())
     else:
-        _write_json(out / "schedule.json", {"schedule": rows[0]["schedule"], "solver": solver, "nfe": rows[0]["nfe"],
-                                            "afs": args.afs, "sigmas": rows[0]["sigmas"]})
-    report = {"data": args.data, "data_shape": list(data.shape), "solver": solver, "nfe": args.nfe, "afs": args.afs,
-              "schedule": args.schedule, "batch": args.batch, "seed": args.seed, "device": str(args.device),
+        files["schedule.json"] = _json_bytes({"schedule": rows[0]["schedule"], "solver": solver, "nfe": rows[0]["nfe"],
+                                              "afs": args.afs, "sigmas": rows[0]["sigmas"]})
+    run = run_id()
+    report = {"run": run, "data": args.data, "data_shape": list(data.shape), "solver": solver, "nfe": args.nfe,
+              "afs": args.afs, "schedule": args.schedule, "batch": args.batch, "seed": args.seed,
+              "device": str(args.device),
               "reference": {**REFERENCE, "nfe": count_nfe(REFERENCE["solver"], REFERENCE["steps"]),
                             "schedule": "polynomial rho=7", "time_s": ref_s},
               "gits_gamma": found.gamma if found is not None else None,
               "schedule_search_s": search_s, "rows": rows, "total_s": time.perf_counter() - t_start,
               "versions": _versions()}
-    _write_json(out / "report.json", report)
-    written += [out / "schedule.json", out / "report.json"]
+    files["report.json"] = _json_bytes(report)
+    publish_run(out, files, {"run": run, "command": "sample"})
+    written = [out / name for name in files]
     print(_table(rows))
     print(f"schedule search {search_s:.1f} s, reference solve {ref_s:.1f} s, total {report['total_s']:.1f} s; "
           f"wrote {', '.join(map(str, written))}")
