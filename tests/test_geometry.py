@@ -236,6 +236,10 @@ def test_analyze_cli_writes_figures_and_json(tmp_path):
     assert 0.9 < d["explained_variance_top2_chord_removed"]["min"] <= 1.0
     assert len(d["relative_deviation"]["mean"]) == 9 and d["deviation_ends_max_abs"] < 1e-4
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]   # no temporary files left
+    from geosample._io import read_run
+    assert set(read_run(out)["files"]) == {f"{n}.png" for n in ("boomerang", "explained_variance", "projection_3d",
+                                                                 "curvature")} | {"analysis.json"}
+    assert read_run(out)["run"] == d["run"]
 
 
 def test_measure_report_consistent():

@@ -199,7 +199,9 @@ def test_bad_input(gmm, noise):
 
 def test_get_sigmas_gits(gmm):
     sigmas = kd.get_sigmas_gits(5, gmm, (6,), num_warmup=16, teacher_steps=20, use_cache=False)
-    assert sigmas.dtype == torch.float64 and sigmas.shape == (6,)
+    assert sigmas.dtype == torch.float32 and sigmas.shape == (6,)      # as k-diffusion's get_sigmas_karras
+    wide = kd.get_sigmas_gits(5, gmm, (6,), num_warmup=16, teacher_steps=20, use_cache=False, dtype=torch.float64)
+    assert wide.dtype == torch.float64 and torch.equal(wide.float(), sigmas)
     assert sigmas[-1] == 0 and bool((sigmas[1:] < sigmas[:-1]).all())
     assert math.isclose(float(sigmas[0]), 80.0)
 
@@ -213,3 +215,30 @@ def test_get_sigmas_gits(gmm):
                                 use_cache=False)
     assert sigmas.shape == (5,)
     assert math.isclose(float(sigmas[0]), 14.6, rel_tol=1e-6) and math.isclose(float(sigmas[-2]), 0.03, rel_tol=1e-6)
+
+
+def test_get_sigmas_gits_runs_kdiffusion_samplers_on_a_float32_model(gmm):
+    """float64 sigmas turned x into float64 inside k-diffusion's loop (``to_d`` divides by
+    ``append_dims(sigma, x.ndim)``, a dimensioned tensor), and the float32 model then failed with
+    "Input type (double) and bias type (float)"."""
+    net = torch.nn.Linear(6, 6)
+    with torch.no_grad():
+        net.weight.copy_(torch.eye(6) * 0.5)
+        net.bias.zero_()
+
+    def model(x, sigma):
+        return net(x / (1 + sigma[:, None] ** 2).sqrt())
+
+    def kdiffusion_euler(x, sigmas):                      # k-diffusion's sample_euler, s_churn = 0
+        s_in = x.new_ones([x.shape[0]])
+        for i in range(len(sigmas) - 1):
+            sigma_hat = sigmas[i]
+            denoised = model(x, sigma_hat * s_in)
+            d = (x - denoised) / sigma_hat[(...,) + (None,) * (x.ndim - sigma_hat.ndim)]
+            x = x + d * (sigmas[i + 1] - sigma_hat)
+        return x
+
+    with torch.no_grad():
+        sigmas = kd.get_sigmas_gits(4, model, (6,), num_warmup=8, teacher_steps=12, use_cache=False)
+        x = torch.randn(3, 6, generator=torch.Generator().manual_seed(0)) * sigmas[0]
+        assert kdiffusion_euler(x, sigmas).dtype == torch.float32

@@ -79,19 +79,25 @@ sample_unipc = _sampler("sample_unipc", "unipc", "UniPC (bh2, order 3) with the 
 sample_deis = _sampler("sample_deis", "deis", "DEIS-tAB3: exponential-integrator multistep in VP time.")
 
 
-def get_sigmas_gits(n: int, model: Callable, shape, extra_args=None, device="cpu", **search_options) -> torch.Tensor:
+def get_sigmas_gits(n: int, model: Callable, shape, extra_args=None, device="cpu", dtype: torch.dtype | None = None,
+                    **search_options) -> torch.Tensor:
     """A GITS schedule in k-diffusion form: ``n + 1`` decreasing sigmas ending in 0 (like
     ``get_sigmas_karras(n, ...)``): the ``n - 1``-step GITS schedule searched on ``model`` (see
     :func:`geosample.gits.search`, which takes ``shape`` and ``search_options``), then the final 0.
 
     model: a k-diffusion denoiser ``model(x, sigma, **extra_args)``; its ``sigma_min`` / ``sigma_max``
     attributes (k-diffusion's discrete-model wrappers have them) set the search range unless
-    ``search_options`` give it.  Returns float64 on ``device``.  With ``afs=True`` in
-    ``search_options`` the search inserts the free analytical first step, so ``n + 2`` sigmas come
-    back for the same number of denoiser calls (sample them with ``afs=True``).
+    ``search_options`` give it.  Returns ``dtype`` on ``device``; the default is torch's default
+    dtype (float32 unless changed), as k-diffusion's own ``get_sigmas_*`` return, so that its
+    samplers keep a float32 model's inputs in float32.  With ``afs=True`` in ``search_options`` the
+    search inserts the free analytical first step, so ``n + 2`` sigmas come back for the same
+    number of denoiser calls (sample them with ``afs=True``).
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 2:
         raise ValueError(f"n must be an int >= 2 (n - 1 GITS steps plus the final denoise), got {n!r}")
+    dtype = torch.get_default_dtype() if dtype is None else dtype
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     from .. import gits  # imported lazily: the search is only needed here
 
     extra_args = {} if extra_args is None else extra_args
@@ -100,4 +106,8 @@ def get_sigmas_gits(n: int, model: Callable, shape, extra_args=None, device="cpu
             search_options[name] = float(getattr(model, name))
     found = gits.search(lambda x, sigma: model(x, sigma, **extra_args), shape, n - 1, **search_options)
     sigmas = torch.as_tensor(found.sigmas, dtype=torch.float64).cpu()
-    return torch.cat([sigmas, sigmas.new_zeros(1)]).to(device)
+    out = torch.cat([sigmas, sigmas.new_zeros(1)]).to(dtype)
+    if not bool((out[1:] < out[:-1]).all()):
+        raise ValueError(f"the GITS sigmas {sigmas.tolist()} are not strictly decreasing in {dtype}; "
+                         "pass dtype=torch.float64")
+    return out.to(device)
