@@ -39,7 +39,14 @@ def points(traj, which: str = "x") -> torch.Tensor:
         raise TypeError(f"traj must be a geosample.Trajectory or a tensor [T, B, ...], got {type(traj).__name__}")
     if xs.dim() < 2 or xs.shape[0] < 2 or xs.shape[1] == 0:
         raise ValueError(f"trajectory points must have shape [T, B, ...] with T >= 2, B >= 1, got {tuple(xs.shape)}")
-    return xs.detach().to(torch.float64).reshape(xs.shape[0], xs.shape[1], -1).transpose(0, 1)
+    if xs.is_meta:
+        raise ValueError("trajectory points are a meta tensor (they have no values)")
+    X = xs.detach().to(torch.float64).reshape(xs.shape[0], xs.shape[1], -1).transpose(0, 1)
+    finite = torch.isfinite(X).all(-1)
+    if not bool(finite.all()):
+        b, t = (int(i) for i in (~finite).nonzero()[0])
+        raise ValueError(f"trajectory {which!r} has non-finite values (NaN or inf) at sample {b}, point {t}")
+    return X
 
 
 def _chord(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,6 +55,8 @@ def _chord(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     length = (c - a).norm(dim=-1, keepdim=True)
     if not bool((length > 0).all()):
         raise ValueError("trajectory has a zero-length chord (first point == last point)")
+    if not bool(torch.isfinite(length).all()):
+        raise ValueError(f"trajectory's chord length overflows float64 (|x| up to {float(X.abs().max()):.3g}); rescale it")
     return a, (c - a) / length
 
 
@@ -111,7 +120,11 @@ def _gram_pca(Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     vectors: PC_j = Yc^T V[:, j] / sqrt(lam_j).  Cost O(T^2 D), memory O(T^2 + T D).
     """
     Yc = Y - Y.mean(dim=1, keepdim=True)
-    lam, V = torch.linalg.eigh(Yc @ Yc.transpose(1, 2))
+    G = Yc @ Yc.transpose(1, 2)
+    if not bool(torch.isfinite(G).all()):
+        raise ValueError(f"trajectory points are too large for PCA in float64 (|x| up to {float(Y.abs().max()):.3g}: "
+                         "their squares overflow); rescale them")
+    lam, V = torch.linalg.eigh(G)
     return lam.flip(-1).clamp_min(0.0), V.flip(-1)
 
 

@@ -57,7 +57,20 @@ def _ramp(steps: int) -> torch.Tensor:
 
 
 def _pin_ends(sigmas: torch.Tensor, first: float, last: float) -> torch.Tensor:
+    """Set the exact end points, then check that the schedule is finite and strictly decreasing
+    (too many steps for a narrow range round neighbours to the same float64)."""
     sigmas[0], sigmas[-1] = first, last
+    bad = ~torch.isfinite(sigmas[1:-1])
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0]) + 1
+        raise ValueError(f"the schedule is not finite in float64 (sigma[{i}] = {float(sigmas[i])}) for the range "
+                         f"[{last}, {first}]")
+    same = sigmas[1:] >= sigmas[:-1]
+    if bool(same.any()):
+        i = int(same.nonzero()[0])
+        raise ValueError(f"{sigmas.numel() - 1} steps over [{last}, {first}] are not strictly decreasing in float64 "
+                         f"(sigma[{i}] = {float(sigmas[i])!r}, sigma[{i + 1}] = {float(sigmas[i + 1])!r}); "
+                         "use fewer steps or a wider range")
     return sigmas
 
 
@@ -79,6 +92,11 @@ def logsnr(steps: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MA
     return _pin_ends(torch.exp(hi + _ramp(steps) * (lo - hi)), sigma_max, sigma_min)
 
 
+def _log1p_square(s: float) -> float:
+    """log(1 + s^2) without overflow for s up to the double range."""
+    return math.log1p(s * s) if s < 1e150 else 2 * math.log(s) + math.log1p(1 / (s * s))
+
+
 def vp_params(sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX,
               eps: float = VP_EPS) -> tuple[float, float]:
     """(beta_d, beta_min) of the linear VP-SDE with sigma(eps) = sigma_min and sigma(1) = sigma_max.
@@ -86,7 +104,7 @@ def vp_params(sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX,
     sigma(t)^2 = exp(beta_d t^2 / 2 + beta_min t) - 1.
     """
     sigma_min, sigma_max = _check_range(sigma_min, sigma_max)
-    l0, l1 = math.log1p(sigma_min ** 2), math.log1p(sigma_max ** 2)
+    l0, l1 = _log1p_square(sigma_min), _log1p_square(sigma_max)
     beta_d = 2 * (l0 / eps - l1) / (eps - 1)
     return beta_d, l1 - 0.5 * beta_d
 
@@ -181,13 +199,23 @@ def discrete(steps: int, alphas_cumprod, rho: float = 1.0, sigma_min: float | No
     return _pin_ends(timestep_to_sigma(t, alphas_cumprod), hi, lo)
 
 
+def _around(v: list, i: int) -> str:
+    """A short view of a long list at position i (error messages stay one line)."""
+    if len(v) <= 8:
+        return str(v)
+    lo = max(0, i - 2)
+    return f"[{'..., ' if lo else ''}{', '.join(map(repr, v[lo:i + 3]))}{', ...' if i + 3 < len(v) else ''}] ({len(v)} entries)"
+
+
 def check_sigmas(sigmas) -> torch.Tensor:
     """Validate a schedule and return it as a 1-D float64 CPU tensor.
 
     Requires at least 2 finite entries, strictly decreasing, all > 0 except an optional
-    trailing 0 (a final full denoise).
+    trailing 0 (a final full denoise).  Errors show the offending entry and its neighbours.
     """
     if isinstance(sigmas, torch.Tensor):
+        if sigmas.is_meta:
+            raise ValueError("sigmas is a meta tensor (it has no values)")
         s = sigmas.detach().to("cpu", torch.float64)
     else:
         try:
@@ -199,10 +227,16 @@ def check_sigmas(sigmas) -> torch.Tensor:
     v = s.tolist()
     if len(v) < 2:
         raise ValueError(f"sigmas needs at least 2 entries (steps + 1), got {len(v)}")
-    if not all(math.isfinite(a) for a in v):
-        raise ValueError(f"sigmas must be finite (no NaN or inf), got {v}")
-    if min(v[:-1]) <= 0 or v[-1] < 0:
-        raise ValueError(f"sigmas must be positive (a trailing 0 is allowed), got {v}")
-    if any(b >= a for a, b in zip(v, v[1:])):
-        raise ValueError(f"sigmas must be strictly decreasing, got {v}")
+    bad = [i for i, a in enumerate(v) if not math.isfinite(a)]
+    if bad:
+        raise ValueError(f"sigmas must be finite (no NaN or inf), got sigma[{bad[0]}] = {v[bad[0]]} in {_around(v, bad[0])}")
+    bad = [i for i, a in enumerate(v) if a < 0 or (a == 0 and i < len(v) - 1)]
+    if bad:
+        raise ValueError(f"sigmas must be positive (a trailing 0 is allowed), got sigma[{bad[0]}] = {v[bad[0]]} "
+                         f"in {_around(v, bad[0])}")
+    bad = [i for i, (a, b) in enumerate(zip(v, v[1:])) if b >= a]
+    if bad:
+        i = bad[0]
+        raise ValueError(f"sigmas must be strictly decreasing, got sigma[{i}] = {v[i]} then sigma[{i + 1}] = {v[i + 1]} "
+                         f"in {_around(v, i)}")
     return s

@@ -258,3 +258,23 @@ def test_project_3d_degenerate_components_are_exactly_zero():
     c = g.project_3d(traj)
     assert torch.equal(c[0, :, 2], torch.zeros(3, dtype=torch.float64))
     torch.testing.assert_close(c[0, :, 0], torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("fn", [g.deviation, g.explained_variance, g.distance_to_end, g.project_3d])
+def test_non_finite_or_meta_points_are_refused(fn):
+    """A NaN passed through deviation silently and made explained_variance raise LinAlgError."""
+    traj = _gmm_traj(num=2, steps=6)
+    bad = traj.x.clone()
+    bad[3, 1, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite values .* at sample 1, point 3"):
+        fn(bad)
+    with pytest.raises(ValueError, match="meta tensor"):
+        fn(traj.x.to("meta"))
+
+
+@pytest.mark.parametrize("fn", [g.deviation, g.explained_variance])
+def test_points_near_the_double_range_are_refused(fn):
+    """sigma ~ 1e308 trajectories overflowed inside eigh (LinAlgError) or returned inf."""
+    traj = _gmm_traj(num=2, steps=6)
+    with pytest.raises(ValueError, match="overflow"):
+        fn(traj.x / traj.x.abs().max() * 1e307)

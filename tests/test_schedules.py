@@ -99,3 +99,34 @@ def test_bad_input(call, exc, words):
 def test_trailing_zero_allowed():
     s = S.check_sigmas([80.0, 1.0, 0.0])
     assert s[-1].item() == 0.0
+
+
+def test_too_many_steps_for_the_range_is_an_error_not_a_flat_schedule():
+    """polynomial(10**7, 1, 1 + 1e-9) was returned with repeated sigmas."""
+    with pytest.raises(ValueError, match="not strictly decreasing in float64"):
+        gs.schedules.polynomial(10 ** 7, 1.0, 1.0 + 1e-9)
+    with pytest.raises(ValueError, match="not strictly decreasing in float64"):
+        gs.schedules.logsnr(10 ** 6, 1.0, 1.0 + 1e-12)
+
+
+def test_huge_sigma_max_is_a_clear_error_or_a_valid_schedule():
+    """time_uniform(5, 0.002, 1e308) raised a raw OverflowError."""
+    with pytest.raises(ValueError, match="not finite in float64"):
+        gs.schedules.time_uniform(5, 0.002, 1e308)
+    s = gs.schedules.time_uniform(5, 0.002, 1e150)
+    assert s[0] == 1e150 and bool((s[1:] < s[:-1]).all())
+    assert gs.schedules.polynomial(5, 0.002, 1e308)[0] == 1e308
+
+
+def test_check_sigmas_errors_stay_short_on_long_schedules():
+    """One duplicate in a 1e6-entry schedule gave a 19 MB message."""
+    s = torch.cat([torch.linspace(1e6, 2.0, 10 ** 6, dtype=torch.float64), torch.tensor([2.0], dtype=torch.float64)])
+    with pytest.raises(ValueError, match=r"sigma\[999999\] = 2.0 then sigma\[1000000\] = 2.0") as e:
+        gs.schedules.check_sigmas(s)
+    assert len(str(e.value)) < 300
+    s[5] = float("nan")
+    with pytest.raises(ValueError, match=r"sigma\[5\] = nan") as e:
+        gs.schedules.check_sigmas(s)
+    assert len(str(e.value)) < 300
+    with pytest.raises(ValueError, match="meta tensor"):
+        gs.schedules.check_sigmas(torch.ones(3, device="meta"))
