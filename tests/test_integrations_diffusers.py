@@ -113,19 +113,30 @@ def test_misuse_raises(unet):
         s.step(torch.zeros(1, 3, 8, 8), 999, torch.zeros(1, 3, 8, 8))
     s.set_timesteps(4)
     x = _latents(batch=1)
-    with pytest.raises(ValueError, match="expects timestep"):
-        s.step(torch.zeros_like(x), s.timesteps[1], x)
+    with pytest.raises(ValueError, match="starts no interval"):
+        s.step(torch.zeros_like(x), 123.25, x)
     out = s.step(torch.zeros_like(x), s.timesteps[0], x).prev_sample
-    with pytest.raises(ValueError, match="edited"):
-        s.step(torch.zeros_like(x), s.timesteps[1], out + 1)
+    with pytest.raises(ValueError, match="step 1 expects timestep"):
+        s.step(torch.zeros_like(x), s.timesteps[2], out)
+    with pytest.raises(FloatingPointError, match="step 1 .* not finite"):
+        s.step(torch.full_like(x, math.nan), s.timesteps[1], out)
+    heun = GITSScheduler(solver="heun")
+    heun.set_timesteps(4)
+    heun.set_begin_index(1)  # the second evaluation of interval 0
+    with pytest.raises(ValueError, match="begin index 1"):
+        heun.step(torch.zeros_like(x), heun.timesteps[1], x)
     with pytest.raises(ValueError, match="schedule must be"):
         GITSScheduler(schedule="karras")
+    with pytest.raises(ValueError, match="timestep_spacing"):
+        GITSScheduler(timestep_spacing="uniform")
     with pytest.raises(ValueError, match="rho does not apply"):
         GITSScheduler(schedule="logsnr", rho=3.0)
     with pytest.raises(TypeError, match="unknown options"):
         GITSScheduler(solver="euler", solver_options={"max_order": 2})
     with pytest.raises(ValueError, match="use_gits"):
         GITSScheduler(schedule="gits").set_timesteps(5)
+    with pytest.raises(ValueError, match="epsilon"):
+        GITSScheduler(rescale_betas_zero_snr=True).set_timesteps(5)
 
 
 def test_gits_schedule_is_searched_lazily(unet):

@@ -5,6 +5,8 @@ import pytest
 import torch
 
 import geosample as gs
+from geosample.graph import sample_fused
+from geosample.solvers.base import X, Y, Op
 from geosample.solvers.adams import AB_COEFFS, deis_tab_coefficients, ipndm_v_coefficients
 from geosample.solvers.exponential import dpmpp_coefficients, unipc_coefficients
 
@@ -111,22 +113,35 @@ def test_callback_and_progress(gmm, noise):
     assert seen == [(i, sig[i], sig[i + 1]) for i in range(5)]
 
 
-def test_custom_solver_registration(gmm, noise):
-    @gs.solvers.register("midpoint_test", evals_per_step=2)
-    def midpoint(x, sigmas, *, afs=False, on_step):
-        for i, (s, s_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
-            denoised = yield x, s
-            on_step(i, x, denoised)
-            s_mid = 0.5 * (s + s_next)
-            x_mid = x + (s_mid - s) * (x - denoised) / s
-            x = x + (s_next - s) * (x_mid - (yield x_mid, s_mid)) / s_mid
-        return x
-    try:
-        den = Counting(gmm)
-        gs.sample(den, noise, gs.schedules.polynomial(3), solver="midpoint_test")
-        assert den.calls == gs.nfe("midpoint_test", 3) == 6
-    finally:
-        del gs.SOLVERS["midpoint_test"]
+def midpoint_plan(sigmas, *, afs=False):
+    """The explicit midpoint rule in sigma, as a plan: x_mid = x + (s_mid - s) d, x_next = x + h d(x_mid)."""
+    ops = []
+    for i, (s, s_next) in enumerate(zip(sigmas, sigmas[1:])):
+        mid = 0.5 * (s + s_next)
+        ops += [Op(s, X, Y, 1.0, (mid - s,), sigma=s, afs=afs and i == 0, step=i),
+                Op(mid, Y, X, 1.0, (s_next - s,), sigma=mid)]
+    return ops, 2
+
+
+@pytest.fixture
+def midpoint_solver():
+    gs.solvers.register("midpoint_test", evals_per_step=2)(midpoint_plan)
+    yield "midpoint_test"
+    del gs.SOLVERS["midpoint_test"]
+
+
+def test_custom_solver_registration(gmm, noise, midpoint_solver):
+    """One plan gives a registered solver gs.sample and the fused sampler (and GITSScheduler, tested there)."""
+    sig = gs.schedules.polynomial(3).tolist()
+    x = noise * sig[0]
+    for s, s_next in zip(sig, sig[1:]):
+        mid = 0.5 * (s + s_next)
+        x_mid = x + (mid - s) * (x - gmm(x, s)) / s
+        x = x + (s_next - s) * (x_mid - gmm(x_mid, mid)) / mid
+    den = Counting(gmm)
+    torch.testing.assert_close(gs.sample(den, noise, sig, solver=midpoint_solver), x, rtol=1e-12, atol=1e-12)
+    assert den.calls == gs.nfe(midpoint_solver, 3) == 6
+    torch.testing.assert_close(sample_fused(gmm, noise, sig, midpoint_solver), x, rtol=1e-12, atol=1e-12)
 
 
 # ---------------------------------------------------------------- convergence to the exact solution

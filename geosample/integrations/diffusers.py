@@ -5,26 +5,29 @@
 
 Design.  The scheduler works in VP space like diffusers' DDIM / DPM-Solver schedulers
 (``init_noise_sigma = 1``, ``scale_model_input`` is the identity), so any pipeline can drive it.
-Every geosample solver is a generator that yields each (x, sigma) it needs evaluated
-(:func:`geosample.solvers.solve`); the scheduler holds that generator and, at each ``step``,
-converts the model output to the denoiser value D
-(:func:`~geosample.denoisers.adapters.vp_to_denoised`) and sends it in: the next request is the
-sample the model must see.  So every solver (and every solver registered later) runs unchanged,
-with its multistep history kept inside the generator, and the result is ``gs.sample`` on the
-same model through :class:`~geosample.denoisers.adapters.EpsDenoiser`.  ``timesteps`` lists every
-model evaluation (Heun and DPM-2 evaluate twice per interval), found by one dry run of the solver.
+It runs the solver's own plan (:mod:`geosample.solvers.plan`), the description ``gs.sample`` and
+the fused sampler run too: each ``step`` turns the model output into the denoiser value D
+(:func:`~geosample.denoisers.adapters.vp_to_denoised`) at the sample it is given, applies the
+solver's update, and returns the point of the next model evaluation.  So latents edited between
+steps (inpainting's blending, ``callback_on_step_end``) are stepped from as given, every
+registered solver works, and an unedited run equals ``gs.sample`` through
+:class:`~geosample.denoisers.adapters.EpsDenoiser`.  ``timesteps`` lists every model evaluation
+(Heun and DPM-2 evaluate twice per interval; ``order`` says how many).
 
 ``num_inference_steps = N`` means N intervals: the schedule family with N - 1 steps over the
 model's sigma range, then the final denoise to 0 (``denoise_to_zero=True``, as diffusers' and
 k-diffusion's schedules do); with ``denoise_to_zero=False``, N steps that stop at sigma_min.
-The pipeline must run the whole schedule and pass back each ``prev_sample`` unchanged
-(img2img and latent-blending inpainting are not supported; ``step`` raises if they are tried).
+img2img: ``set_begin_index(k)`` (or a first timestep later in ``timesteps``) starts the solver
+afresh on the rest of the schedule from the sample given, as diffusers' multistep schedulers do.
+A zero-terminal-SNR model (``rescale_betas_zero_snr=True``) has sigma_max = inf: schedules then
+start at inf (see docs/diffusers.md).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from diffusers import DDPMScheduler
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -33,11 +36,14 @@ from diffusers.utils import BaseOutput
 
 from .. import schedules
 from ..denoisers.adapters import EpsDenoiser, vp_to_denoised, _check_prediction_type
-from ..solvers import get_solver, sample, solve
+from ..solvers import get_solver
+from ..solvers.plan import Run, plan
+from ..solvers.sampling import _check_options, check_grid, state_dtype
 
 __all__ = ["GITSScheduler", "GITSSchedulerOutput"]
 
 FAMILIES = ("polynomial", "logsnr", "time_uniform", "discrete", "gits")
+SPACINGS = ("linspace", "leading", "trailing")
 
 
 @dataclass
@@ -47,21 +53,29 @@ class GITSSchedulerOutput(BaseOutput):
     pred_original_sample: torch.Tensor
 
 
-def _vp_scale(sigma: float) -> float:
-    """sqrt(alpha) = 1 / sqrt(1 + sigma^2): x_vp = x / sqrt(1 + sigma^2)."""
-    return 1.0 / math.sqrt(1.0 + sigma * sigma)
+def _to_edm(sample: torch.Tensor, sigma: float) -> torch.Tensor:
+    """x = sqrt(1 + sigma^2) x_vp; at sigma = inf the state is the VP sample itself (the noise)."""
+    return sample if math.isinf(sigma) else sample * math.sqrt(1.0 + sigma * sigma)
+
+
+def _to_vp(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """x_vp = x / sqrt(1 + sigma^2), the inverse of :func:`_to_edm`."""
+    return x if math.isinf(sigma) else x * (1.0 / math.sqrt(1.0 + sigma * sigma))
 
 
 class GITSScheduler(SchedulerMixin, ConfigMixin):
     """Runs a geosample solver step by step for a VP model trained on ``alphas_cumprod``.
 
-    Config: the model's betas (as in every diffusers scheduler) and ``prediction_type``
-    ("epsilon" | "v_prediction" | "sample"); ``solver`` (any name in ``gs.SOLVERS``) with
-    ``solver_options`` (no ``afs``: the pipeline evaluates the model on its first sample itself);
-    ``schedule`` ("polynomial" | "logsnr" | "time_uniform" | "discrete" | "gits") with ``rho``
-    (polynomial, time_uniform, discrete; the family's default when None) over [sigma_min,
-    sigma_max] (default: the model's range); ``sigmas``, a fixed schedule (e.g. a saved GITS one)
-    that overrides ``schedule``; ``denoise_to_zero``.
+    Config: the model's betas (as in every diffusers scheduler, ``rescale_betas_zero_snr``
+    included) and ``prediction_type`` ("epsilon" | "v_prediction" | "sample"); ``solver`` (any name
+    in ``gs.SOLVERS``) with ``solver_options`` (no ``afs``: the pipeline evaluates the model on its
+    first sample itself); ``schedule`` ("polynomial" | "logsnr" | "time_uniform" | "discrete" |
+    "gits") with ``rho`` (polynomial, time_uniform, discrete; the family's default when None) over
+    [sigma_min, sigma_max] (default: the model's range); ``timestep_spacing`` and ``steps_offset``
+    (schedule="discrete": "linspace" is uniform in timesteps to the power rho, "leading" and
+    "trailing" are diffusers' integer timesteps); ``sigmas``, a fixed schedule that overrides
+    ``schedule``; ``gits_sigmas``, the GITS schedules found so far by step count (saved with the
+    config, so a loaded scheduler needs no model); ``denoise_to_zero``.
     """
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
@@ -69,89 +83,143 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
                  beta_schedule: str = "linear", trained_betas=None, prediction_type: str = "epsilon",
+                 rescale_betas_zero_snr: bool = False, timestep_spacing: str = "linspace", steps_offset: int = 0,
                  solver: str = "ipndm", solver_options: dict | None = None,
                  schedule: str = "polynomial", rho: float | None = None, sigma_min: float | None = None,
-                 sigma_max: float | None = None, sigmas: list | None = None, denoise_to_zero: bool = True):
+                 sigma_max: float | None = None, sigmas: list | None = None, gits_sigmas: dict | None = None,
+                 denoise_to_zero: bool = True):
         _check_prediction_type(prediction_type)
-        spec = get_solver(solver)
-        unknown = sorted(set(solver_options or {}) - set(spec.defaults))
-        if unknown:
-            raise TypeError(f"solver {solver!r} got unknown options {unknown}; its options: {sorted(spec.defaults)}")
+        _check_options(get_solver(solver), dict(solver_options or {}))
         if schedule not in FAMILIES:
             raise ValueError(f"schedule must be one of {FAMILIES}, got {schedule!r}")
+        if timestep_spacing not in SPACINGS:
+            raise ValueError(f"timestep_spacing must be one of {SPACINGS}, got {timestep_spacing!r}")
         if rho is not None and schedule in ("logsnr", "gits"):
             raise ValueError(f"rho does not apply to schedule={schedule!r} (pass GITS options to use_gits)")
         ddpm = DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
-                             beta_schedule=beta_schedule, trained_betas=trained_betas)
+                             beta_schedule=beta_schedule, trained_betas=trained_betas,
+                             rescale_betas_zero_snr=rescale_betas_zero_snr)
+        self.betas, self.alphas = ddpm.betas, ddpm.alphas
         self.alphas_cumprod = ddpm.alphas_cumprod.to(torch.float64)
-        model_sigmas = schedules.discrete_sigmas(self.alphas_cumprod)
-        self.model_sigma_range = (float(model_sigmas[0]), float(model_sigmas[-1]))
+        # sigma <-> timestep on the finite part; a zero-SNR last timestep is sigma = inf
+        self.zero_snr = bool(self.alphas_cumprod[-1] == 0)
+        self._finite_ac = self.alphas_cumprod[:-1] if self.zero_snr else self.alphas_cumprod
+        model_sigmas = schedules.discrete_sigmas(self._finite_ac)
+        self.model_sigma_range = (float(model_sigmas[0]), math.inf if self.zero_snr else float(model_sigmas[-1]))
         self.init_noise_sigma = 1.0
         self.num_inference_steps = None
         self.sigmas = self.eval_sigmas = self.timesteps = None
         self._gits = None
-        self._gits_cache: dict[int, torch.Tensor] = {}
-        self._reset()
+        self._step_index = self._begin_index = None
+        self._run = None
 
     @property
     def order(self) -> int:
-        """Model evaluations per interval of the schedule (diffusers uses it for progress bars)."""
+        """Model evaluations per interval of the schedule (img2img pipelines start at t_start * order)."""
         return get_solver(self.config.solver).evals_per_step
+
+    @property
+    def step_index(self) -> int | None:
+        """Index into ``timesteps`` of the next evaluation (None before the first ``step``)."""
+        return self._step_index
+
+    @property
+    def begin_index(self) -> int | None:
+        """Index into ``timesteps`` of the first evaluation, set by :meth:`set_begin_index`."""
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Start the next run at ``timesteps[begin_index]`` (img2img); it must begin an interval."""
+        self._begin_index = begin_index
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
 
-    def _reset(self) -> None:
-        self._solver = None   # the running solve() generator
-        self._calls = 0       # model outputs consumed this run
-        self._pending = None  # (EDM x, VP sample) the model must evaluate next
+    # ---- sigma <-> timestep ------------------------------------------------------------------
+    def _t_to_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(t, dtype=torch.float64).cpu().flatten()
+        s = schedules.timestep_to_sigma(t, self._finite_ac)
+        if self.zero_snr:
+            s = torch.where(t >= len(self.alphas_cumprod) - 1, math.inf, s)
+        return s
+
+    def _sigma_to_t(self, s: torch.Tensor) -> torch.Tensor:
+        return torch.where(torch.isinf(s), float(len(self.alphas_cumprod) - 1),
+                           schedules.sigma_to_timestep(s, self._finite_ac))
 
     # ---- schedules -------------------------------------------------------------------------
     def use_gits(self, model, shape, model_kwargs: dict | None = None, **search_options) -> None:
         """Search GITS schedules on ``model`` (the pipeline's UNet, through :class:`EpsDenoiser`)
-        lazily: at each ``set_timesteps`` with a new step count, ``gs.gits.search(denoiser, shape,
-        steps, **search_options)`` (shape: one sample, e.g. (4, 64, 64); sigma_min / sigma_max
-        default to the scheduler's range, device to the model's); results are cached per step
-        count.  Sets ``schedule="gits"``."""
-        self._gits = (EpsDenoiser(model, self.alphas_cumprod, self.config.prediction_type, model_kwargs),
+        lazily: at each ``set_timesteps`` with a step count not in the config's ``gits_sigmas``,
+        ``gs.gits.search(denoiser, shape, steps, **search_options)`` (shape: one sample, e.g.
+        (4, 64, 64); sigma_min / sigma_max default to the scheduler's finite range, device to the
+        model's); each result is added to ``gits_sigmas``.  Sets ``schedule="gits"``."""
+        self._gits = (EpsDenoiser(model, self._finite_ac, self.config.prediction_type, model_kwargs),
                       shape, search_options)
-        self._gits_cache.clear()
         self.register_to_config(schedule="gits")
 
-    def _family(self, steps: int) -> torch.Tensor:
+    def _gits_schedule(self, steps: int, lo: float, hi: float) -> torch.Tensor:
+        found = dict(self.config.gits_sigmas or {})
+        if str(steps) not in found:
+            if self._gits is None:
+                raise ValueError(f"schedule='gits' has no {steps}-step schedule: call scheduler.use_gits(pipe.unet, "
+                                 f"shape) first (found so far: {sorted(found, key=int) or 'none'}), or pass sigmas=")
+            from .. import gits  # imported lazily: only GITS schedules need the search
+            denoiser, shape, options = self._gits
+            options = {"sigma_min": lo, "sigma_max": hi, "device": getattr(denoiser.model, "device", "cpu"),
+                       **options}
+            found[str(steps)] = [float(v) for v in gits.search(denoiser, shape, steps, **options).sigmas]
+            self.register_to_config(gits_sigmas=found)
+        return torch.tensor(found[str(steps)], dtype=torch.float64)
+
+    def _finite_family(self, steps: int, lo: float, hi: float) -> torch.Tensor:
         cfg = self.config
-        lo = self.model_sigma_range[0] if cfg.sigma_min is None else cfg.sigma_min
-        hi = self.model_sigma_range[1] if cfg.sigma_max is None else cfg.sigma_max
         rho = {} if cfg.rho is None else {"rho": cfg.rho}
         if cfg.schedule == "gits":
-            if self._gits is None:
-                raise ValueError("schedule='gits' needs a model to search on: call scheduler.use_gits(pipe.unet, "
-                                 "shape) first, or pass sigmas=, or set the config's sigmas")
-            if steps not in self._gits_cache:
-                from .. import gits  # imported lazily: only GITS schedules need the search
-                denoiser, shape, options = self._gits
-                options = {"sigma_min": lo, "sigma_max": hi, "device": getattr(denoiser.model, "device", "cpu"),
-                           **options}
-                found = gits.search(denoiser, shape, steps, **options)
-                self._gits_cache[steps] = torch.as_tensor(found.sigmas, dtype=torch.float64).cpu()
-            return self._gits_cache[steps]
+            return self._gits_schedule(steps, lo, hi)
         if cfg.schedule == "discrete":
-            return schedules.discrete(steps, self.alphas_cumprod, sigma_min=lo, sigma_max=hi, **rho)
+            return schedules.discrete(steps, self._finite_ac, sigma_min=lo, sigma_max=hi, **rho)
         if cfg.schedule == "logsnr":
             return schedules.logsnr(steps, lo, hi)
         return getattr(schedules, cfg.schedule)(steps, lo, hi, **rho)
+
+    def _spaced_timesteps(self, points: int) -> torch.Tensor:
+        """diffusers' "leading" / "trailing" integer timesteps, ``points`` of them, decreasing."""
+        T = self.config.num_train_timesteps
+        if self.config.timestep_spacing == "leading":
+            t = (np.arange(points) * (T // points)).round()[::-1] + self.config.steps_offset
+        else:
+            t = np.round(np.arange(T, 0, -T / points)) - 1
+        return torch.from_numpy(t.copy()).to(torch.float64)
+
+    def _family(self, steps: int) -> torch.Tensor:
+        """``steps + 1`` decreasing sigmas of the configured family (starting at inf for zero-SNR models)."""
+        cfg = self.config
+        if cfg.schedule == "discrete" and cfg.timestep_spacing != "linspace":
+            if cfg.rho is not None or cfg.sigma_min is not None or cfg.sigma_max is not None:
+                raise ValueError(f"timestep_spacing={cfg.timestep_spacing!r} fixes the timesteps: "
+                                 "rho, sigma_min and sigma_max do not apply")
+            return self._t_to_sigma(self._spaced_timesteps(steps + 1))
+        lo = self.model_sigma_range[0] if cfg.sigma_min is None else cfg.sigma_min
+        hi = self.model_sigma_range[1] if cfg.sigma_max is None else cfg.sigma_max
+        if steps == 0:
+            return torch.tensor([hi], dtype=torch.float64)
+        if math.isinf(hi):  # inf, then the family over the finite range (see docs/diffusers.md)
+            rest = torch.tensor([lo], dtype=torch.float64) if steps == 1 else \
+                self._finite_family(steps - 1, lo, float(schedules.discrete_sigmas(self._finite_ac)[-1]))
+            return torch.cat([torch.tensor([math.inf], dtype=torch.float64), rest])
+        return self._finite_family(steps, lo, hi)
 
     def _grid(self, num_inference_steps, sigmas, timesteps) -> torch.Tensor:
         if sigmas is not None and timesteps is not None:
             raise ValueError("pass sigmas or timesteps, not both")
         zero = torch.zeros(1, dtype=torch.float64)
         if sigmas is not None:
-            return schedules.check_sigmas(sigmas)
+            return check_grid(sigmas)
         if timesteps is not None:
-            t = torch.as_tensor(timesteps, dtype=torch.float64).cpu()
-            return schedules.check_sigmas(torch.cat([schedules.timestep_to_sigma(t, self.alphas_cumprod), zero]))
+            return check_grid(torch.cat([self._t_to_sigma(timesteps), zero]))
         if self.config.sigmas is not None:
-            grid = schedules.check_sigmas(self.config.sigmas)
+            grid = check_grid(self.config.sigmas)
             if num_inference_steps not in (None, grid.numel() - 1):
                 raise ValueError(f"the config's sigmas have {grid.numel() - 1} steps, "
                                  f"got num_inference_steps={num_inference_steps}")
@@ -160,96 +228,118 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError("set_timesteps needs num_inference_steps, sigmas or timesteps")
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
             raise TypeError(f"num_inference_steps must be an int, got {type(num_inference_steps).__name__}")
-        final = int(bool(self.config.denoise_to_zero))
-        if num_inference_steps < 1 + final:
-            raise ValueError(f"num_inference_steps must be >= {1 + final}, got {num_inference_steps}")
-        grid = self._family(num_inference_steps - final)
-        return torch.cat([grid, zero]) if final else grid
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        if not self.config.denoise_to_zero:
+            return check_grid(self._family(num_inference_steps))
+        return check_grid(torch.cat([self._family(num_inference_steps - 1), zero]))
 
     def set_timesteps(self, num_inference_steps: int | None = None, device=None, sigmas=None, timesteps=None) -> None:
         """Fix the schedule and list every model evaluation.
 
-        sigmas: an explicit EDM schedule (decreasing, optionally ending in 0); timesteps: model
-        timesteps (decreasing), mapped to sigmas by log-sigma interpolation, then a final 0.
-        Sets ``self.sigmas`` (float64, CPU), ``self.eval_sigmas`` and ``self.timesteps``
-        (continuous, float32, on ``device``): one entry per model call.
+        sigmas: an explicit EDM schedule (decreasing, optionally ending in 0, optionally starting
+        at inf); timesteps: model timesteps (decreasing), mapped to sigmas by log-sigma
+        interpolation, then a final 0.  Sets ``self.sigmas`` (float64, CPU), ``self.eval_sigmas``
+        and ``self.timesteps`` (continuous, float32, on ``device``): one entry per model call.
         """
         grid = self._grid(num_inference_steps, sigmas, timesteps)
-        probed: list[float] = []
-
-        def probe(x, sigma):
-            probed.append(float(sigma[0]))
-            return torch.zeros_like(x)
-
-        sample(probe, torch.zeros(1, dtype=torch.float64), grid, self.config.solver,
-               **(self.config.solver_options or {}))
+        if math.isinf(float(grid[0])) and self.config.prediction_type == "epsilon":
+            raise ValueError("a schedule starting at sigma = inf (zero terminal SNR) needs prediction_type "
+                             "'v_prediction' or 'sample': an epsilon model's x0 = x - sigma eps is undefined there; "
+                             "set a finite sigma_max to run an epsilon model")
+        ops, _ = self._plan(grid)
+        evals = [op for op in ops if op.eval_sigma is not None]
         self.sigmas = grid
         self.num_inference_steps = grid.numel() - 1
-        self.eval_sigmas = torch.tensor(probed, dtype=torch.float64)
-        self.timesteps = schedules.sigma_to_timestep(self.eval_sigmas, self.alphas_cumprod).to(device, torch.float32)
-        self._reset()
+        self.eval_sigmas = torch.tensor([op.eval_sigma for op in evals], dtype=torch.float64)
+        self._eval_interval = [op.step for op in evals]  # the interval an evaluation starts, else None
+        self.timesteps = self._sigma_to_t(self.eval_sigmas).to(device, torch.float32)
+        self._step_index = self._begin_index = None
+        self._run = None
+
+    def _plan(self, grid: torch.Tensor):
+        spec = get_solver(self.config.solver)
+        return plan(spec, grid.tolist(), False, _check_options(spec, dict(self.config.solver_options or {})))
 
     # ---- stepping --------------------------------------------------------------------------
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         """The identity: samples are already in the model's VP scale."""
         return sample
 
-    @property
-    def step_index(self) -> int:
-        """How many model outputs this run has consumed."""
-        return self._calls
+    def _start(self, timestep, sample: torch.Tensor) -> None:
+        """Begin a run at ``begin_index`` (or at ``timestep``'s first interval start): the solver
+        starts afresh on the rest of the schedule, from ``sample``."""
+        k = self._begin_index
+        if k is None:
+            t = float(torch.as_tensor(timestep, dtype=torch.float32).flatten()[0])
+            starts = [j for j, i in enumerate(self._eval_interval)
+                      if i is not None and math.isclose(float(self.timesteps[j]), t, rel_tol=1e-5, abs_tol=1e-3)]
+            if not starts:
+                raise ValueError(f"timestep {t} starts no interval of this schedule (timesteps: "
+                                 f"{[round(float(v), 3) for v in self.timesteps]}); call set_timesteps, and "
+                                 "set_begin_index for img2img")
+            k = starts[0]
+        if not 0 <= k < len(self.timesteps) or self._eval_interval[k] is None:
+            raise ValueError(f"begin index {k} is not the first evaluation of an interval of this schedule "
+                             f"({len(self.timesteps)} evaluations, order {self.order})")
+        interval = self._eval_interval[k]
+        ops, size = self._plan(self.sigmas[interval:])
+        x = _to_edm(sample.to(state_dtype(sample.dtype)), float(self.sigmas[interval]))
+        self._run, self._step_index, self._prev = Run(ops, size, x), k, None
 
-    def _advance(self, denoised: torch.Tensor | None) -> tuple[torch.Tensor, float]:
-        """Send D to the solver (None starts it): (next EDM x, its sigma) or (result, sigmas[-1])."""
-        try:
-            x, sigma = self._solver.send(denoised)
-        except StopIteration as done:
-            return done.value, float(self.sigmas[-1])
-        return x, sigma
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True,
+             generator=None):
+        """Consume the model output at ``timestep`` for ``sample`` and return the sample for the next call (VP).
 
-    def _check_step(self, timestep, sample: torch.Tensor) -> int:
+        The solver steps from ``sample`` as given (it may differ from the last ``prev_sample``).
+        generator: accepted for pipelines that pass one; the solvers are deterministic.
+        After the last evaluation, prev_sample is the solver's result.
+        """
         if self.timesteps is None:
             raise ValueError("call set_timesteps before step")
-        k = self.step_index
+        if self._run is None:
+            self._start(timestep, sample)
+        k = self._step_index
         if k >= len(self.timesteps):
             raise ValueError(f"step called more than the {len(self.timesteps)} times the schedule needs; "
                              "call set_timesteps to start again")
         t = torch.as_tensor(timestep, dtype=torch.float32).cpu()
         if t.numel() != 1 or not torch.isclose(t.flatten()[0], self.timesteps[k].cpu(), rtol=1e-5, atol=1e-3):
-            raise ValueError(f"step {k} expects timestep {float(self.timesteps[k]):.4f}, got {timestep}: "
-                             "GITSScheduler runs its whole schedule from the first timestep (no img2img)")
-        if k > 0 and not torch.equal(sample, self._pending[1]):
-            raise ValueError("the sample passed to step differs from the previous prev_sample: "
-                             "GITSScheduler cannot follow latents edited between steps")
-        return k
-
-    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True,
-             generator=None):
-        """Consume the model output at ``timestep`` and return the sample for the next call (VP).
-
-        generator: accepted for pipelines that pass one; the solvers are deterministic.
-        After the last evaluation, prev_sample is the solver's result.
-        """
-        k = self._check_step(timestep, sample)
+            raise ValueError(f"step {k} expects timestep {float(self.timesteps[k]):.4f}, got {timestep}")
+        if not bool(torch.isfinite(model_output).all()):
+            raise FloatingPointError(f"the model output at step {k} (timestep {float(self.timesteps[k]):.4f}) "
+                                     "is not finite (NaN or inf)")
         sigma = float(self.eval_sigmas[k])
-        if k == 0:
-            x = sample / _vp_scale(sigma)
-            self._solver = solve(x / sigma, self.sigmas, self.config.solver, **(self.config.solver_options or {}))
-            self._advance(None)  # the first request is (x, sigma) itself
-        else:
-            x = self._pending[0]
-        denoised = vp_to_denoised(model_output, x, sigma, self.config.prediction_type)
-        self._calls += 1
-        x_next, sigma_next = self._advance(denoised)
-        prev_sample = (x_next * _vp_scale(sigma_next)).to(sample.dtype)
-        self._pending = (x_next, prev_sample)
+        point = self._run.request()[0]
+        x = point if sample is self._prev else _to_edm(sample.to(point.dtype), sigma)
+        denoised = self._denoised(model_output.to(point.dtype), x, sigma)
+        self._run.send(denoised, at=x)
+        self._step_index = k + 1
+        nxt = self._run.request()
+        x_next, sigma_next = (self._run.x, float(self.sigmas[-1])) if nxt is None else nxt
+        prev_sample = _to_vp(x_next, sigma_next).to(sample.dtype)
+        self._prev = prev_sample
+        denoised = denoised.to(sample.dtype)
         if not return_dict:
             return (prev_sample, denoised)
         return GITSSchedulerOutput(prev_sample=prev_sample, pred_original_sample=denoised)
 
+    def _denoised(self, output: torch.Tensor, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        """D from the model output; at sigma = inf, D = -v (v-prediction) or the output (sample)."""
+        if not math.isinf(sigma):
+            return vp_to_denoised(output, x, sigma, self.config.prediction_type)
+        return -output if self.config.prediction_type == "v_prediction" else output
+
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
-        """x_vp = (x0 + sigma n) / sqrt(1 + sigma^2) with sigma = timestep_to_sigma(timesteps) per sample."""
+        """x_vp = (x0 + sigma n) / sqrt(1 + sigma^2) per sample, sigma the timestep's (= noise at inf);
+        a timestep of this schedule uses its exact sigma."""
         t = torch.as_tensor(timesteps, dtype=torch.float64).cpu().flatten()
-        s = schedules.timestep_to_sigma(t, self.alphas_cumprod).to(original_samples.device, original_samples.dtype)
-        s = s.reshape(-1, *([1] * (original_samples.dim() - 1)))
-        return (original_samples + s * noise) * torch.rsqrt(1 + s * s)
+        s = self._t_to_sigma(t)
+        if self.timesteps is not None:
+            exact = (t[:, None] == self.timesteps.cpu().double()[None, :])
+            s = torch.where(exact.any(1), self.eval_sigmas[exact.int().argmax(1)], s)
+        c_x = torch.where(torch.isinf(s), 0.0, torch.rsqrt(1 + s * s))
+        c_n = torch.where(torch.isinf(s), 1.0, s * torch.rsqrt(1 + s * s))
+        shape = (-1, *([1] * (original_samples.dim() - 1)))
+        c_x, c_n = (c.to(original_samples.device, original_samples.dtype).reshape(shape) for c in (c_x, c_n))
+        return c_x * original_samples + c_n * noise

@@ -1,6 +1,6 @@
 """Deterministic ODE solvers behind one call, :func:`sample`, and a registry, :data:`SOLVERS`."""
-from .base import SOLVERS, Solver, Trajectory, register
+from .base import SOLVERS, Op, Solver, Trajectory, register
 from . import single_step, adams, exponential  # noqa: F401  (register the built-in solvers)
-from .sampling import get_solver, nfe, sample, solve
+from .sampling import get_solver, nfe, sample
 
-__all__ = ["SOLVERS", "Solver", "Trajectory", "register", "get_solver", "nfe", "sample", "solve"]
+__all__ = ["SOLVERS", "Op", "Solver", "Trajectory", "register", "get_solver", "nfe", "sample"]

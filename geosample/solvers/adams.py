@@ -1,8 +1,8 @@
 """Linear multistep solvers on the ODE direction d = (x - D) / sigma: iPNDM, iPNDM_v and DEIS-tAB.
 
 Each step is x_next = x + sum_k c_k d_{i-k} over the newest directions (k = 0 is the current
-one), one fused update on a ring buffer (:mod:`.fused`); only the coefficients differ.  All coefficients are float64 functions of the grid, so the
-C++ core and the GPU kernels can reproduce them exactly.
+one), one op of the solver's plan (:mod:`.base`); only the coefficients differ.  All coefficients
+are float64 functions of the grid, so the C++ core and the GPU kernels can reproduce them exactly.
 """
 from __future__ import annotations
 
@@ -11,9 +11,7 @@ import functools
 import numpy as np
 
 from ..schedules import vp_params, vp_sigma_inv
-from .base import check_order, register
-from .fused import History
-from .single_step import first_denoised
+from .base import X, Op, check_order, register
 
 # Adams-Bashforth coefficients for a uniform step, newest direction first.
 AB_COEFFS = {
@@ -99,31 +97,28 @@ def _deis_tab(sigmas: tuple, max_order: int) -> tuple[tuple[float, ...], ...]:
     return tuple(out)
 
 
-def _adams(x, sigmas, coefficients, max_order, afs, on_step):
-    hist = History(x, max_order)  # directions d = (x - D) / sigma, newest first
-    for i, s in enumerate(sigmas[:-1]):
-        denoised = yield from first_denoised(x, s, afs and i == 0)
-        on_step(i, x, denoised)
-        x = hist.update(x, coefficients(i, min(i + 1, max_order)), denoised=denoised, sigma=s)
-    return x
+def _adams(sigmas, coefficients, max_order, afs):
+    """One op per step on the directions d = (x - D) / sigma, newest first."""
+    return [Op(s, X, X, 1.0, tuple(coefficients(i, min(i + 1, max_order))), sigma=s, afs=afs and i == 0, step=i)
+            for i, s in enumerate(sigmas[:-1])], max_order
 
 
 @register("ipndm", max_order=4)
-def ipndm(x, sigmas, *, afs=False, on_step, max_order=4):
+def ipndm(sigmas, *, afs=False, max_order=4):
     """Improved PNDM: Adams-Bashforth of order min(i+1, max_order) with fixed uniform-step weights."""
     max_order = check_order(max_order, 4)
-    return (yield from _adams(x, sigmas, lambda i, k: ipndm_coefficients(sigmas, i, k), max_order, afs, on_step))
+    return _adams(sigmas, lambda i, k: ipndm_coefficients(sigmas, i, k), max_order, afs)
 
 
 @register("ipndm_v", max_order=4)
-def ipndm_v(x, sigmas, *, afs=False, on_step, max_order=4):
+def ipndm_v(sigmas, *, afs=False, max_order=4):
     """iPNDM with the reference's variable-step weights (:func:`ipndm_v_coefficients`)."""
     max_order = check_order(max_order, 4)
-    return (yield from _adams(x, sigmas, lambda i, k: ipndm_v_coefficients(sigmas, i, k), max_order, afs, on_step))
+    return _adams(sigmas, lambda i, k: ipndm_v_coefficients(sigmas, i, k), max_order, afs)
 
 
 @register("deis", max_order=4, mode="tab")
-def deis(x, sigmas, *, afs=False, on_step, max_order=4, mode="tab"):
+def deis(sigmas, *, afs=False, max_order=4, mode="tab"):
     """DEIS-tAB: exponential-integrator multistep with Lagrange extrapolation of d in VP time.
 
     max_order=4 uses the current and 3 past directions (DEIS-tAB3).
@@ -132,5 +127,4 @@ def deis(x, sigmas, *, afs=False, on_step, max_order=4, mode="tab"):
     if mode != "tab":
         raise ValueError(f"deis mode must be 'tab', got {mode!r}")
     table = deis_tab_coefficients(sigmas, max_order)
-    return (yield from _adams(x, sigmas, lambda i, k: table[i], max_order, afs, on_step))
-
+    return _adams(sigmas, lambda i, k: table[i], max_order, afs)

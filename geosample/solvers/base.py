@@ -1,12 +1,17 @@
-"""What every solver shares: the solver record, the counted denoiser, the driver, AFS.
+"""What every solver shares: the solver record and registry, the step description, AFS.
 
-A solver is a generator function ``fn(x, sigmas, *, afs, on_step, **options)`` that integrates
-dx/dsigma = (x - D(x, sigma)) / sigma over the positive, strictly decreasing float64 grid
-``sigmas`` (a Python list).  It asks for every denoiser value with ``denoised = yield x, sigma``
-and returns the final x.  So the same solver runs in one call (:func:`drive` answers each request
-with the denoiser) or one model call at a time (a diffusers scheduler sends the outputs itself).
-``on_step(i, x, denoised)`` is called exactly once per step with the state at the step's start and
-the denoiser value used there.  Solvers never modify tensors in place, so recorded states stay valid.
+A solver is described once, as a *plan*: a function ``plan(sigmas, *, afs, **options)`` that
+turns a positive, strictly decreasing float64 grid (a Python list, the ODE part of a schedule)
+into ``(ops, history_size)``, a list of :class:`Op`.  Each op is at most one denoiser call and
+one update of the shared form
+
+    D      = D(state[src], eval_sigma)                      (no call when eval_sigma is None)
+    H_new  = (state[src] - D) / sigma   or   D  (sigma None)   pushed to a ring buffer
+    state[dst] = a state[X] + sum_k c_k H_k                 (k = 0 newest)
+
+over two state buffers, X (the solution) and Y (a predictor / midpoint point).  ``gs.sample``
+(:mod:`.sampling`), ``GITSScheduler.step`` and the fused sampler (:mod:`geosample.graph`) all run
+these ops (:mod:`.plan`), so :func:`register` gives a new solver all of them.
 """
 from __future__ import annotations
 
@@ -17,15 +22,39 @@ from typing import Callable
 
 import torch
 
-__all__ = ["Solver", "Trajectory", "CountedDenoiser", "checked_output", "drive", "afs_denoised", "SOLVERS", "register",
-           "check_denoised_at_x"]
+__all__ = ["Op", "X", "Y", "Solver", "Trajectory", "CountedDenoiser", "checked_output", "afs_denoised", "SOLVERS",
+           "register", "check_denoised_at_x", "dynamic_threshold"]
+
+X, Y = 0, 1  # the two state buffers: the solution and an intermediate (predictor / midpoint) point
+
+
+@dataclass(frozen=True)
+class Op:
+    """One denoiser call at ``state[src]`` (none when ``eval_sigma`` is None) and one update
+    ``state[dst] = a state[X] + sum_k coeffs[k] H_k`` (see the module docstring).
+
+    sigma: the divisor of the new direction (None: the new entry is D itself);
+    afs: use the analytic first-step value instead of calling the denoiser;
+    threshold: dynamic thresholding of D before it is pushed;
+    step: this op's D is the recorded evaluation of interval ``step`` (for trajectories and
+    callbacks): of the state before the op when src is X, else (UniPC's corrector) of the state after.
+    """
+    eval_sigma: float | None
+    src: int
+    dst: int
+    a: float
+    coeffs: tuple[float, ...]
+    sigma: float | None = None
+    afs: bool = False
+    threshold: bool = False
+    step: int | None = None
 
 
 @dataclass(frozen=True)
 class Solver:
-    """A registered solver: its step function, denoiser calls per step, and default options."""
+    """A registered solver: its plan function, denoiser calls per step, and default options."""
     name: str
-    fn: Callable
+    plan: Callable
     evals_per_step: int = 1
     defaults: dict = field(default_factory=dict)
     denoised_at_x: bool = True  # on_step's denoised is D(x, sigma) at the recorded x itself
@@ -41,7 +70,7 @@ SOLVERS: dict[str, Solver] = {}
 
 
 def register(name: str, evals_per_step: int = 1, denoised_at_x: bool = True, **defaults):
-    """Decorator adding a solver (a generator function, see the module docstring) to :data:`SOLVERS`.
+    """Decorator adding a solver, given by its plan function (see the module docstring), to :data:`SOLVERS`.
 
     denoised_at_x=False marks solvers whose recorded denoised values are evaluated elsewhere than
     at the recorded states (UniPC: at its predictor points).
@@ -81,17 +110,20 @@ class Trajectory:
 
 
 class CountedDenoiser:
-    """Wraps D(x, sigma) with a float sigma: passes sigma as a [B] tensor, checks the output, counts calls."""
+    """Wraps D(x, sigma) with a float sigma: passes x in ``dtype`` (the dtype the denoiser expects;
+    default x's own) and sigma as a [B] tensor, checks the output, returns it in x's dtype, counts calls."""
 
-    def __init__(self, denoiser: Callable):
+    def __init__(self, denoiser: Callable, dtype: torch.dtype | None = None):
         if not callable(denoiser):
             raise TypeError(f"denoiser must be callable D(x, sigma), got {type(denoiser).__name__}")
-        self.denoiser = denoiser
+        self.denoiser, self.dtype = denoiser, dtype
         self.calls = 0
 
     def __call__(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
         self.calls += 1
-        return checked_output(self.denoiser(x, torch.full((x.shape[0],), sigma, dtype=x.dtype, device=x.device)), x)
+        x_in = x if self.dtype in (None, x.dtype) else x.to(self.dtype)
+        return checked_output(self.denoiser(x_in, torch.full((x.shape[0],), sigma, dtype=x_in.dtype, device=x.device)),
+                              x)
 
 
 def checked_output(out, x: torch.Tensor) -> torch.Tensor:
@@ -109,16 +141,17 @@ def check_order(max_order, top: int) -> int:
     return int(max_order)
 
 
-def drive(solver, model: Callable):
-    """Run a started solver generator to the end, answering each ``(x, sigma)`` with ``model(x, sigma)``."""
-    try:
-        request = next(solver)
-        while True:
-            request = solver.send(model(*request))
-    except StopIteration as done:
-        return done.value
-
-
 def afs_denoised(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Analytical first step: d = x / sqrt(1 + sigma^2), so D = x - sigma d (data ~ unit variance)."""
+    """Analytical first step: d = x / sqrt(1 + sigma^2), so D = x - sigma d (data ~ unit variance;
+    0 in the limit sigma = inf)."""
+    if math.isinf(sigma):
+        return torch.zeros_like(x)
     return x * (1.0 - sigma / math.sqrt(1.0 + sigma * sigma))
+
+
+def dynamic_threshold(x0: torch.Tensor, p: float = 0.995) -> torch.Tensor:
+    """Imagen dynamic thresholding: s = max(quantile_p |x0|, 1) per sample, x0 -> clamp(x0, -s, s) / s."""
+    flat = x0.reshape(x0.shape[0], -1).abs().float()
+    s = torch.quantile(flat, p, dim=1).clamp(min=1.0).to(x0.dtype)
+    s = s.reshape(-1, *([1] * (x0.dim() - 1)))
+    return torch.maximum(torch.minimum(x0, s), -s) / s

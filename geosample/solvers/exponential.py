@@ -3,8 +3,8 @@
 With lambda = -log sigma and h = lambda_next - lambda_i, the exact solution is
 x_next = (sigma_next / sigma_i) x_i + sigma_next int_{lambda_i}^{lambda_next} e^lambda D dlambda;
 both methods approximate D by a polynomial in lambda through past denoiser outputs m_k (newest
-first).  Every update is x_next = (sigma_next / sigma_i) x + sum_k b_k m_k, one fused update on a
-ring buffer (:mod:`.fused`); the b_k are float64 functions of the grid, computed here by
+first).  Every update is x_next = (sigma_next / sigma_i) x + sum_k b_k m_k, one op of the
+solver's plan (:mod:`.base`); the b_k are float64 functions of the grid, computed here by
 evaluating each method's formula on unit vectors.
 """
 from __future__ import annotations
@@ -12,11 +12,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
 
-from .base import check_order, register
-from .fused import History
-from .single_step import first_denoised
+from .base import X, Y, Op, check_order, register
 
 
 def _lams(sigmas, i: int, count: int) -> list[float]:
@@ -85,14 +82,6 @@ def unipc_coefficients(sigmas, i: int, order: int, variant: str = "bh2") -> tupl
     return pred[1:], corr
 
 
-def dynamic_threshold(x0: torch.Tensor, p: float = 0.995) -> torch.Tensor:
-    """Imagen dynamic thresholding: s = max(quantile_p |x0|, 1) per sample, x0 -> clamp(x0, -s, s) / s."""
-    flat = x0.reshape(x0.shape[0], -1).abs().float()
-    s = torch.quantile(flat, p, dim=1).clamp(min=1.0).to(x0.dtype)
-    s = s.reshape(-1, *([1] * (x0.dim() - 1)))
-    return torch.maximum(torch.minimum(x0, s), -s) / s
-
-
 def step_order(i: int, steps: int, max_order: int, lower_order_final: bool) -> int:
     """The reference's order schedule: i+1 while warming up, then max_order, lowered to the
     number of steps left at the end when ``lower_order_final`` (1, 2, 3, ..., 3, 2, 1)."""
@@ -102,41 +91,28 @@ def step_order(i: int, steps: int, max_order: int, lower_order_final: bool) -> i
 
 
 @register("dpmpp", max_order=3, lower_order_final=True, thresholding=False)
-def dpmpp(x, sigmas, *, afs=False, on_step, max_order=3, lower_order_final=True, thresholding=False):
+def dpmpp(sigmas, *, afs=False, max_order=3, lower_order_final=True, thresholding=False):
     """Multistep DPM-Solver++ (2M for max_order=2, 3M for 3); orders 1, 2, 3, ..., 3, 2, 1."""
     max_order = check_order(max_order, 3)
     steps = len(sigmas) - 1
-    hist = History(x, max_order)  # denoiser outputs m_k, newest first
-    for i, (s, s_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
-        denoised = yield from first_denoised(x, s, afs and i == 0)
-        on_step(i, x, denoised)
-        m = dynamic_threshold(denoised) if thresholding else denoised
-        order = step_order(i, steps, max_order, lower_order_final)
-        x = hist.update(x, dpmpp_coefficients(sigmas, i, order), a=s_next / s, denoised=m)
-    return x
+    return [Op(s, X, X, s_next / s, tuple(dpmpp_coefficients(sigmas, i, step_order(i, steps, max_order,
+                                                                                   lower_order_final))),
+               afs=afs and i == 0, threshold=thresholding, step=i)
+            for i, (s, s_next) in enumerate(zip(sigmas, sigmas[1:]))], max_order
 
 
 @register("unipc", denoised_at_x=False, max_order=3, variant="bh2", lower_order_final=True, thresholding=False)
-def unipc(x, sigmas, *, afs=False, on_step, max_order=3, variant="bh2", lower_order_final=True,
-          thresholding=False):
-    """UniPC: UniP predictor, then the UniC corrector with the new output m_t = D(x_pred, sigma_next),
-    which is reused by the next step (no extra call); no corrector on the last step."""
+def unipc(sigmas, *, afs=False, max_order=3, variant="bh2", lower_order_final=True, thresholding=False):
+    """UniPC: UniP predictor (to Y), then the UniC corrector (to X) with the new output
+    m_t = D(x_pred, sigma_next), which the next predictor reuses (no extra call); no corrector on
+    the last step.  The recorded evaluation of step i+1 is m_t, with the corrected x."""
     max_order = check_order(max_order, 3)
-    steps = len(sigmas) - 1
-    keep = dynamic_threshold if thresholding else (lambda m: m)
-    if steps < 1:  # sigmas = [s, 0]: only the final denoise, which the caller makes
-        return x
-    denoised = yield from first_denoised(x, sigmas[0], afs)
-    on_step(0, x, denoised)
-    hist = History(x, max_order + 1)  # denoiser outputs m_k, newest first (+1 for the corrector's m_t)
-    m0 = keep(denoised)
-    for i, (s, s_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
-        order = step_order(i, steps, max_order, lower_order_final)
-        b_pred, b_corr = unipc_coefficients(sigmas, i, order, variant)
-        x_pred = hist.update(x, b_pred, a=s_next / s, denoised=m0 if i == 0 else None)
-        if i == steps - 1:
-            return x_pred
-        m_t = keep((yield x_pred, s_next))
-        x = hist.update(x, b_corr, a=s_next / s, denoised=m_t)
-        on_step(i + 1, x, m_t)
-    return x
+    steps, ops = len(sigmas) - 1, []
+    for i, (s, s_next) in enumerate(zip(sigmas, sigmas[1:])):
+        b_pred, b_corr = unipc_coefficients(sigmas, i, step_order(i, steps, max_order, lower_order_final), variant)
+        last = i == steps - 1
+        ops.append(Op(s if i == 0 else None, X, X if last else Y, s_next / s, tuple(b_pred), afs=afs and i == 0,
+                      threshold=thresholding, step=0 if i == 0 else None))
+        if not last:
+            ops.append(Op(s_next, Y, X, s_next / s, tuple(b_corr), threshold=thresholding, step=i + 1))
+    return ops, max_order + 1  # outputs m_k, newest first (+1 for the corrector's m_t)

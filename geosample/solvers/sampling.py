@@ -1,15 +1,19 @@
 """``gs.sample``: run any registered solver on any schedule, with exact NFE accounting."""
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
 from ..schedules import check_sigmas, check_steps
-from .base import SOLVERS, CountedDenoiser, Solver, Trajectory, drive
+from .base import SOLVERS, CountedDenoiser, Solver, Trajectory
+from .plan import Run, initial_state, plan
 
-__all__ = ["sample", "solve", "nfe", "get_solver"]
+__all__ = ["sample", "nfe", "get_solver", "check_grid", "state_dtype", "check_trajectory_memory"]
+
+HALF = (torch.float16, torch.bfloat16)
 
 
 def get_solver(name) -> Solver:
@@ -53,27 +57,42 @@ def _check_options(spec: Solver, options: dict) -> dict:
     return {**spec.defaults, **options}
 
 
-def solve(noise: torch.Tensor, sigmas, solver: str = "ipndm", *, afs: bool = False,
-          on_step: Callable | None = None, **options):
-    """The whole solve as a generator: yields each ``(x, sigma)`` the denoiser must evaluate,
-    expects ``D(x, sigma)`` sent back, and returns the sample (see :func:`sample` for arguments).
+def check_grid(sigmas) -> torch.Tensor:
+    """:func:`~geosample.schedules.check_sigmas`, also allowing ``sigmas[0] = inf`` (a zero-SNR start,
+    see :mod:`.plan`)."""
+    s = torch.as_tensor(sigmas, dtype=torch.float64) if not isinstance(sigmas, torch.Tensor) else sigmas
+    if s.dim() == 1 and s.numel() >= 2 and float(s[0]) == math.inf:
+        rest = s[1:].detach().to("cpu", torch.float64)
+        check_sigmas(torch.cat([rest[:1] * 2 + 1, rest]))  # the finite part, with a finite stand-in for inf
+        return torch.cat([rest.new_full((1,), math.inf), rest])
+    return check_sigmas(sigmas)
 
-    This is how step-by-step APIs (a diffusers scheduler) run any solver without re-implementing it.
-    """
-    spec = get_solver(solver)
-    return _solve(spec, _check_noise(noise), check_sigmas(sigmas).tolist(), afs,
-                  on_step or (lambda i, x, denoised: None), _check_options(spec, options))
+
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The solver state's dtype: float32 for half-precision inputs (float16/bfloat16), else the input's."""
+    return torch.float32 if dtype in HALF else dtype
 
 
-def _solve(spec: Solver, noise: torch.Tensor, s: list, afs: bool, on_step: Callable, options: dict):
-    final = s[-1] == 0.0
-    ode = s[:-1] if final else s
-    x = yield from spec.fn(noise * s[0], ode, afs=afs, on_step=on_step, **options)
-    if final:
-        denoised = yield x, ode[-1]
-        on_step(len(s) - 2, x, denoised)
-        x = denoised
-    return x
+def _available_bytes(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def check_trajectory_memory(noise: torch.Tensor, steps: int) -> None:
+    """ValueError, before any work, when a trajectory of ``steps`` steps (x and denoised, stacked
+    once more at the end) would not fit in the memory available on noise's device."""
+    need = 2 * (2 * steps + 1) * noise.numel() * torch.empty((), dtype=state_dtype(noise.dtype)).element_size()
+    free = _available_bytes(noise.device)
+    if free is not None and need > free:
+        raise ValueError(f"return_trajectory=True over {steps} steps for noise {tuple(noise.shape)} needs about "
+                         f"{need / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB available on {noise.device}; "
+                         "use fewer steps, a smaller batch, or a callback that keeps what you need")
 
 
 @torch.no_grad()
@@ -84,16 +103,21 @@ def sample(denoiser: Callable, noise: torch.Tensor, sigmas, solver: str = "ipndm
 
     denoiser: D(x, sigma) -> x0_hat with x [B, ...] and sigma a [B] tensor.
     noise: [B, ...] standard normal noise (float dtype; the result keeps its dtype and device).
-    sigmas: decreasing schedule; a trailing 0 means a final full denoise x = D(x, sigmas[-2]).
+      float16/bfloat16 noise: the solver state is float32, the denoiser gets x in the noise's dtype.
+    sigmas: decreasing schedule; a trailing 0 means a final full denoise x = D(x, sigmas[-2]);
+      ``sigmas[0] = inf`` starts from x_T = noise at zero SNR (:mod:`geosample.solvers.plan`).
     callback: called after every step's evaluation with a dict (x, i, sigma, sigma_next, denoised).
     Returns the sample [B, ...], or a :class:`Trajectory` with ``return_trajectory=True``.
     """
     spec = get_solver(solver)
     options = _check_options(spec, options)
     noise = _check_noise(noise)
-    grid = check_sigmas(sigmas)
+    grid = check_grid(sigmas)
     s = grid.tolist()
-    model = CountedDenoiser(denoiser)
+    if return_trajectory:
+        check_trajectory_memory(noise, len(s) - 1)
+    ops, size = plan(spec, s, afs, options)
+    model = CountedDenoiser(denoiser, noise.dtype)
     xs, ds = [], []
     bar = tqdm(total=len(s) - 1, desc=f"sample[{spec.name}]", leave=False) if progress else None
 
@@ -107,14 +131,17 @@ def sample(denoiser: Callable, noise: torch.Tensor, sigmas, solver: str = "ipndm
         if bar is not None:
             bar.update(1)
 
+    run = Run(ops, size, initial_state(noise.to(state_dtype(noise.dtype)), s[0]), on_step)
     try:
-        x = drive(_solve(spec, noise, s, afs, on_step, options), model)
+        while (request := run.request()) is not None:
+            run.send(model(*request))
     finally:
         if bar is not None:
             bar.close()
+    x = run.x
     if not bool(torch.isfinite(x).all()):
         raise FloatingPointError(f"solver {spec.name!r} produced non-finite values; check the denoiser and sigmas")
     if not return_trajectory:
-        return x
-    return Trajectory(x=torch.stack(xs + [x]), denoised=torch.stack(ds), sigmas=grid,
+        return x.to(noise.dtype)
+    return Trajectory(x=torch.stack(xs + [x]).to(noise.dtype), denoised=torch.stack(ds).to(noise.dtype), sigmas=grid,
                       nfe=model.calls, solver=spec.name)
