@@ -163,3 +163,25 @@ def test_inception_features_run():
         pytest.skip(str(e))
     f = M.InceptionFeatures()(torch.zeros(2, 3, 32, 32))
     assert f.shape == (2, 2048) and bool(torch.isfinite(f).all())
+
+
+def test_frechet_rejects_a_covariance_that_is_not_psd():
+    """A non-PSD covariance gave 0.0 (the negative result clamped away)."""
+    bad = torch.tensor([[1.0, 0.0], [0.0, -5.0]], dtype=torch.float64)
+    eye = torch.eye(2, dtype=torch.float64)
+    for args, name in (((bad, eye), "sigma1"), ((eye, bad), "sigma2")):
+        with pytest.raises(ValueError, match=f"{name} is not positive semi-definite"):
+            M.frechet_distance(torch.zeros(2), args[0], torch.zeros(2), args[1])
+    with pytest.raises(ValueError, match="not positive semi-definite"):
+        M.sqrtm_psd(bad)
+    low_rank = torch.randn(3, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    s = M.feature_stats(low_rank)[1]                 # rank 2 of 6: round-off negatives are accepted
+    assert M.frechet_distance(np.zeros(6), s, np.zeros(6), s) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_meta_tensors_are_refused_with_a_value_error():
+    meta = torch.zeros(2, 3, device="meta")
+    with pytest.raises(ValueError, match="meta tensor"):
+        M.frechet_distance(meta[0], torch.eye(3, device="meta"), torch.zeros(3), torch.eye(3))
+    with pytest.raises(ValueError, match="meta tensor"):
+        M.reference_error(meta, meta)

@@ -22,7 +22,14 @@ from .stats import feature_stats
 __all__ = ["fid_from_features", "sqrtm_psd", "trace_sqrt_product", "frechet_distance", "mmd2_unbiased", "kid"]
 
 
+#: Relative tolerance for a covariance's negative eigenvalues (round-off of a PSD estimate is
+#: ~ d eps |S|; a larger negative one means the matrix is not a covariance).
+PSD_RTOL = 1e-9
+
+
 def _as64(a, name: str, ndim: int) -> torch.Tensor:
+    if isinstance(a, torch.Tensor) and a.is_meta:
+        raise ValueError(f"{name} is a meta tensor (it has no values)")
     t = torch.as_tensor(np.asarray(a) if not isinstance(a, torch.Tensor) else a).detach().to("cpu", torch.float64)
     if t.dim() != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
@@ -37,19 +44,32 @@ def _check_cov(s: torch.Tensor, name: str) -> torch.Tensor:
     return 0.5 * (s + s.T)
 
 
+def _check_psd(evals: torch.Tensor, name: str) -> None:
+    """A symmetric matrix's eigenvalues must be >= -PSD_RTOL * max |eigenvalue|."""
+    floor = -PSD_RTOL * float(evals.abs().max()) if evals.numel() else 0.0
+    if evals.numel() and float(evals.min()) < floor:
+        raise ValueError(f"{name} is not positive semi-definite (eigenvalue {float(evals.min()):.6g}); "
+                         "a covariance matrix is")
+
+
 def sqrtm_psd(s) -> torch.Tensor:
     """Symmetric square root of a symmetric PSD matrix [d, d] (float64): V diag(sqrt(max(l, 0))) V^T."""
-    s = _check_cov(_as64(s, "matrix", 2), "matrix")
+    return _sqrtm_psd(_check_cov(_as64(s, "matrix", 2), "matrix"), "matrix")
+
+
+def _sqrtm_psd(s: torch.Tensor, name: str) -> torch.Tensor:
     evals, evecs = torch.linalg.eigh(s)
+    _check_psd(evals, name)
     return (evecs * evals.clamp(min=0).sqrt()) @ evecs.T
 
 
 def trace_sqrt_product(s1, s2) -> float:
     """tr((S1 S2)^(1/2)) = sum_i sqrt(max(l_i, 0)), l = eig(A S2 A), A = S1^(1/2)."""
-    a = sqrtm_psd(s1)
+    a = _sqrtm_psd(_check_cov(_as64(s1, "sigma1", 2), "sigma1"), "sigma1")
     s2 = _check_cov(_as64(s2, "sigma2", 2), "sigma2")
     if a.shape != s2.shape:
         raise ValueError(f"covariances differ in shape: {tuple(a.shape)} vs {tuple(s2.shape)}")
+    _check_psd(torch.linalg.eigvalsh(s2), "sigma2")
     m = a @ s2 @ a
     evals = torch.linalg.eigvalsh(0.5 * (m + m.T))
     return float(evals.clamp(min=0).sqrt().sum())

@@ -32,6 +32,8 @@ def reference_solve(denoiser, noise: torch.Tensor, steps: int = 100, solver: str
 def _check_pair(x: torch.Tensor, ref: torch.Tensor) -> None:
     if not isinstance(x, torch.Tensor) or not isinstance(ref, torch.Tensor):
         raise TypeError("samples and reference must be torch tensors")
+    if x.is_meta or ref.is_meta:
+        raise ValueError("samples and reference must hold values, got a meta tensor")
     if x.shape != ref.shape or x.dim() < 1:
         raise ValueError(f"samples {tuple(x.shape)} and reference {tuple(ref.shape)} must have the same shape [B, ...]")
 
