@@ -12,7 +12,8 @@ something other than a uint8 ``[N, C, H, W]`` array of the expected length is a 
 :class:`DataCacheWarning`): the images are decoded again and the file rewritten.
 
 Hostile input is refused before it is read: a tar member larger than ``max_member_bytes`` (a
-gzip bomb inflates a small archive to any size) and a ``.npy`` shorter than its header says.
+gzip bomb inflates a small archive to any size), members or a decoded array that would not fit in
+the available memory (MemoryError), and a ``.npy`` shorter than its header says.
 """
 from __future__ import annotations
 
@@ -102,7 +103,7 @@ def _members(path: Path, limit: int | None, max_member_bytes: int):
     whose header declares more than ``max_member_bytes`` is refused before it is inflated."""
     if path.is_dir():
         return [(str(p.relative_to(path)), p.read_bytes()) for p in _image_files(path)[:limit]]
-    items = []
+    items, total = [], 0
     with tarfile.open(path) as tar:
         for m in tar:
             if not (m.isfile() and m.name.lower().endswith(IMAGE_SUFFIXES)):
@@ -110,8 +111,28 @@ def _members(path: Path, limit: int | None, max_member_bytes: int):
             if m.size > max_member_bytes:
                 raise ValueError(f"{path}: member {m.name!r} inflates to {m.size} bytes, more than "
                                  f"max_member_bytes={max_member_bytes} (a decompression bomb?)")
+            total += m.size
+            _check_fits(total, f"reading {path} (up to {m.name!r})")
             items.append((m.name, tar.extractfile(m).read()))
     return sorted(items)[:limit]
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux ``MemAvailable``), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _check_fits(nbytes: int, what: str) -> None:
+    free = available_memory()
+    if free is not None and nbytes > free:
+        raise MemoryError(f"{what} needs {nbytes / 2**30:.2f} GiB, more than the {free / 2**30:.2f} GiB available")
 
 
 def _source_tag(path: Path) -> str:
@@ -174,6 +195,7 @@ def load_images(path, limit: int | None = None, progress: bool = True, cache: bo
     if not members:
         raise ValueError(f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     first = _decode(members[0][1])
+    _check_fits(len(members) * first.size, f"decoding {len(members)} images of shape {first.shape}")
     out = np.empty((len(members), *first.shape), dtype=np.uint8)
     for i, (name, blob) in enumerate(tqdm(members, desc=f"decode {path.name}", disable=not progress)):
         img = first if i == 0 else _decode(blob)

@@ -166,3 +166,17 @@ def test_npz_picks_the_image_array_or_names_its_arrays(tmp_path):
     np.savez(tmp_path / "b.npz", labels=np.arange(4), weights=np.ones(4))
     with pytest.raises(ValueError, match=r"labels \[4\], weights \[4\]"):
         data.load_dataset(tmp_path / "b.npz")
+
+
+def test_archives_that_do_not_fit_in_memory_are_refused_up_front(tmp_path, monkeypatch):
+    with tarfile.open(tmp_path / "a.tar", "w") as tar:
+        for i in range(3):
+            blob = io.BytesIO()
+            Image.fromarray(images(1, seed=i)[0]).save(blob, format="PNG")
+            member = tarfile.TarInfo(f"{i}.png")
+            member.size = blob.tell()
+            blob.seek(0)
+            tar.addfile(member, blob)
+    monkeypatch.setattr(data, "available_memory", lambda: 100)
+    with pytest.raises(MemoryError, match="more than the 0.00 GiB available"):
+        data.load_images(tmp_path / "a.tar", progress=False, cache=False)
