@@ -80,7 +80,10 @@ def polynomial(steps: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGM
     steps = check_steps(steps)
     sigma_min, sigma_max = _check_range(sigma_min, sigma_max)
     rho = _check_rho(rho)
-    a, b = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    try:
+        a, b = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    except OverflowError:
+        raise ValueError(f"sigma_max ** (1 / rho) overflows float64 (sigma_max={sigma_max}, rho={rho})") from None
     return _pin_ends((a + _ramp(steps) * (b - a)) ** rho, sigma_max, sigma_min)
 
 

@@ -116,6 +116,8 @@ def test_huge_sigma_max_is_a_clear_error_or_a_valid_schedule():
     s = gs.schedules.time_uniform(5, 0.002, 1e150)
     assert s[0] == 1e150 and bool((s[1:] < s[:-1]).all())
     assert gs.schedules.polynomial(5, 0.002, 1e308)[0] == 1e308
+    with pytest.raises(ValueError, match="overflows float64"):       # found by tests/test_fuzz.py
+        gs.schedules.polynomial(1, 1.0, 1.3407807929942597e154, rho=0.5)
 
 
 def test_check_sigmas_errors_stay_short_on_long_schedules():
