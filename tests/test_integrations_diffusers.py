@@ -13,6 +13,15 @@ from geosample.denoisers.adapters import EpsDenoiser  # noqa: E402
 from geosample.integrations.diffusers import GITSScheduler  # noqa: E402
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny convolutions: one thread is far faster than two on a shared CPU (no thread handoff)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def unet():
     torch.manual_seed(0)

@@ -288,13 +288,17 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
         self._run, self._step_index, self._prev = Run(ops, size, x), k, None
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True,
-             generator=None):
+             generator=None, eta: float = 0.0, use_clipped_model_output: bool | None = None):
         """Consume the model output at ``timestep`` for ``sample`` and return the sample for the next call (VP).
 
         The solver steps from ``sample`` as given (it may differ from the last ``prev_sample``).
-        generator: accepted for pipelines that pass one; the solvers are deterministic.
+        generator, eta (must be 0), use_clipped_model_output (no clipping here, so it changes
+        nothing): accepted for pipelines that pass them (DDIM's); the solvers are deterministic.
         After the last evaluation, prev_sample is the solver's result.
         """
+        if eta != 0:
+            raise ValueError(f"GITSScheduler's solvers are deterministic (the probability-flow ODE): eta must be 0, "
+                             f"got {eta}")
         if self.timesteps is None:
             raise ValueError("call set_timesteps before step")
         if self._run is None:
