@@ -5,8 +5,9 @@ lives in ``geosample.commands.<name>`` and exposes ``HELP`` (one line),
 ``add_arguments(parser)`` and ``run(args) -> int``; modules are imported only when used.
 
 A user error (a bad option value, a missing file, an unwritable ``--out``, a job too large for the
-memory: ValueError, TypeError, KeyError, OSError or MemoryError out of a command) prints ``geosample: error: <message>`` and exits with status
-2, like an argparse error; ``--debug`` (anywhere on the line) shows the traceback instead.
+memory: ValueError, TypeError, KeyError, OSError or MemoryError out of a command) prints
+``geosample: error: <message>`` and exits with status 2, like an argparse error; ``--debug``
+(anywhere on the line) shows the traceback instead.
 """
 from __future__ import annotations
 

@@ -135,17 +135,18 @@ def _check_fits(nbytes: int, what: str) -> None:
         raise MemoryError(f"{what} needs {nbytes / 2**30:.2f} GiB, more than the {free / 2**30:.2f} GiB available")
 
 
-def _source_tag(path: Path) -> str:
-    """What the decoded cache depends on: a file's size and mtime; for a folder, every image's
-    relative name, size and mtime (nanoseconds), subfolders included."""
+def _source_tag(path: Path) -> tuple[str, int | None]:
+    """(what the decoded cache depends on, the image count when known): a file's size and mtime;
+    for a folder, every image's relative name, size and mtime (nanoseconds), subfolders included."""
     if not path.is_dir():
         st = path.stat()
-        return f"{st.st_size}|{st.st_mtime_ns}"
+        return f"{st.st_size}|{st.st_mtime_ns}", None
     h = hashlib.sha256()
-    for p in _image_files(path):
+    files = _image_files(path)
+    for p in files:
         st = p.stat()
         h.update(f"{p.relative_to(path)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
+    return h.hexdigest(), len(files)
 
 
 def _cache_key(path: Path, tag: str, limit: int | None) -> str:
@@ -161,7 +162,7 @@ def _read_cache(file: Path, count: int | None) -> np.ndarray | None:
     try:
         arr = _load_npy(file, mmap=True)
         ok = arr.dtype == np.uint8 and arr.ndim == 4 and arr.shape[0] >= 1 and count in (None, arr.shape[0])
-        why = f"holds {arr.dtype} {arr.shape}, expected uint8 [{count if count else 'N'}, C, H, W]"
+        why = f"holds {arr.dtype} {arr.shape}, expected uint8 [{count or 'N'}, C, H, W]"
     except (OSError, ValueError, EOFError) as e:
         ok, why = False, f"unreadable: {e}"
     if ok:
@@ -178,11 +179,8 @@ def load_images(path, limit: int | None = None, progress: bool = True, cache: bo
     ``limit`` keeps the first ``limit`` images in name order.  ``max_member_bytes``: refuse a tar
     member that would inflate to more than this."""
     path = Path(path)
-    count = None
     if cache:
-        tag = _source_tag(path)
-        if path.is_dir():
-            count = len(_image_files(path))
+        tag, count = _source_tag(path)
         full = _read_cache(cache_dir() / _cache_key(path, tag, None), count)
         if full is not None:
             return full[:limit]
@@ -195,7 +193,7 @@ def load_images(path, limit: int | None = None, progress: bool = True, cache: bo
     if not members:
         raise ValueError(f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     first = _decode(members[0][1])
-    _check_fits(len(members) * first.size, f"decoding {len(members)} images of shape {first.shape}")
+    _check_fits(2 * len(members) * first.size, f"decoding {len(members)} images of shape {first.shape} (two copies)")
     out = np.empty((len(members), *first.shape), dtype=np.uint8)
     for i, (name, blob) in enumerate(tqdm(members, desc=f"decode {path.name}", disable=not progress)):
         img = first if i == 0 else _decode(blob)
