@@ -1,5 +1,6 @@
 """The build: one version source, ctest of the C++ core, find_package from an outside project, the
 C++ extension built or a pure-Python install chosen with GEOSAMPLE_NO_CPP=1, and the optional extras."""
+import importlib
 import importlib.metadata
 import os
 import re
@@ -162,6 +163,13 @@ def test_missing_matplotlib_names_the_plots_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
     with pytest.raises(ImportError, match=re.escape("pip install 'geosample[plots]'")):
         analyze.figures({}, "title")
+
+
+def test_missing_diffusers_names_the_diffusers_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "diffusers", None)
+    monkeypatch.delitem(sys.modules, "geosample.integrations.diffusers", raising=False)
+    with pytest.raises(ImportError, match=re.escape("pip install 'geosample[diffusers]'")):
+        importlib.import_module("geosample.integrations.diffusers")
 
 
 def test_main_job_and_dp_need_no_extra(tmp_path):
