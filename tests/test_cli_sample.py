@@ -184,3 +184,19 @@ def test_console_command_error_has_no_traceback():
                           timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("geosample: error: unknown solver 'foo'")
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"format_version": 1}, "not a valid GITS schedule file"),
+    ({"format_version": 1, "sigmas": [1.0, 2.0], "indices": [0, 1], "grid": {}, "cost": 0, "step_costs": [],
+      "params": {}, "fingerprint": "x", "cost_matrix": [[None]]}, "strictly decreasing"),
+    ([["x"]], "sigmas must be a 1-D tensor"),
+    ({"sigmas": "80,1"}, "sigmas must be a 1-D tensor"),
+])
+def test_bad_schedule_files_are_user_errors(tmp_path, capsys, content, message):
+    """A GITS file missing a key raised a bare KeyError; a bad one was used without its sigmas checked."""
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(content))
+    assert cli.main(["--schedule", str(path), "--out", str(tmp_path / "out")]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("geosample: error: ") and message in last

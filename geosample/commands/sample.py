@@ -84,11 +84,15 @@ def load_schedule_file(path) -> "torch.Tensor":
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is not JSON: {e}") from None
     if isinstance(d, dict) and "format_version" in d:
-        return gits.load(path).sigmas
-    sigmas = d.get("sigmas") if isinstance(d, dict) else d
+        try:
+            sigmas = gits.GITSSchedule.from_dict(d).sigmas
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{path} is not a valid GITS schedule file ({type(e).__name__}: {e})") from None
+    else:
+        sigmas = d.get("sigmas") if isinstance(d, dict) else d
     if sigmas is None:
         raise ValueError(f"{path} has no 'sigmas' list")
-    return schedules.check_sigmas(torch.tensor(sigmas, dtype=torch.float64))
+    return schedules.check_sigmas(sigmas)
 
 
 def make_schedule(name: str, solver: str, nfe: int, denoiser=None, shape=None, *, afs: bool = False,
