@@ -1,6 +1,7 @@
 """Fused solver steps: the update against float64 maths for every solver's coefficient pattern,
 the ring buffer, the fused sampler against gs.sample, and the Triton kernel (compiled on CUDA,
 TRITON_INTERPRET=1 on CPU)."""
+import math
 import importlib.util
 import textwrap
 
@@ -208,3 +209,31 @@ TRITON_CHECK = textwrap.dedent("""
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_triton_kernel_matches_torch_path():
     run_triton_script(TRITON_CHECK % (SOLVERS, SOLVERS), "OK")
+
+
+def test_sampler_names_the_step_of_a_nan(noise):
+    sig = gs.schedules.polynomial(6, 0.01, 80.0)
+
+    def nan_at_step_2(x, s):
+        return x / (1 + s[:, None] ** 2) * (math.nan if float(s[0]) == float(sig[2]) else 1.0)
+
+    with pytest.raises(FloatingPointError, match="step 2 "):
+        sample_fused(nan_at_step_2, noise, sig, "ipndm")
+
+
+@pytest.mark.parametrize("solver", ["euler", "dpmpp", "unipc", "heun"])
+def test_sampler_infinite_start_and_half_precision(noise, solver):
+    mu = torch.linspace(-1.0, 1.0, 6, dtype=torch.float64)
+
+    def den(x, s):
+        s = s[:, None].to(x.dtype)
+        return torch.where(torch.isinf(s), mu.to(x.dtype), (x + s * s * mu.to(x.dtype)) / (1 + s * s))
+
+    sig = torch.cat([torch.tensor([math.inf], dtype=torch.float64), gs.schedules.polynomial(6, 0.01, 50.0),
+                     torch.zeros(1, dtype=torch.float64)])
+    torch.testing.assert_close(sample_fused(den, noise, sig, solver), gs.sample(den, noise, sig, solver=solver),
+                               rtol=1e-12, atol=1e-12)
+    half = noise.to(torch.float16)
+    got = sample_fused(den, half, sig, solver)
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got, gs.sample(den, half, sig, solver=solver), rtol=1e-3, atol=1e-3)

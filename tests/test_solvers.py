@@ -326,3 +326,83 @@ def test_denoise_only_schedule(gmm, noise, solver):
     assert den.calls == traj.nfe == gs.nfe(solver, 1, afs=True, denoise_to_zero=True) == 1
     torch.testing.assert_close(traj.x[-1], gmm(noise * 80.0, 80.0), rtol=1e-12, atol=1e-12)
     assert traj.x.shape[0] == 2 and traj.denoised.shape[0] == 1
+
+
+# ---------------------------------------------------------------- zero-SNR start, half precision, memory
+
+MU = torch.linspace(-1.0, 1.0, 6, dtype=torch.float64)
+
+
+def unit_gaussian(x, sigma):
+    """Exact D for data N(MU, I), including its limit MU at sigma = inf (where x is the noise)."""
+    s = sigma.reshape(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+    return torch.where(torch.isinf(s), MU.to(x.dtype), (x + s * s * MU.to(x.dtype)) / (1 + s * s))
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_infinite_start(noise, solver):
+    """sigma_0 = inf: x_1 = D(n, inf) + sigma_1 n, then the solver on sigmas[1:] (see solvers/plan.py);
+    for euler and dpmpp that is their limit sigma_0 -> inf."""
+    rest = gs.schedules.polynomial(6, 0.01, 50.0)
+    sig = torch.cat([torch.tensor([math.inf], dtype=torch.float64), rest])
+    den = Counting(unit_gaussian)
+    traj = gs.sample(den, noise, sig, solver=solver, return_trajectory=True)
+    x1 = MU + rest[0] * noise
+    torch.testing.assert_close(traj.x[1], x1, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(traj.x[0], noise, rtol=0, atol=0)
+    want = gs.sample(unit_gaussian, x1 / rest[0], rest, solver=solver)
+    torch.testing.assert_close(traj.x[-1], want, rtol=1e-12, atol=1e-12)
+    assert den.calls == 1 + gs.nfe(solver, 6) and math.isinf(den.sigmas[0][0])
+    zero = torch.cat([sig, torch.zeros(1, dtype=torch.float64)])
+    torch.testing.assert_close(gs.sample(unit_gaussian, noise, zero, solver=solver),
+                               unit_gaussian(traj.x[-1], rest[-1:].expand(noise.shape[0])), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("solver, options, big", [("euler", {}, (1e4, 1e6)), ("dpmpp", {"max_order": 2}, (1e15, 1e150))])
+def test_infinite_start_is_the_limit(noise, solver, options, big):
+    """Euler and DPM-Solver++(2M) from sigma_0 = inf are their limits sigma_0 -> inf (which finite
+    float64 starts reach only roughly: Euler's x + h d cancels to eps * sigma_0)."""
+    rest = gs.schedules.polynomial(6, 0.01, 50.0)
+    start = lambda s0: torch.cat([torch.tensor([s0], dtype=torch.float64), rest])  # noqa: E731
+    got = gs.sample(unit_gaussian, noise, start(math.inf), solver=solver, **options)
+    gap = [(gs.sample(unit_gaussian, noise, start(s0), solver=solver, **options) - got).abs().max()
+           for s0 in big]
+    if solver == "euler":  # at rate 1 / sigma_0
+        assert gap[1] < 0.02 * gap[0] and gap[1] < 1e-3
+    else:  # at rate 1 / log sigma_0: the second-order term weighs h_prev / h
+        assert gap[1] < 0.2 * gap[0] and gap[1] < 1e-3
+
+
+def test_infinite_start_bad_input(noise):
+    with pytest.raises(ValueError, match="decreasing"):
+        gs.sample(unit_gaussian, noise, [math.inf, 1.0, 2.0], solver="euler")
+    with pytest.raises(ValueError, match="finite"):
+        gs.sample(unit_gaussian, noise, [80.0, math.inf, 1.0], solver="euler")
+    torch.testing.assert_close(gs.sample(unit_gaussian, noise, [math.inf, 0.0], solver="heun"),
+                               MU.expand_as(noise), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("solver", ["ipndm", "heun", "dpmpp", "unipc"])
+def test_half_precision_state_is_float32(gmm, noise, solver, dtype):
+    """Half-precision noise: the denoiser sees the noise's dtype, the solver state is float32."""
+    seen = set()
+
+    def half_model(x, sigma):
+        seen.add((x.dtype, sigma.dtype))
+        return gmm(x.double(), sigma.double()).to(x.dtype)
+
+    sig = gs.schedules.polynomial(8, 0.01, 80.0)
+    out = gs.sample(half_model, noise.to(dtype), sig, solver=solver)
+    assert out.dtype == dtype and seen == {(dtype, dtype)}
+    rounding = lambda x, s: half_model(x.to(dtype), s.to(dtype)).float()  # noqa: E731  the same model, float32 state
+    want = gs.sample(rounding, noise.to(dtype).float(), sig, solver=solver)
+    torch.testing.assert_close(out, want.to(dtype), rtol=0, atol=0)
+
+
+def test_trajectory_memory_is_checked_up_front():
+    big = torch.zeros(1).expand(10 ** 6, 10 ** 3)  # 4 GB as a view of one float: no allocation
+    called = []
+    with pytest.raises(ValueError, match="return_trajectory=True over 100000 steps .* GiB"):
+        gs.sample(lambda x, s: called.append(1), big, gs.schedules.polynomial(100_000), return_trajectory=True)
+    assert not called
