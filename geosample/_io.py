@@ -32,6 +32,7 @@ MANIFEST = "manifest.json"
 STALE_AFTER_S = 24 * 3600.0
 _HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
 _TEMP = re.compile(r"^\..+\.(\d+)@([A-Za-z0-9_-]+)\.[0-9a-f]{16}\.tmp$")
+_LEGACY_TEMP = re.compile(r"^\..+-[a-z0-9_]{8}\.tmp$")   # tempfile.mkstemp names of geosample <= 0.1
 
 
 def cache_root() -> Path:
@@ -50,12 +51,14 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temps(folder) -> list[Path]:
+def remove_stale_temps(folder, legacy: bool = False) -> list[Path]:
     """Delete the temporary files of killed writes in ``folder``; returns what was removed.
 
     Stale: written on this host by a process that no longer exists, or older than
     :data:`STALE_AFTER_S`.  Only names of the form ``.<name>.<pid>@<host>.<hex16>.tmp`` are
-    considered, so no other file is ever touched."""
+    considered, so no other file is ever touched.  ``legacy`` (for folders only geosample writes
+    into, its caches): also ``.<name>-<8 chars>.tmp`` files of earlier versions older than
+    :data:`STALE_AFTER_S`."""
     removed = []
     try:
         entries = list(os.scandir(folder))
@@ -64,11 +67,11 @@ def remove_stale_temps(folder) -> list[Path]:
     now = time.time()
     for entry in entries:
         m = _TEMP.match(entry.name)
-        if m is None:
+        if m is None and not (legacy and _LEGACY_TEMP.match(entry.name)):
             continue
         try:
             old = now - entry.stat(follow_symlinks=False).st_mtime > STALE_AFTER_S
-            if old or (m.group(2) == _HOST and not _alive(int(m.group(1)))):
+            if old or (m is not None and m.group(2) == _HOST and not _alive(int(m.group(1)))):
                 os.unlink(entry.path)
                 removed.append(Path(entry.path))
         except OSError:  # removed meanwhile by another cleaner, or not ours to remove

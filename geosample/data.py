@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ._io import atomic_write, cache_root
+from ._io import atomic_write, cache_root, remove_stale_temps
 
 __all__ = ["load_dataset", "load_digits", "load_images", "cache_dir", "resolve", "UINT8_SCALE", "UINT8_OFFSET",
            "MAX_MEMBER_BYTES", "DataCacheWarning"]
@@ -204,6 +204,7 @@ def load_images(path, limit: int | None = None, progress: bool = True, cache: bo
     if not cache:
         return out
     target = cache_dir() / _cache_key(path, tag, limit)
+    remove_stale_temps(target.parent, legacy=True)
     atomic_write(target, lambda f: np.save(f, out))
     return np.load(target, mmap_mode="r")
 

@@ -71,3 +71,27 @@ def test_old_temps_from_other_hosts_are_removed(tmp_path):
     os.utime(old, (past, past))
     assert _io.remove_stale_temps(tmp_path) == [old]
     assert new.exists()
+
+
+def test_legacy_temps_are_removed_only_where_asked(tmp_path):
+    """Temporary files of earlier versions (tempfile.mkstemp names) in a cache folder."""
+    legacy = tmp_path / ".cost-abc.pt-k2j4_x9q.tmp"
+    legacy.write_bytes(b"")
+    past = time.time() - _io.STALE_AFTER_S - 10
+    os.utime(legacy, (past, past))
+    assert _io.remove_stale_temps(tmp_path) == [] and legacy.exists()
+    assert _io.remove_stale_temps(tmp_path, legacy=True) == [legacy]
+
+
+def test_gits_cache_write_cleans_its_folder(tmp_path, monkeypatch):
+    import torch
+    from geosample.gits import cache
+
+    monkeypatch.setenv("GEOSAMPLE_CACHE", str(tmp_path))
+    cache.cache_dir().mkdir(parents=True)
+    legacy = cache.cache_dir() / ".cost-k.pt-abcdefgh.tmp"
+    legacy.write_bytes(b"half a tensor")
+    past = time.time() - _io.STALE_AFTER_S - 10
+    os.utime(legacy, (past, past))
+    cache.put_tensor("cost", "k", torch.zeros(2, 2, dtype=torch.float64))
+    assert [p.name for p in cache.cache_dir().iterdir()] == ["cost-k.pt"]

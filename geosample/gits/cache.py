@@ -10,7 +10,8 @@ Every entry carries its key and a sha256 of its content, and is checked when rea
 key, the structure, finiteness (the cost's upper triangle, the targets, the schedule's costs) and
 a schedule's invariants (indices strictly increasing from 0 to ``teacher_steps``, sigmas equal to
 the fine grid at the indices).  A missing entry is a plain miss; any other failure is a miss with
-a :class:`CacheWarning`, and the caller recomputes the entry and writes it again.
+a :class:`CacheWarning`, and the caller recomputes the entry and writes it again.  Writing an
+entry removes temporary files that killed writes left in the folder.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .._io import atomic_write, atomic_write_text, cache_root
+from .._io import atomic_write, atomic_write_text, cache_root, remove_stale_temps
 
 from .schedule import GITSSchedule
 
@@ -106,6 +107,7 @@ def get_tensor(kind: str, k: str, shape: tuple, dtype: torch.dtype) -> torch.Ten
 
 
 def put_tensor(kind: str, k: str, t: torch.Tensor) -> None:
+    remove_stale_temps(cache_dir(), legacy=True)
     t = t.detach().cpu().contiguous()
     entry = {"format": FORMAT, "key": k, "sha256": _tensor_hash(t), "tensor": t}
     atomic_write(cache_dir() / f"{kind}-{k}.pt", lambda f: torch.save(entry, f))
@@ -155,6 +157,7 @@ def get_schedule(k: str) -> GITSSchedule | None:
 
 
 def put_schedule(k: str, schedule: GITSSchedule) -> None:
+    remove_stale_temps(cache_dir(), legacy=True)
     d = schedule.to_dict()
     entry = {"format": FORMAT, "key": k, "sha256": _json_hash(d), "schedule": d}
     atomic_write_text(cache_dir() / f"schedule-{k}.json", json.dumps(entry))
