@@ -1,7 +1,8 @@
-"""Loader for the optional compiled core ``geosample._C`` (pybind11 over csrc/).
+"""Loader for the compiled core ``geosample._C`` (pybind11 over csrc/).
 
-Setting the environment variable GEOSAMPLE_NO_CPP=1 before the import hides the extension
-(``has_cpp()`` is then False and every caller uses its Python path).
+``pip install .`` builds it (or fails); an install made with GEOSAMPLE_NO_CPP=1 has none.  Setting
+GEOSAMPLE_NO_CPP=1 before the import also hides a built extension.  Either way ``has_cpp()`` is
+then False and every caller uses its Python path.
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import os
 
 _C = None
 if os.environ.get("GEOSAMPLE_NO_CPP", "") in ("", "0"):
-    try:  # the extension is optional: a pure-Python install has none
+    try:  # a GEOSAMPLE_NO_CPP=1 install has no extension
         from . import _C  # type: ignore[attr-defined,no-redef]
     except ImportError:  # pragma: no cover - depends on how the package was built
         _C = None

@@ -21,6 +21,12 @@ needs_cmake = pytest.mark.skipif(CMAKE is None or shutil.which("c++") is None,
                                  reason="cmake or a C++ compiler is missing")
 
 
+PURE_PYTHON_RUNS = (
+    "import torch, geosample as gs; assert not gs.has_cpp(); "
+    "x = gs.sample(lambda x, s: 0.5 * x, torch.ones(2, 3), gs.schedules.polynomial(4), 'unipc'); "
+    "assert x.shape == (2, 3) and bool(torch.isfinite(x).all()); print(gs.__file__)")
+
+
 def same_geosample_env(**env):
     """os.environ for a subprocess that imports the geosample this test session imports."""
     path = os.pathsep.join([str(Path(gs.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])
@@ -62,10 +68,7 @@ def test_find_package_from_outside_project(core_build, tmp_path):
 
 
 def test_pure_python_when_cpp_disabled(tmp_path):
-    code = ("import torch, geosample as gs; assert not gs.has_cpp(); "
-            "x = gs.sample(lambda x, s: 0.5 * x, torch.ones(2, 3), gs.schedules.polynomial(4), 'unipc'); "
-            "assert x.shape == (2, 3) and bool(torch.isfinite(x).all()); print(gs.__file__)")
-    out = subprocess.run([sys.executable, "-c", code], env=same_geosample_env(GEOSAMPLE_NO_CPP="1"),
+    out = subprocess.run([sys.executable, "-c", PURE_PYTHON_RUNS], env=same_geosample_env(GEOSAMPLE_NO_CPP="1"),
                          capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
 
@@ -135,9 +138,9 @@ def test_no_cpp_installs_pure_python(broken_cmake_tree, tmp_path):
     sources = {p.relative_to(broken_cmake_tree).as_posix() for p in (broken_cmake_tree / "geosample").rglob("*.py")}
     assert sources <= names
     assert not any(n.startswith("geosample/_C") for n in names)
-    code = ("import torch, geosample as gs; assert not gs.has_cpp(); "
-            "x = gs.sample(lambda x, s: 0.5 * x, torch.ones(2, 3), gs.schedules.polynomial(4), 'unipc'); "
-            "assert x.shape == (2, 3) and bool(torch.isfinite(x).all()); print(gs.__file__)")
+    # setuptools' finder of an editable install would lend the checkout's _C to any geosample: drop it
+    code = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if not f.__module__.startswith('__editable__')]\n"
+            + PURE_PYTHON_RUNS)
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
     env.pop("GEOSAMPLE_NO_CPP", None)  # the install is pure, not the import hiding an extension
     out = subprocess.run([sys.executable, "-P", "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
