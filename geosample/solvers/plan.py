@@ -7,8 +7,8 @@
   x / sigma_0, i.e. the VP sample) and the denoiser is evaluated there, D_0 = D(n, inf).  The first
   interval is the exact limit of a first-order step, x_1 = D_0 + sigma_1 n (Euler, DDIM and
   DPM-Solver-1 all tend to it); the solver then runs on ``sigmas[1:]`` from x_1, its history
-  starting there (as with img2img).  For Euler and DPM-Solver++ this is exactly their limit
-  sigma_0 -> inf (their history terms across an infinite interval vanish).
+  starting there (as with img2img).  For Euler and DPM-Solver++(2M) this is exactly their limit
+  sigma_0 -> inf (see docs/solvers.md).
 
 ``gs.sample`` answers each request of a :class:`Run` with the denoiser; ``GITSScheduler.step``
 answers it with the pipeline's model output and may replace the point it was evaluated at (latents
