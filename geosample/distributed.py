@@ -131,7 +131,8 @@ class ShardedKDEDenoiser:
     """Exact KDE denoiser of the union of every rank's shard (:class:`geosample.KDEDenoiser`).
 
     Rank r holds rows I_r of the data (any size, empty included) and computes, with the local
-    KDE backend on its shard, for logits l_i = (x.y_i - |y_i|^2 / 2) / sigma^2:
+    KDE backend on its shard, for logits l_i = -|x - y_i|^2 / (2 sigma^2) (``KDEStats.log_mass``,
+    free of the per-query constant |x|^2 / (2 sigma^2), which would cost precision at small sigma):
 
         logZ_r = logsumexp_{i in I_r} l_i  [B],    D_r = sum_{i in I_r} e^{l_i - logZ_r} y_i  [B, D]
 
@@ -186,7 +187,7 @@ class ShardedKDEDenoiser:
         if self.local is None:
             return x64.new_full((x64.shape[0],), -torch.inf), torch.zeros_like(x64)
         out, stats = self.local(x64, sig, return_stats=True)
-        return stats.log_z, out
+        return stats.log_mass, out
 
     def _weights(self, log_z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(w_r [B] of this rank, sum_r w_r [B]) from an all_gather of logZ_r."""

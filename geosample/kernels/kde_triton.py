@@ -1,16 +1,18 @@
 """Split-N (flash-decoding) Triton kernels for the closed-form denoiser.
 
-Per range of n data rows (queries x_s = x / sigma^2 [B, D], data y [n, D] stored as float32,
-float16 or uint8 with y = scale q + offset):
+Per range of n data rows, in the centred coordinates of :mod:`geosample.denoisers.kde` (queries
+x_s = (x - c) inv [B, D] with inv ~ 1 / sigma^2, rows y - c [n, D] read as centred float32, or as
+float16 / uint8 q with y - c = scale q + shift[col]):
 
-1. ``_logits_kernel``, grid (B / BB, n / BN): L[b, j] = x_s[b] . y_j - |y_j|^2 / (2 sigma_b^2)
+1. ``_logits_kernel``, grid (B / BB, n / BN): L[b, j] = x_s[b] . y_j - inv_b |y_j|^2 / 2
    accumulated over D in blocks of BD, and the tile maxima TMAX[b, t] = max_{j in tile t} L[b, j].
 2. host: m = max_t TMAX, z = sum exp(L - m), z2 = sum exp(2 (L - m)), top-k of L (torch).
 3. ``_wsum_kernel``, grid (B / BB, D / BD, splits): each program walks its share of the N tiles,
-   skips tiles whose max is below m - 80 for all its queries, and accumulates
+   skips tiles whose max is below m - SKIP for all its queries, and accumulates
    exp(L - m) @ y; the splits' partial sums are added on the host.
 
-Ranges are merged by log-sum-exp (:func:`geosample.denoisers.kde.merge`).  ``exact`` uses
+Weights below e^-SKIP are exactly 0 (:mod:`geosample.kernels.online_softmax`).  Ranges are merged
+by log-sum-exp (:func:`geosample.kernels.online_softmax.merge`).  ``exact`` uses
 ``input_precision="ieee"`` (full float32 FMA, never TF32); ``fast`` rounds the dot inputs to
 bfloat16 (tensor cores).  Memory: L is [B, rows] with rows = max(chunk_size, 2^26 / B) on GPU.
 
@@ -21,7 +23,7 @@ its split of the N tiles (nothing of size B x N is written):
     m' = max(m, max_j L_j),  a = exp(m - m'),  z' = a z + sum_j e^{L_j - m'},
     z2' = a^2 z2 + sum_j e^{2 (L_j - m')},  s' = a s + sum_j e^{L_j - m'} y_j
 
-(tiles whose max is below m - 80 for all BB queries skip the exp and the second dot), plus a
+(tiles whose max is below m - SKIP for all BB queries skip the exp and the second dot), plus a
 running top-k of the logits it summed, so the float64 re-scoring subtracts exactly the terms that
 were streamed.  Each split writes (m, z, z2, s, top-k); ``_merge_splits`` combines them.
 """
@@ -31,18 +33,34 @@ import torch
 import triton
 import triton.language as tl
 
-from ..denoisers.kde import SKIP, Partial, merge
+from .configs import (FUSED_BB, FUSED_MAX_D, FUSED_MIN_TILES, FUSED_PROGRAMS, KDE_BD, KDE_BN, KDE_WARPS,
+                      fused_tiles, kde_query_block, top_k_width)
+from .online_softmax import SKIP as _SKIP
+from .online_softmax import WEIGHT_FLOOR as _FLOOR
+from .online_softmax import Partial, exp_weights, merge
+
+SKIP = tl.constexpr(_SKIP)      # compiled Triton reads only constexpr globals (the interpreter reads any)
+FLOOR = tl.constexpr(_FLOOR)
 
 __all__ = ["kde_partial"]
 
 
 @triton.jit
-def _load_rows(Y, rows, cols, n, D, scale, offset, DEQUANT: tl.constexpr):
+def _load_rows(Y, rows, cols, n, D, scale, SHIFT, DEQUANT: tl.constexpr):
+    """Centred float32 rows [rows, cols]: stored as such, or scale * q + SHIFT[col] (DEQUANT)."""
     mask = (rows[:, None] < n) & (cols[None, :] < D)
     y = tl.load(Y + rows[:, None] * D + cols[None, :], mask=mask, other=0).to(tl.float32)
     if DEQUANT:
-        y = tl.where(mask, y * scale + offset, 0.0)
+        shift = tl.load(SHIFT + cols, mask=cols < D, other=0.0)
+        y = tl.where(mask, y * scale + shift[None, :], 0.0)
     return y
+
+
+@triton.jit
+def _weights(d):
+    """e^d for logit differences d <= 0, exactly 0 below e^-SKIP (never subnormal)."""
+    p = tl.exp(tl.maximum(d, -SKIP - 1.0))
+    return tl.where(p < FLOOR, 0.0, p)
 
 
 @triton.jit
@@ -53,7 +71,7 @@ def _dot(a, b, acc, FAST: tl.constexpr):
 
 
 @triton.jit
-def _logits_kernel(X, Y, HY2, INV, L, TMAX, B, n, D, T, scale, offset,
+def _logits_kernel(X, Y, HY2, INV, L, TMAX, B, n, D, T, scale, SHIFT,
                    BB: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
                    DEQUANT: tl.constexpr, FAST: tl.constexpr):
     rb = tl.program_id(0) * BB + tl.arange(0, BB)
@@ -62,7 +80,7 @@ def _logits_kernel(X, Y, HY2, INV, L, TMAX, B, n, D, T, scale, offset,
     for d0 in range(0, D, BD):
         rd = d0 + tl.arange(0, BD)
         x = tl.load(X + rb[:, None] * D + rd[None, :], mask=(rb[:, None] < B) & (rd[None, :] < D), other=0.0)
-        y = _load_rows(Y, rn, rd, n, D, scale, offset, DEQUANT)
+        y = _load_rows(Y, rn, rd, n, D, scale, SHIFT, DEQUANT)
         acc = _dot(x, tl.trans(y), acc, FAST)
     inv = tl.load(INV + rb, mask=rb < B, other=0.0)
     hy2 = tl.load(HY2 + rn, mask=rn < n, other=0.0)
@@ -72,7 +90,7 @@ def _logits_kernel(X, Y, HY2, INV, L, TMAX, B, n, D, T, scale, offset,
 
 
 @triton.jit
-def _wsum_kernel(L, Y, M, TMAX, OUT, B, n, D, T, tiles_per_split, scale, offset,
+def _wsum_kernel(L, Y, M, TMAX, OUT, B, n, D, T, tiles_per_split, scale, SHIFT,
                  BB: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
                  DEQUANT: tl.constexpr, FAST: tl.constexpr):
     rb = tl.program_id(0) * BB + tl.arange(0, BB)
@@ -87,41 +105,35 @@ def _wsum_kernel(L, Y, M, TMAX, OUT, B, n, D, T, tiles_per_split, scale, offset,
             rn = t * BN + tl.arange(0, BN)
             logit = tl.load(L + rb[:, None] * n + rn[None, :], mask=(rb[:, None] < B) & (rn[None, :] < n),
                             other=-float("inf"))
-            p = tl.exp(logit - m[:, None])
-            y = _load_rows(Y, rn, rd, n, D, scale, offset, DEQUANT)
+            p = _weights(logit - m[:, None])
+            y = _load_rows(Y, rn, rd, n, D, scale, SHIFT, DEQUANT)
             acc = _dot(p, y, acc, FAST)
     tl.store(OUT + split * B * D + rb[:, None] * D + rd[None, :], acc, mask=(rb[:, None] < B) & (rd[None, :] < D))
 
 
-def _range_partial(q, hy2, xs, inv, k, fast, scale, offset):
-    """Partial state of one range: q [n, D] raw stored rows on x's device."""
+def _range_partial(q, hy2, xs, inv, k, fast, scale, shift):
+    """Partial state of one range: q [n, D] rows as :meth:`Store.stream_rows` gives them, on x's device."""
     b, d = xs.shape
     n = q.shape[0]
-    bb, bn, bd = (16 if b <= 16 else 64), 64, 64
+    bb, bn, bd = kde_query_block(b), KDE_BN, KDE_BD
     tiles = triton.cdiv(n, bn)
     logits = torch.empty(b, n, device=xs.device)
     tmax = torch.empty(b, tiles, device=xs.device)
-    dequant = q.dtype == torch.uint8
-    _logits_kernel[(triton.cdiv(b, bb), tiles)](xs, q, hy2, inv, logits, tmax, b, n, d, tiles, scale, offset,
-                                                BB=bb, BN=bn, BD=bd, DEQUANT=dequant, FAST=fast)
+    dequant = q.dtype != torch.float32
+    _logits_kernel[(triton.cdiv(b, bb), tiles)](xs, q, hy2, inv, logits, tmax, b, n, d, tiles, scale, shift,
+                                                BB=bb, BN=bn, BD=bd, DEQUANT=dequant, FAST=fast, num_warps=KDE_WARPS)
     m = tmax.amax(1)
     splits = max(1, min(tiles, 128 // max(1, triton.cdiv(b, bb) * triton.cdiv(d, bd))))
     per = triton.cdiv(tiles, splits)
     out = torch.empty(splits, b, d, device=xs.device)
     _wsum_kernel[(triton.cdiv(b, bb), triton.cdiv(d, bd), splits)](logits, q, m, tmax, out, b, n, d, tiles, per,
-                                                                 scale, offset, BB=bb, BN=bn, BD=bd,
-                                                                 DEQUANT=dequant, FAST=fast)
-    p = torch.exp(logits - m[:, None])
+                                                                 scale, shift, BB=bb, BN=bn, BD=bd,
+                                                                 DEQUANT=dequant, FAST=fast, num_warps=KDE_WARPS)
+    p = exp_weights(logits - m[:, None])
     top_v, top_i = logits.topk(min(k, n), dim=1)
     return Partial(m, p.sum(1, dtype=torch.float64), (p * p).sum(1, dtype=torch.float64), out.sum(0), top_v, top_i)
 
 
-FUSED_MAX_D = 256    # D above this takes the two-phase path ([BN, D] row tiles no longer fit in registers)
-FUSED_BB = 16        # queries per program (the smallest tl.dot M)
-FUSED_BN = 64        # rows per tile for D <= 128
-FUSED_BN_WIDE = 32   # rows per tile for 128 < D <= 256
-FUSED_PROGRAMS = 512 # target programs per launch (~4 per SM on an H100): splits = 512 / query blocks
-FUSED_MIN_TILES = 4  # at least this many tiles per split, so a split's partial write is amortised
 LOWEST = tl.constexpr(-(2 ** 63))   # removed / out-of-range entries of the packed top-k
 
 
@@ -155,7 +167,7 @@ def _top_merge(top, cand, KP: tl.constexpr):
 
 
 @triton.jit
-def _fused_kernel(X, Y, HY2, INV, M, Z, Z2, S, TOP, B, n, D, T, tiles_per_split, scale, offset,
+def _fused_kernel(X, Y, HY2, INV, M, Z, Z2, S, TOP, B, n, D, T, tiles_per_split, scale, SHIFT,
                   BB: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, KP: tl.constexpr,
                   DEQUANT: tl.constexpr, FAST: tl.constexpr):
     """One (query block, split): online log-sum-exp over tiles of BN rows; BD >= D (one D block).
@@ -174,7 +186,7 @@ def _fused_kernel(X, Y, HY2, INV, M, Z, Z2, S, TOP, B, n, D, T, tiles_per_split,
     t0 = split * tiles_per_split
     for t in range(t0, tl.minimum(t0 + tiles_per_split, T)):
         rn = t * BN + tl.arange(0, BN)
-        y = _load_rows(Y, rn, rd, n, D, scale, offset, DEQUANT)
+        y = _load_rows(Y, rn, rd, n, D, scale, SHIFT, DEQUANT)
         hy2 = tl.load(HY2 + rn, mask=rn < n, other=0.0)
         logit = _dot(x, tl.trans(y), tl.zeros((BB, BN), dtype=tl.float32), FAST) - inv[:, None] * hy2[None, :]
         logit = tl.where(rn[None, :] < n, logit, -float("inf"))
@@ -185,8 +197,8 @@ def _fused_kernel(X, Y, HY2, INV, M, Z, Z2, S, TOP, B, n, D, T, tiles_per_split,
             kth = _kth_value(top)
         if tl.max(tmax - m, axis=0) > -SKIP:                    # tile skipping
             m_new = tl.maximum(m, tmax)
-            a = tl.exp(m - m_new)
-            p = tl.exp(logit - m_new[:, None])
+            a = _weights(m - m_new)
+            p = _weights(logit - m_new[:, None])
             a64 = a.to(tl.float64)
             z = z * a64 + tl.sum(p, axis=1).to(tl.float64)
             z2 = z2 * a64 * a64 + tl.sum(p * p, axis=1).to(tl.float64)
@@ -200,13 +212,12 @@ def _fused_kernel(X, Y, HY2, INV, M, Z, Z2, S, TOP, B, n, D, T, tiles_per_split,
     tl.store(TOP + out[:, None] * KP + tl.arange(0, KP)[None, :], top, mask=rb[:, None] < B)
 
 
-def _fused_partial(q, hy2, xs, inv, k, fast, scale, offset):
-    """Partial state of one range by ``_fused_kernel``: q [n, D] raw stored rows, D <= FUSED_MAX_D."""
+def _fused_partial(q, hy2, xs, inv, k, fast, scale, shift):
+    """Partial state of one range by ``_fused_kernel`` (q as in :func:`_range_partial`), D <= FUSED_MAX_D."""
     b, d = xs.shape
     n = q.shape[0]
-    bd = max(16, triton.next_power_of_2(d))
-    bn = FUSED_BN if bd <= 128 else FUSED_BN_WIDE
-    kp = triton.next_power_of_2(k)
+    bd, bn = fused_tiles(d)
+    kp = top_k_width(k)
     tiles, blocks = triton.cdiv(n, bn), triton.cdiv(b, FUSED_BB)
     per = max(FUSED_MIN_TILES, triton.cdiv(tiles * blocks, FUSED_PROGRAMS))
     splits = triton.cdiv(tiles, per)                             # no empty split
@@ -215,16 +226,17 @@ def _fused_partial(q, hy2, xs, inv, k, fast, scale, offset):
     z, z2 = torch.empty(2, splits, b, dtype=torch.float64, device=dev)
     s = torch.empty(splits, b, d, device=dev)
     top = torch.empty(splits, b, kp, dtype=torch.int64, device=dev)
-    _fused_kernel[(blocks, splits)](xs, q, hy2, inv, m, z, z2, s, top, b, n, d, tiles, per, scale, offset,
-                                    BB=FUSED_BB, BN=bn, BD=bd, KP=kp, DEQUANT=q.dtype == torch.uint8, FAST=fast)
+    _fused_kernel[(blocks, splits)](xs, q, hy2, inv, m, z, z2, s, top, b, n, d, tiles, per, scale, shift,
+                                    BB=FUSED_BB, BN=bn, BD=bd, KP=kp, DEQUANT=q.dtype != torch.float32, FAST=fast,
+                                    num_warps=KDE_WARPS)
     return _merge_splits(m, z, z2, s, top, min(k, n))
 
 
 def _merge_splits(m, z, z2, s, top, k):
-    """:func:`geosample.denoisers.kde.merge` over the leading (split) axis of stacked states, with
+    """:func:`geosample.kernels.online_softmax.merge` over the leading (split) axis of stacked states, with
     the packed top-k keys [splits, B, KP] unpacked: row = low word, logit = high word's float."""
     mx = m.amax(0)
-    a = torch.exp(m - mx)                                         # splits are never empty
+    a = exp_weights(m - mx)                                       # splits are never empty
     keys = top.transpose(0, 1).reshape(top.shape[1], -1).topk(k, dim=1).values
     hi = (keys >> 32).to(torch.int32)
     top_v = (hi ^ ((hi >> 31) & 0x7FFFFFFF)).view(torch.float32)
@@ -233,21 +245,19 @@ def _merge_splits(m, z, z2, s, top, k):
     return Partial(mx, (a64 * z).sum(0), (a64 * a64 * z2).sum(0), (a[:, :, None] * s).sum(0), top_v, top_i)
 
 
-def kde_partial(store, x32: torch.Tensor, inv_s2: torch.Tensor, chunk: int, k: int, precision: str) -> Partial:
-    """Streaming state of the whole dataset for float32 queries x32 [B, D] (see module docstring):
+def kde_partial(store, xs: torch.Tensor, inv: torch.Tensor, k: int, precision: str) -> Partial:
+    """Streaming state of the whole dataset for the centred, scaled float32 queries
+    xs = (x - c) * inv [B, D] with logit scale inv [B] (see :class:`geosample.denoisers.kde.Query`):
     the fused kernel for D <= FUSED_MAX_D, else the two-phase kernels; ranges merged by log-sum-exp."""
-    dev = x32.device
-    b = x32.shape[0]
-    inv = inv_s2.to(dev, torch.float32).contiguous()
-    xs = (x32 * inv[:, None]).contiguous()
-    hy2 = store.hy2.to(dev, torch.float32)
-    rows = chunk if dev.type == "cpu" else max(chunk, (1 << 26) // b)
+    dev, b = xs.device, xs.shape[0]
+    xs, inv = xs.contiguous(), inv.to(dev, torch.float32).contiguous()
+    hy2, shift = store.hy2.to(dev, torch.float32), store.shift(dev)
+    rows = store.chunk if dev.type == "cpu" else max(store.chunk, (1 << 26) // b)
     fn = _fused_partial if store.dim <= FUSED_MAX_D else _range_partial
     parts = []
     for a, e in store.ranges(rows):
-        q = store.on(dev)[a:e] if not store.mmap else store._raw(a, e).to(dev)
-        part = fn(q.reshape(e - a, -1).contiguous(), hy2[a:e].contiguous(), xs, inv, k, precision == "fast",
-                  store.scale, store.offset)
+        part = fn(store.stream_rows(a, e, dev), hy2[a:e].contiguous(), xs, inv, k, precision == "fast",
+                  store.scale, shift)
         part.top_i += a
         parts.append(part)
     return merge(parts, k)
