@@ -86,8 +86,8 @@ def test_version_has_one_source():
 
 @needs_cmake
 def test_cmake_reads_the_python_version(core_build):
-    header = (core_build / "prefix" / "include" / "geosample" / "version.hpp")
     run(CMAKE, "--install", core_build)
+    header = core_build / "prefix" / "include" / "geosample" / "version.hpp"
     assert f'#define GEOSAMPLE_VERSION "{gs.__version__}"' in header.read_text()
     config = next((core_build / "prefix").rglob("geosample-config-version.cmake")).read_text()
     assert f'set(PACKAGE_VERSION "{gs.__version__}")' in config
@@ -119,6 +119,7 @@ def pip_wheel(src, out, **env):
                           env={**os.environ, "GEOSAMPLE_NO_CPP": "", **env})
 
 
+@needs_cmake
 def test_failed_cpp_build_stops_the_install_and_names_the_switch(broken_cmake_tree, tmp_path):
     r = pip_wheel(broken_cmake_tree, tmp_path)
     assert r.returncode != 0
