@@ -1,10 +1,17 @@
-"""KDE denoiser speed: cpu exact vs the sgemm roofline, naive cdist+softmax+matmul, per-sample loop.
+"""KDE denoiser speed and exactness: cpu exact vs the sgemm roofline, naive cdist+softmax+matmul,
+per-sample loop, on the queries users make.
 
+Queries: data points plus sigma-scaled noise; the points of a real 10-step Euler trajectory (each
+step's sigma, solved with the denoiser itself from seeded noise); far-from-data points
+(|x - mean| = 1e4) and N(0, I) points.
 Default (CI): a tiny problem, so ``pytest benchmarks/bench_kde.py --benchmark-disable`` is quick.
 ``GEOSAMPLE_BENCH_FULL=1``: CIFAR size N = 50,000, D = 3072 (the decoded CIFAR-10 cache when
 present, else seeded random data), B in {16, 64, 256}, sigma in {80, 1, 0.02}.
 ``python benchmarks/bench_kde.py`` measures every ratio in one process and writes
-benchmarks/results/kde_cpu.json and kde_cpu.md.
+benchmarks/results/kde_cpu.{json,md} (noisy data points), kde_trajectory.{json,md} (per-sigma
+along the trajectory, far and random queries, precision="fast") and kde_exactness.{json,md}
+(the hostile cases of the exactness tests against a float64 softmax, every backend that runs here).
+``python benchmarks/bench_kde.py exactness|trajectory|speed`` runs only those tables.
 CUDA only (skipped without a GPU): the triton backend vs naive torch, the chunked torch stream
 (backend "cpu" on CUDA tensors) and scaled_dot_product_attention, at N = 1e6 synthetic D = 64
 (the fused small-D kernel) and CIFAR size N = 50,000, D = 3072; TFLOP/s = 4 B N D / time.
@@ -14,6 +21,7 @@ from __future__ import annotations
 import datetime
 import functools
 import json
+import math
 import os
 import platform
 import sys
@@ -88,6 +96,42 @@ def sgemm_rate(b, n, d, repeat=3):
 def problem():
     y, _ = dataset()
     return y, gs.KDEDenoiser(y, backend="cpu")
+
+
+TRAJECTORY_STEPS = 10
+
+
+@functools.lru_cache(maxsize=4)
+def trajectory(b: int):
+    """(sigmas [steps], points [steps, B, D]): a seeded 10-step Euler solve with the KDE itself."""
+    y, _ = dataset()
+    kde = gs.KDEDenoiser(y, backend="cpu")
+    sigmas = gs.schedules.polynomial(TRAJECTORY_STEPS)
+    noise = torch.randn(b, y.shape[1], generator=torch.Generator().manual_seed(5))
+    traj = gs.sample(kde, noise, sigmas, solver="euler", return_trajectory=True)
+    return sigmas[:-1].tolist(), traj.x[:-1]
+
+
+def far_queries(y, b, kind, seed=6):
+    """"far": |x - mean| = 1e4 in random directions; "random": N(0, I)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, y.shape[1], generator=g)
+    return y.mean(0) + 1e4 * torch.nn.functional.normalize(x, dim=1) if kind == "far" else x
+
+
+@pytest.mark.parametrize("step", [0, TRAJECTORY_STEPS // 2, TRAJECTORY_STEPS - 1])
+def test_cpu_exact_trajectory(benchmark, problem, step):
+    """A real trajectory's points at its own sigmas (start, middle, end)."""
+    _, kde = problem
+    sigmas, points = trajectory(BATCHES[-1])
+    assert torch.isfinite(benchmark(kde, points[step], sigmas[step])).all()
+
+
+@pytest.mark.parametrize("kind", ["far", "random"])
+@pytest.mark.parametrize("sigma", [1.0, 0.002])
+def test_cpu_exact_far(benchmark, problem, kind, sigma):
+    y, kde = problem
+    assert torch.isfinite(benchmark(kde, far_queries(y, BATCHES[-1], kind), sigma)).all()
 
 
 @pytest.mark.parametrize("b", BATCHES)
@@ -179,20 +223,133 @@ def measure():
                              naive_s=t_naive, per_sample_loop_s=t_loop, vs_roofline=t / roof,
                              speedup_vs_naive=t_naive / t, speedup_vs_loop=t_loop / t))
             print(rows[-1], flush=True)
+    return dict(header(source, n, d, kde), per_sample_loop_note=f"timed on {LOOP_SUBSET} queries and scaled to B",
+                rows=rows)
+
+
+def float64_error(y, x, sigma, out):
+    """Largest relative L2 error per query against the float64 direct-difference softmax."""
+    ref = gs.KDEDenoiser(y, backend="reference")(x.double(), sigma)
+    return ((out.double() - ref).norm(dim=1) / ref.norm(dim=1)).max().item()
+
+
+def path_counts(stats):
+    """{path name: queries} from KDEStats.path (absent before the exact paths existed)."""
+    path = getattr(stats, "path", None)
+    if path is None:
+        return {}
+    names = ("exact", "mixed", "full64", "fast")
+    return {names[i]: int(c) for i, c in enumerate(torch.bincount(path.long(), minlength=4).tolist()) if c}
+
+
+def measure_trajectory(b=64, error_queries=4):
+    """Per sigma of a real trajectory, then far / random queries: time, x roofline, path counts,
+    error of the first ``error_queries`` queries; precision="fast" beside, for its speed-up and error."""
+    y, source = dataset()
+    n, d = y.shape
+    exact, fast = gs.KDEDenoiser(y, backend="cpu"), gs.KDEDenoiser(y, backend="cpu", precision="fast")
+    roof = 4 * b * n * d / sgemm_rate(b, n, d)
+    sigmas, points = trajectory(b)
+    cases = [("trajectory", s, points[i]) for i, s in enumerate(sigmas)]
+    cases += [(kind, s, far_queries(y, b, kind)) for kind in ("far", "random") for s in (1.0, 0.002)]
+    rows = []
+    for kind, sigma, x in cases:
+        t = timeit(lambda: exact(x, sigma))
+        out, stats = exact(x, sigma, return_stats=True)
+        t_fast = timeit(lambda: fast(x, sigma))
+        sub = x[:error_queries]
+        rows.append(dict(queries=kind, sigma=sigma, exact_s=t, roofline_s=roof, vs_roofline=t / roof,
+                         paths=path_counts(stats), error=float64_error(y, sub, sigma, out[:error_queries]),
+                         fast_s=t_fast, fast_speedup=t / t_fast,
+                         fast_error=float64_error(y, sub, sigma, fast(sub, sigma))))
+        print(rows[-1], flush=True)
+    return dict(header(source, n, d, exact), B=b, error_queries=error_queries, rows=rows)
+
+
+def header(source, n, d, kde):
     return dict(date=datetime.date.today().isoformat(), machine=platform.machine(),
                 processor=platform.processor() or platform.platform(), cpu_count=os.cpu_count(),
                 torch_threads=torch.get_num_threads(), torch=torch.__version__, numpy=np.__version__,
-                python=sys.version.split()[0], data=source, N=n, D=d, chunk_size=kde.chunk_size,
-                per_sample_loop_note=f"timed on {LOOP_SUBSET} queries and scaled to B", rows=rows)
+                python=sys.version.split()[0], geosample=gs.__version__, data=source, N=n, D=d,
+                chunk_size=kde.chunk_size)
+
+
+def machine_line(r):
+    return (f"{r['processor']}, {r['cpu_count']} cores ({r['torch_threads']} torch threads), torch {r['torch']}, "
+            f"numpy {r['numpy']}, Python {r['python']}; data {r['data']} N={r['N']} D={r['D']}, chunk {r['chunk_size']}.")
+
+
+def write_trajectory(result, out_dir, name="kde_trajectory"):
+    atomic_write_text(out_dir / f"{name}.json", json.dumps(result, indent=1))
+    lines = [f"# KDE denoiser along a real trajectory, far and random queries ({result['date']})", "",
+             machine_line(result) + f" B = {result['B']}; x roofline = time / (two float32 GEMMs at the same "
+             f"shapes, measured in the same process); error = largest relative L2 error of {result['error_queries']} "
+             "queries against the float64 direct-difference softmax; paths = how many queries took each exact path "
+             "(docs/closed_form.md).", "",
+             "| queries | sigma | exact (ms) | x roofline | paths | error | fast (ms) | fast speed-up | fast error |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        paths = " ".join(f"{k} {v}" for k, v in r["paths"].items())
+        lines.append(f"| {r['queries']} | {r['sigma']:.4g} | {1e3 * r['exact_s']:.0f} | {r['vs_roofline']:.2f} | "
+                     f"{paths} | {r['error']:.1e} | {1e3 * r['fast_s']:.0f} | {r['fast_speedup']:.2f}x | "
+                     f"{r['fast_error']:.1e} |")
+    atomic_write_text(out_dir / f"{name}.md", "\n".join(lines) + "\n")
+
+
+def hostile_cases(y):
+    """The exactness issue's hostile inputs on data y [N, D]: (name, data, queries [4, D], sigma)."""
+    g = torch.Generator().manual_seed(7)
+    b, d = 4, y.shape[1]
+    i = torch.randint(0, y.shape[0] // 2, (b,), generator=g)
+    noise = torch.randn(b, d, generator=g)
+    pairs = y.clone()
+    pairs[i + 1] = y[i] + 0.01 * torch.nn.functional.normalize(torch.randn(b, d, generator=g), dim=1)
+    raw = (y + 1) * 127.5
+    far = y.mean(0) + 1e4 * torch.nn.functional.normalize(noise, dim=1)
+    return [("rows 0.01 apart, query halfway", pairs, (pairs[i] + pairs[i + 1]) / 2, 0.002),
+            ("query 1e-5 from a row", y, y[i] + 1e-5 * noise, 3e-5),
+            ("query 1e-5 from a row", y, y[i] + 1e-5 * noise, 1e-6),
+            ("data + 1e4", y + 1e4, y[i] + 1e4 + noise, 1.0),
+            ("data + 1e3", y + 1e3, y[i] + 1e3 + 0.05 * noise, 0.05),
+            ("raw 0..255 pixels", raw, raw[i] + 0.002 * noise, 0.002),
+            ("|x - mean| = 1e4", y, far, 0.002),
+            ("N(0, I) queries", y, noise, 1.0)]
+
+
+def measure_exactness():
+    """Every hostile case: the float64 error of the cpu exact and fast paths, and the paths taken."""
+    y, source = dataset()
+    rows = []
+    for name, data, x, sigma in hostile_cases(y):
+        kde = gs.KDEDenoiser(data, backend="cpu")
+        row = dict(case=name, sigma=sigma)
+        try:
+            out, stats = kde(x, sigma, return_stats=True)
+            row.update(exact_error=float64_error(data, x, sigma, out), paths=path_counts(stats))
+        except (ValueError, FloatingPointError, RuntimeError) as e:       # what the old code raised
+            row.update(exact_error=math.nan, paths={}, raised=f"{type(e).__name__}: {e}")
+        row["fast_error"] = float64_error(data, x, sigma, gs.KDEDenoiser(data, backend="cpu", precision="fast")(x, sigma))
+        rows.append(row)
+        print(row, flush=True)
+    return dict(header(source, *y.shape, kde), rows=rows)
+
+
+def write_exactness(result, out_dir, name="kde_exactness"):
+    atomic_write_text(out_dir / f"{name}.json", json.dumps(result, indent=1))
+    lines = [f"# KDE denoiser on hostile inputs ({result['date']}, geosample {result['geosample']})", "",
+             machine_line(result) + " Error = largest relative L2 error of 4 queries against the float64 "
+             "direct-difference softmax over the same rows (goal: 1e-5 for exact).", "",
+             "| case | sigma | exact error | paths | fast (bf16) error |", "|---|---|---|---|---|"]
+    for r in result["rows"]:
+        paths = " ".join(f"{k} {v}" for k, v in r["paths"].items())
+        lines.append(f"| {r['case']} | {r['sigma']:g} | {r['exact_error']:.1e} | {paths} | {r['fast_error']:.1e} |")
+    atomic_write_text(out_dir / f"{name}.md", "\n".join(lines) + "\n")
 
 
 def write(result, out_dir):
     atomic_write_text(out_dir / "kde_cpu.json", json.dumps(result, indent=1))
     lines = [f"# KDE denoiser, cpu exact backend ({result['date']})", "",
-             f"{result['processor']}, {result['cpu_count']} cores ({result['torch_threads']} torch threads), "
-             f"torch {result['torch']}, numpy {result['numpy']}, Python {result['python']}; "
-             f"data {result['data']} N={result['N']} D={result['D']}, chunk {result['chunk_size']}. "
-             f"Per-sample loop {result['per_sample_loop_note']}.", "",
+             machine_line(result) + f" Per-sample loop {result['per_sample_loop_note']}.", "",
              "| B | sigma | cpu exact (ms) | roofline (ms) | x roofline | naive (ms) | vs naive | loop (s) | vs loop |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
@@ -203,4 +360,11 @@ def write(result, out_dir):
 
 
 if __name__ == "__main__":
-    write(measure(), Path(__file__).parent / "results")
+    out = Path(__file__).parent / "results"
+    parts = sys.argv[1:] or ["exactness", "trajectory", "speed"]
+    if "exactness" in parts:
+        write_exactness(measure_exactness(), out)
+    if "trajectory" in parts:
+        write_trajectory(measure_trajectory(), out)
+    if "speed" in parts:
+        write(measure(), out)

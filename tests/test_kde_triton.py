@@ -45,11 +45,25 @@ SCRIPT = textwrap.dedent("""
     for sigma in (1.0, 0.002):                        # ranges, two query blocks, refine_k not a power of 2
         check(y, sigma, b=20, chunk_size=128, refine_k=12)
 
+    def hostile(y, b=4):
+        # data far from the origin, raw 0..255 pixels, far queries, tiny sigma: against a float64 softmax
+        for data, shift, sigma in ((y + 1e3, 0.0, 0.05), ((y + 1) * 127.5, 0.0, 0.002), (y, 1e4, 0.002),
+                                   (y, 0.0, 1e-6), (y + 1e4, 0.0, 1.0)):
+            flat = data.flatten(1).double()
+            x = data[:b] + 1e-5 * torch.randn(b, *data.shape[1:], generator=g) + shift
+            w = torch.softmax(-torch.cdist(x.flatten(1).double(), flat) ** 2 / (2 * sigma ** 2), 1)
+            out = KDEDenoiser(data, backend="triton")(x.to(dev), sigma).cpu().double().flatten(1)
+            ref = w @ flat
+            err = ((out - ref).norm(dim=1) / ref.norm(dim=1)).max().item()
+            assert err <= 1e-5, (tuple(data.shape), shift, sigma, err)
+
+    hostile(dataset(16))
     kde_triton.FUSED_MAX_D = 0                        # two-phase kernels
     y = dataset(3, 4, 4)
     for kw in ({}, {"chunk_size": 128}, {"storage": "float16"}, {"storage": "uint8"}):
         for sigma in (80.0, 10.0, 1.0, 0.05, 0.002):
             check(y, sigma, **kw)
+    hostile(y)
     print("ok")
 """)
 

@@ -460,8 +460,8 @@ class KDEDenoiser:
 
     def _solve(self, backend: str, q: Query):
         """(D [B, D] float64, KDEStats): the streaming pass, then the exact re-scoring; queries
-        whose candidates do not settle it are streamed again with WIDE_K candidates, and the few
-        that still need it get the FULL64 pass."""
+        whose candidates do not settle it are streamed again with WIDE_K candidates (by the torch
+        streaming pass, on any device), and the few that still need it get the FULL64 pass."""
         part = self._partial(backend, q, self.refine_k)
         if self.precision == "fast":
             return self._fast(q, part)
@@ -470,7 +470,7 @@ class KDEDenoiser:
         wide = min(WIDE_K, self.store.n)
         if len(idx) and wide > self.refine_k:
             sub = q.select(idx)
-            out_w, st_w, again = rescore(self.store, sub, self._partial(backend, sub, wide))
+            out_w, st_w, again = rescore(self.store, sub, self._partial("cpu", sub, wide))   # torch, any device
             _put(out, stats, idx, out_w, st_w)
             idx = idx[again]
         if len(idx):
