@@ -312,7 +312,7 @@ def hostile_cases(y):
             ("data + 1e4", y + 1e4, y[i] + 1e4 + noise, 1.0),
             ("data + 1e3", y + 1e3, y[i] + 1e3 + 0.05 * noise, 0.05),
             ("raw 0..255 pixels", raw, raw[i] + 0.002 * noise, 0.002),
-            ("|x - mean| = 1e4", y, far, 0.002),
+            ("queries 1e4 from the data mean", y, far, 0.002),
             ("N(0, I) queries", y, noise, 1.0)]
 
 
@@ -360,11 +360,18 @@ def write(result, out_dir):
 
 
 if __name__ == "__main__":
+    import argparse
+    parser = argparse.ArgumentParser(description="KDE benchmarks (GEOSAMPLE_BENCH_FULL=1 for CIFAR-10 size)")
+    parser.add_argument("parts", nargs="*", help="exactness, trajectory and/or speed (default: all three)")
+    parser.add_argument("--suffix", default="", help="appended to the result names, e.g. _before for an older build")
+    args = parser.parse_args()
+    args.parts = args.parts or ["exactness", "trajectory", "speed"]
+    if set(args.parts) - {"exactness", "trajectory", "speed"}:
+        parser.error(f"unknown parts {sorted(set(args.parts) - {'exactness', 'trajectory', 'speed'})}")
     out = Path(__file__).parent / "results"
-    parts = sys.argv[1:] or ["exactness", "trajectory", "speed"]
-    if "exactness" in parts:
-        write_exactness(measure_exactness(), out)
-    if "trajectory" in parts:
-        write_trajectory(measure_trajectory(), out)
-    if "speed" in parts:
+    if "exactness" in args.parts:
+        write_exactness(measure_exactness(), out, "kde_exactness" + args.suffix)
+    if "trajectory" in args.parts:
+        write_trajectory(measure_trajectory(), out, "kde_trajectory" + args.suffix)
+    if "speed" in args.parts:
         write(measure(), out)

@@ -231,8 +231,8 @@ def stream(store: Store, xs: torch.Tensor, inv: torch.Tensor, lo: int, hi: int, 
     top_v = torch.full((b, k), -math.inf, device=dev)
     top_i = torch.zeros(b, k, dtype=torch.long, device=dev)
     for a, e in store.ranges(chunk, lo, hi):
-        y = store.rows(a, e, dev, ybuf)
-        l = _mm(xs, y.to(mm_dtype).T, logits[:, : e - a])
+        y = store.rows(a, e, dev, ybuf).to(mm_dtype)
+        l = _mm(xs, y.T, logits[:, : e - a])
         l.addr_(inv, hy2[a:e], alpha=-1.0)
         cv, ci = l.topk(min(k, e - a), dim=1)                       # chunk top-k, then merge
         top_v, j = torch.cat([top_v, cv], 1).topk(k, dim=1)
@@ -250,7 +250,7 @@ def stream(store: Store, xs: torch.Tensor, inv: torch.Tensor, lo: int, hi: int, 
             idx = live.nonzero()[:, 0]
             p, y = p.index_select(1, idx), y.index_select(0, idx)
         s.mul_(alpha[:, None])
-        s.add_(_mm(p.to(mm_dtype), y.to(mm_dtype), None)) if mm_dtype != torch.float32 else s.addmm_(p, y)
+        s.add_(_mm(p.to(mm_dtype), y, None)) if mm_dtype != torch.float32 else s.addmm_(p, y)
         m = m_new
     return Partial(m, z, z2, s, top_v, top_i)
 
