@@ -6,8 +6,9 @@ time measured is the solver's own (step maths, history, bookkeeping), not a netw
 groups:
     solver-step      one step (sigma 1.0 -> 0.5) through gs.sample, per solver
     sampling-loop    10 steps on the polynomial rho=7 schedule, per solver
-    overhead-<name>  gs.sample vs the same loop written the k-diffusion way (plain torch,
-                     sigmas a tensor, d = to_d(x, sigma, denoised), x = x + d * dt)
+    overhead-<name>  gs.sample vs the same solver written the k-diffusion way (plain torch,
+                     sigmas a tensor, d = to_d(x, sigma, denoised), x = x + d * dt), at
+                     x [4, 3, 32, 32] and [1, 4, 64, 64] (euler, heun, dpm2, ipndm, dpmpp 2M)
 
 Run: ``PYTHONPATH=. pytest benchmarks/bench_solvers.py --benchmark-enable --benchmark-only`` (CI: disabled, pyproject);
 ``GEOSAMPLE_BENCH_FULL=1`` uses x of shape [64, 3, 32, 32] instead of [4, 3, 32, 32].
@@ -85,7 +86,42 @@ def kdiff_ipndm(model, x, sigmas):
     return x
 
 
-KDIFF = {"euler": kdiff_euler, "heun": kdiff_heun, "ipndm": kdiff_ipndm}
+@torch.no_grad()
+def kdiff_dpm2(model, x, sigmas):
+    """k-diffusion sample_dpm_2 (no churn, sigmas ending above 0): midpoint in log sigma."""
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        d = to_d(x, sigmas[i] * s_in, model(x, sigmas[i] * s_in))
+        sigma_mid = sigmas[i].log().lerp(sigmas[i + 1].log(), 0.5).exp()
+        x_2 = x + d * (sigma_mid - sigmas[i])
+        d_2 = to_d(x_2, sigma_mid * s_in, model(x_2, sigma_mid * s_in))
+        x = x + d_2 * (sigmas[i + 1] - sigmas[i])
+    return x
+
+
+@torch.no_grad()
+def kdiff_dpmpp_2m(model, x, sigmas):
+    """k-diffusion sample_dpmpp_2m (sigmas ending above 0): first order first, then 2M."""
+    s_in = x.new_ones([x.shape[0]])
+    t_fn = lambda sigma: sigma.log().neg()  # noqa: E731
+    old_denoised = None
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in)
+        t, t_next = t_fn(sigmas[i]), t_fn(sigmas[i + 1])
+        h = t_next - t
+        if old_denoised is None:
+            x = (sigmas[i + 1] / sigmas[i]) * x - (-h).expm1() * denoised
+        else:
+            r = (t - t_fn(sigmas[i - 1])) / h
+            denoised_d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
+            x = (sigmas[i + 1] / sigmas[i]) * x - (-h).expm1() * denoised_d
+        old_denoised = denoised
+    return x
+
+
+KDIFF = {"euler": (kdiff_euler, {}), "heun": (kdiff_heun, {}), "dpm2": (kdiff_dpm2, {}), "ipndm": (kdiff_ipndm, {}),
+         "dpmpp": (kdiff_dpmpp_2m, {"max_order": 2, "lower_order_final": False})}
+OVERHEAD_SHAPES = ((4, 3, 32, 32), (1, 4, 64, 64))
 
 
 @pytest.mark.parametrize("solver", SOLVERS)
@@ -106,14 +142,17 @@ def test_sampling_loop(benchmark, noise, solver):
 
 
 @pytest.mark.parametrize("impl", ["geosample", "kdiffusion"])
+@pytest.mark.parametrize("shape", OVERHEAD_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("solver", sorted(KDIFF))
-def test_overhead(benchmark, noise, solver, impl):
-    benchmark.group = f"overhead-{solver}"
+def test_overhead(benchmark, solver, shape, impl):
+    benchmark.group = f"overhead-{solver}-{'x'.join(map(str, shape))}"
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     sigmas = gs.schedules.polynomial(STEPS)
+    loop, options = KDIFF[solver]
     if impl == "geosample":
-        x = benchmark(gs.sample, gaussian_denoiser, noise, sigmas, solver=solver)
+        x = benchmark(gs.sample, gaussian_denoiser, noise, sigmas, solver=solver, **options)
     else:
         s32 = sigmas.to(noise.dtype)
-        x = benchmark(KDIFF[solver], gaussian_denoiser, noise * s32[0], s32)
-    ref = gs.sample(gaussian_denoiser, noise.double(), sigmas, solver=solver)
+        x = benchmark(loop, gaussian_denoiser, noise * s32[0], s32)
+    ref = gs.sample(gaussian_denoiser, noise.double(), sigmas, solver=solver, **options)
     torch.testing.assert_close(x.double(), ref, atol=1e-4, rtol=1e-4)   # the same solver both ways

@@ -17,6 +17,7 @@ edited between steps); the fused sampler runs the same ops on preallocated buffe
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Callable
 
@@ -28,20 +29,34 @@ from .fused import History
 __all__ = ["plan", "initial_state", "Run"]
 
 
-def plan(spec: Solver, sigmas: list, afs: bool, options: dict) -> tuple[list[Op], int]:
-    """(ops, history size) running ``spec`` with checked ``options`` over a checked schedule ``sigmas``."""
+def plan(spec: Solver, sigmas: list, afs: bool, options: dict) -> tuple[tuple[Op, ...], int]:
+    """(ops, history size) running ``spec`` with checked ``options`` over a checked schedule ``sigmas``.
+    Plans are cached per (solver, schedule, afs, options), so repeated calls only look them up."""
+    key = (tuple(sigmas), bool(afs), tuple(sorted(options.items())))
+    try:
+        return _cached_plan(spec.plan, *key)
+    except TypeError:  # an unhashable option value: build it uncached
+        return _build(spec.plan, *key)
+
+
+def _build(plan_fn: Callable, sigmas: tuple, afs: bool, options: tuple) -> tuple[tuple[Op, ...], int]:
     final = sigmas[-1] == 0.0
-    ode = sigmas[:-1] if final else sigmas
+    ode = list(sigmas[:-1] if final else sigmas)
     ops: list[Op] = []
     start = 0
     if math.isinf(ode[0]) and len(ode) > 1:
         ops.append(Op(ode[0], X, X, ode[1], (1.0,), afs=afs, step=0))
         start = 1
-    body, size = spec.plan(ode[start:], afs=afs and start == 0, **options)
-    ops += [op if op.step is None else dataclasses.replace(op, step=op.step + start) for op in body]
+    body, size = plan_fn(ode[start:], afs=afs and start == 0, **dict(options))
+    if start:  # the body's steps count from interval 1
+        body = [op if op.step is None else dataclasses.replace(op, step=op.step + start) for op in body]
+    ops += body
     if final:
         ops.append(Op(ode[-1], X, X, 0.0, (1.0,), step=len(ode) - 1))
-    return ops, max(size, 1)
+    return tuple(ops), max(size, 1)
+
+
+_cached_plan = functools.lru_cache(maxsize=128)(_build)
 
 
 def initial_state(noise: torch.Tensor, sigma_max: float) -> torch.Tensor:

@@ -139,7 +139,7 @@ def sample(denoiser: Callable, noise: torch.Tensor, sigmas, solver: str = "ipndm
         if bar is not None:
             bar.close()
     x = run.x
-    if not bool(torch.isfinite(x).all()):
+    if not bool(torch.isfinite(x.sum())):  # NaN and inf reach the sum (one reduction, no [B, ...] mask)
         raise FloatingPointError(f"solver {spec.name!r} produced non-finite values; check the denoiser and sigmas")
     if not return_trajectory:
         return x.to(noise.dtype)
