@@ -60,12 +60,16 @@ def _check_options(spec: Solver, options: dict) -> dict:
 def check_grid(sigmas) -> torch.Tensor:
     """:func:`~geosample.schedules.check_sigmas`, also allowing ``sigmas[0] = inf`` (a zero-SNR start,
     see :mod:`.plan`)."""
-    s = torch.as_tensor(sigmas, dtype=torch.float64) if not isinstance(sigmas, torch.Tensor) else sigmas
-    if s.dim() == 1 and s.numel() >= 2 and float(s[0]) == math.inf:
-        rest = s[1:].detach().to("cpu", torch.float64)
-        check_sigmas(torch.cat([rest[:1] * 2 + 1, rest]))  # the finite part, with a finite stand-in for inf
-        return torch.cat([rest.new_full((1,), math.inf), rest])
-    return check_sigmas(sigmas)
+    try:
+        s = sigmas if isinstance(sigmas, torch.Tensor) else torch.as_tensor(sigmas, dtype=torch.float64)
+        infinite_start = s.dim() == 1 and s.numel() >= 2 and not s.is_meta and float(s[0]) == math.inf
+    except (TypeError, ValueError, RuntimeError):
+        infinite_start = False  # check_sigmas says what is wrong
+    if not infinite_start:
+        return check_sigmas(sigmas)
+    rest = s[1:].detach().to("cpu", torch.float64)
+    check_sigmas(torch.cat([rest[:1] * 2 + 1, rest]))  # the finite part, with a finite stand-in for inf
+    return torch.cat([rest.new_full((1,), math.inf), rest])
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
