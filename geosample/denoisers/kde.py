@@ -394,13 +394,16 @@ class KDEDenoiser:
     uint8 data use y = scale * q + offset (default 2/255, -1: pixels to [-1, 1]).  In-memory
     float32 data keep a centred float32 copy besides the data (2x the memory).
     chunk_size: rows per streamed chunk (memory O(B C + C D), never O(B N)).
+    index: True or a dict of :meth:`KDEIndex.build <geosample.denoisers.kde_index.KDEIndex.build>`
+    options: exact results from a certified subset of the rows where the posterior is
+    concentrated (path INDEXED = 4, rows left out < 1e-12 of the weight; large sets take the pass).
     Call: ``D(x, sigma, return_stats=False)`` with x [B, ...] (data's trailing shape) and sigma a
     float or a [B] tensor; returns x's dtype and shape, and (D, KDEStats) with return_stats.
     """
 
     def __init__(self, data, backend: str = "auto", precision: str = "exact", chunk_size: int = 1024,
                  storage: str | None = None, scale: float | None = None, offset: float | None = None,
-                 refine_k: int = 16, threads: int | None = None):
+                 refine_k: int = 16, threads: int | None = None, index: bool | dict = False):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if precision not in ("exact", "fast"):
@@ -413,6 +416,10 @@ class KDEDenoiser:
         self.shape = self.store.shape
         self.refine_k = min(refine_k, self.store.n)
         self.threads = threads or torch.get_num_threads()
+        self.index = None
+        if index is not False and index is not None:
+            from .kde_index import KDEIndex
+            self.index = KDEIndex.build(self.store, **({} if index is True else dict(index)))
 
     def __len__(self):
         return self.store.n
@@ -458,10 +465,13 @@ class KDEDenoiser:
             parts = list(pool.map(lambda i: stream(self.store, xs, inv, cut[i], cut[i + 1], k, mm_dtype), range(t)))
         return merge(parts, k)
 
-    def _solve(self, backend: str, q: Query):
+    def _solve(self, backend: str, q: Query, use_index: bool = True):
         """(D [B, D] float64, KDEStats): the streaming pass, then the exact re-scoring; queries
         whose candidates do not settle it are streamed again with WIDE_K candidates (by the torch
-        streaming pass, on any device), and the few that still need it get the FULL64 pass."""
+        streaming pass, on any device), and the few that still need it get the FULL64 pass.
+        With an index, each query is first tried on its certified set (the rest take that path)."""
+        if use_index and self.index is not None and self.precision == "exact":
+            return self.index.solve(self.store, q, lambda sub: self._solve(backend, sub, use_index=False))
         part = self._partial(backend, q, self.refine_k)
         if self.precision == "fast":
             return self._fast(q, part)
