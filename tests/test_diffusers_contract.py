@@ -8,29 +8,18 @@ import torch
 import geosample as gs
 
 diffusers = pytest.importorskip("diffusers")
-from diffusers import DDIMScheduler, UNet2DModel  # noqa: E402
+from diffusers import DDIMScheduler  # noqa: E402
 
 from geosample.denoisers.adapters import EpsDenoiser  # noqa: E402
 from geosample.integrations.diffusers import GITSScheduler  # noqa: E402
 from geosample.solvers.base import X, Y, Op  # noqa: E402
+from tiny_diffusers import one_thread, unet  # noqa: E402,F401  (fixtures)
 
 SOLVERS = sorted(gs.SOLVERS)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def unet():
-    torch.manual_seed(0)
-    return UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
-                       norm_num_groups=8, down_block_types=("DownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "UpBlock2D")).eval()
 
 
 def _latents(seed=3):

@@ -14,19 +14,13 @@ from diffusers import (AutoencoderKL, DDIMPipeline, DDIMScheduler, DPMSolverMult
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
 
 from geosample.integrations.diffusers import GITSScheduler  # noqa: E402
+from tiny_diffusers import one_thread  # noqa: E402,F401  (fixtures)
 
 SD_BETAS = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 STEPS, SIZE = 5, 16  # 16x16 images, 8x8 latents
 ATOL = 2e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions: one thread is ~50x faster than two on a shared CPU (no thread handoff)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
