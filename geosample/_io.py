@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 import re
 import secrets
 import socket
@@ -22,7 +23,8 @@ from pathlib import Path
 from typing import Callable, IO
 
 __all__ = ["cache_root", "atomic_write", "atomic_write_text", "remove_stale_temps", "STALE_AFTER_S",
-           "check_out_dir", "check_out_file", "publish_run", "read_run", "MANIFEST"]
+           "check_out_dir", "check_out_file", "publish_run", "read_run", "MANIFEST", "run_id", "json_bytes",
+           "versions"]
 
 #: The file naming one run's outputs (see :func:`publish_run`).
 MANIFEST = "manifest.json"
@@ -150,6 +152,26 @@ def check_out_file(path) -> Path:
 
 def _sha256(blob: bytes) -> str:
     return hashlib.sha256(blob).hexdigest()
+
+
+def run_id() -> str:
+    """A new run's name: UTC time and 8 random hex digits."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(4)
+
+
+def json_bytes(obj) -> bytes:
+    """``obj`` as indented UTF-8 JSON, the form of a run's .json files."""
+    return json.dumps(obj, indent=1).encode("utf-8")
+
+
+def versions() -> dict:
+    """What a run report records about its software and machine."""
+    import torch
+
+    from ._version import __version__
+    return {"geosample": __version__, "torch": torch.__version__, "python": platform.python_version(),
+            "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+            "torch_threads": torch.get_num_threads()}
 
 
 def publish_run(folder, files: dict[str, bytes], run: dict | None = None) -> Path:

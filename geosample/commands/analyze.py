@@ -220,8 +220,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data import load_dataset
     from ..denoisers.kde import KDEDenoiser
     from ..solvers import get_solver, sample
-    from .._io import check_out_dir, publish_run
-    from .sample import _json_bytes, _versions, run_id
+    from .._io import check_out_dir, json_bytes, publish_run, run_id, versions
 
     t_start = time.perf_counter()
     solver = get_solver(args.solver).name
@@ -253,8 +252,8 @@ def run(args: argparse.Namespace) -> int:
     title = f"{args.data} ({solver}, {args.steps} steps, {args.num} samples)"
     files = {f"{name}.png": blob for name, blob in figures(m, title).items()}
     run = run_id()
-    numbers.update(run=run, total_s=time.perf_counter() - t_start, versions=_versions())
-    files["analysis.json"] = _json_bytes(numbers)
+    numbers.update(run=run, total_s=time.perf_counter() - t_start, versions=versions())
+    files["analysis.json"] = json_bytes(numbers)
     publish_run(out, files, {"run": run, "command": "analyze"})
     ev = numbers["explained_variance_top2_chord_removed"]
     print(f"top-2 chord-orthogonal explained variance: min {ev['min']:.4f}, mean {ev['mean']:.4f}\n"

@@ -50,23 +50,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from .. import distributed as gd
     from .. import gits
     from .._io import check_out_file
     from ..data import load_dataset
+    from ..denoisers.kde import KDEDenoiser
+    from ..distributed import init_from_env
 
     check_out_file(args.out)
-    parallel = gd.init_from_env()  # under torchrun: dataset sharded, teacher split, rank 0 writes
     data = torch.as_tensor(load_dataset(args.data)).to(args.device)
-    search, cache = (gd.gits_search, {}) if parallel else (gits.search, {"use_cache": not args.no_cache})
-    sched = search(gd.closed_form_denoiser(data), tuple(data.shape[1:]), args.steps, teacher=args.teacher,
-                   teacher_steps=args.teacher_steps, grid=args.grid, metric=args.metric,
-                   gamma=args.gamma, num_warmup=args.num_warmup, seed=args.seed,
-                   batch_size=args.batch_size, afs=args.afs, solver=args.solver,
-                   sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho,
-                   device=args.device, progress=gd.is_main(), **cache)
-    if not gd.is_main():
-        return 0
+    options = dict(teacher=args.teacher, teacher_steps=args.teacher_steps, grid=args.grid, metric=args.metric,
+                   gamma=args.gamma, num_warmup=args.num_warmup, seed=args.seed, batch_size=args.batch_size,
+                   afs=args.afs, solver=args.solver, sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho)
+    shape = tuple(data.shape[1:])
+    if init_from_env():  # under torchrun: dataset sharded, teacher split, rank 0 writes
+        from .. import distributed as gd
+
+        sched = gd.gits_search(gd.closed_form_denoiser(data), shape, args.steps, device=args.device,
+                               progress=gd.is_main(), **options)
+        if not gd.is_main():
+            return 0
+    else:
+        sched = gits.search(KDEDenoiser(data), shape, args.steps, device=args.device, progress=True,
+                            use_cache=not args.no_cache, **options)
     sched.save(args.out)
     print(json.dumps({"sigmas": [round(s, 6) for s in sched.sigmas.tolist()], "indices": sched.indices,
                       "nfe": sched.params["nfe"], "cost": round(sched.cost, 6),

@@ -14,20 +14,16 @@
 from __future__ import annotations
 
 import argparse
-import io
-import json
-import platform
-import secrets
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .._io import check_out_dir, publish_run
+from .._io import check_out_dir, json_bytes, publish_run, run_id, versions
+from ..figures import labelled_panels, png_bytes
 from .gits import gammas
 
 if TYPE_CHECKING:  # imported lazily at run time, so that `geosample --help` stays fast
     import torch
-    from PIL import Image
 
 HELP = "the main job: GITS vs EDM schedule on a dataset's closed-form denoiser (samples.png, report.json)"
 SCHEDULES = ("gits", "polynomial", "logsnr", "time_uniform")
@@ -72,29 +68,6 @@ def steps_for_nfe(solver: str, nfe: int, afs: bool = False) -> int:
     return steps
 
 
-def load_schedule_file(path) -> "torch.Tensor":
-    """sigmas from a GITS schedule file, a JSON object with "sigmas", or a JSON list of floats."""
-    import torch
-
-    from .. import gits, schedules
-
-    with open(path) as f:
-        try:
-            d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not JSON: {e}") from None
-    if isinstance(d, dict) and "format_version" in d:
-        try:
-            sigmas = gits.GITSSchedule.from_dict(d).sigmas
-        except (KeyError, TypeError, AttributeError) as e:
-            raise ValueError(f"{path} is not a valid GITS schedule file ({type(e).__name__}: {e})") from None
-    else:
-        sigmas = d.get("sigmas") if isinstance(d, dict) else d
-    if sigmas is None:
-        raise ValueError(f"{path} has no 'sigmas' list")
-    return schedules.check_sigmas(sigmas)
-
-
 def make_schedule(name: str, solver: str, nfe: int, denoiser=None, shape=None, *, afs: bool = False,
                   seed: int = 0, num_warmup: int = 256, gamma=1.15, device="cpu", use_cache: bool = True,
                   progress: bool = False, distributed: bool = False):
@@ -107,77 +80,24 @@ def make_schedule(name: str, solver: str, nfe: int, denoiser=None, shape=None, *
     ``distributed``: :func:`geosample.distributed.gits_search` (teacher split across ranks, no cache).
     """
     from .. import gits, schedules
-    from ..distributed import gits_search
 
     steps = steps_for_nfe(solver, nfe, afs)
     if name == "gits":
         if steps - int(afs) < 1:
             raise ValueError(f"GITS with afs needs at least 2 steps; got nfe={nfe} for {solver}")
-        search, cache = (gits_search, {}) if distributed else (gits.search, {"use_cache": use_cache})
+        if distributed:
+            from ..distributed import gits_search as search
+            cache = {}
+        else:
+            search, cache = gits.search, {"use_cache": use_cache}
         found = search(denoiser, shape, steps - int(afs), seed=seed, num_warmup=num_warmup, gamma=gamma, afs=afs,
                        solver=solver, device=device, progress=progress, **cache)
         return found.sigmas, found
-    families = {"polynomial": schedules.polynomial, "logsnr": schedules.logsnr, "time_uniform": schedules.time_uniform}
-    if name in families:
-        return families[name](steps), None
     if name.endswith(".json"):
-        return load_schedule_file(name), None
+        return gits.load_sigmas(name), None
+    if name in SCHEDULES:
+        return schedules.by_name(name, steps), None
     raise ValueError(f"unknown schedule {name!r}; valid: {', '.join(SCHEDULES)} or a .json file")
-
-
-def _json_bytes(obj) -> bytes:
-    return json.dumps(obj, indent=1).encode("utf-8")
-
-
-def run_id() -> str:
-    """A new run's name: UTC time and 8 random hex digits."""
-    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(4)
-
-
-def png_bytes(image: "Image.Image") -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def image_grid(images, scale: int) -> "Image.Image":
-    """[B, C, H, W] in [-1, 1] -> a near-square grid (1 px gaps) as a PIL image, upscaled by ``scale``."""
-    import math
-
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    b, c, h, w = images.shape
-    cols = math.ceil(math.sqrt(b))
-    rows = math.ceil(b / cols)
-    px = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
-    canvas = np.full((rows * (h + 1) + 1, cols * (w + 1) + 1, c), 255, np.uint8)
-    for k in range(b):
-        r, q = divmod(k, cols)
-        canvas[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + q * (w + 1):1 + q * (w + 1) + w] = px[k].transpose(1, 2, 0)
-    img = Image.fromarray(canvas[..., 0] if c == 1 else canvas)
-    return img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-
-
-def labelled_panels(panels: list[tuple[str, "torch.Tensor"]]) -> "Image.Image":
-    """Side-by-side image grids, each with its label above it."""
-    from PIL import Image, ImageDraw
-
-    h, w = panels[0][1].shape[-2:]
-    scale = max(1, 32 // max(h, w))
-    grids = [(label, image_grid(x, scale).convert("RGB")) for label, x in panels]
-    pad, top = 8, 18
-    width = sum(g.width for _, g in grids) + pad * (len(grids) + 1)
-    height = max(g.height for _, g in grids) + top + pad
-    out = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(out)
-    x = pad
-    for label, g in grids:
-        draw.text((x, 3), label, fill="black")
-        out.paste(g, (x, top))
-        x += g.width + pad
-    return out
 
 
 def _table(rows: list[dict]) -> str:
@@ -187,23 +107,16 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _versions() -> dict:
-    import torch
-
-    from .. import __version__
-    return {"geosample": __version__, "torch": torch.__version__, "python": platform.python_version(),
-            "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-            "torch_threads": torch.get_num_threads()}
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from .. import distributed as gd
-    from .. import nfe as count_nfe
     from ..data import load_dataset
+    from ..denoisers.kde import KDEDenoiser
+    from ..distributed import init_from_env
     from ..metrics import reference_error, reference_solve
     from ..solvers import get_solver
+    from ..solvers import nfe as count_nfe
+    from ..solvers import sample
 
     t_start = time.perf_counter()
     solver = get_solver(args.solver).name
@@ -215,18 +128,22 @@ def run(args: argparse.Namespace) -> int:
     if args.schedule != "gits":
         make_schedule(args.schedule, solver, args.nfe, afs=args.afs)   # a bad name or file fails here, not later
     out = check_out_dir(args.out)
-    parallel = gd.init_from_env()  # under torchrun: the dataset sharded over ranks, rank 0 reports
-    main = gd.is_main()
+    parallel = init_from_env()  # under torchrun: the dataset sharded over ranks, rank 0 reports
+    if parallel:
+        from .. import distributed as gd
+        main, ranks, sample, make_denoiser = gd.is_main(), gd.world_size(), gd.sample, gd.closed_form_denoiser
+    else:
+        main, ranks, make_denoiser = True, 1, KDEDenoiser
     say = print if main else (lambda *a, **k: None)
 
     data = torch.as_tensor(load_dataset(args.data, limit=args.limit)).to(args.device)
-    denoiser = gd.closed_form_denoiser(data)
+    denoiser = make_denoiser(data)
     shape = tuple(data.shape[1:])
     if args.threads or data[0].numel() < SMALL:
         torch.set_num_threads(args.threads or 1)
     say(f"geosample sample: data={args.data} {tuple(data.shape)}, solver={solver}, NFE={args.nfe}, "
         f"schedule={args.schedule}, batch={args.batch}, device={args.device}, threads={torch.get_num_threads()}, "
-        f"ranks={gd.world_size()}")
+        f"ranks={ranks}")
 
     t0 = time.perf_counter()
     sigmas, found = make_schedule(args.schedule, solver, args.nfe, denoiser, shape, afs=args.afs, seed=args.seed,
@@ -240,14 +157,14 @@ def run(args: argparse.Namespace) -> int:
     noise = torch.randn((args.batch, *shape), generator=torch.Generator().manual_seed(args.seed)).to(args.device)
     t0 = time.perf_counter()
     ref = reference_solve(denoiser, noise, steps=REFERENCE["steps"], solver=REFERENCE["solver"], progress=main,
-                          sample=gd.sample)
+                          sample=sample)
     ref_s = time.perf_counter() - t0
 
     rows, panels = [], []
     for name, sig in grids.items():
         label = Path(name).stem if name.endswith(".json") else name
         t0 = time.perf_counter()
-        x = gd.sample(denoiser, noise, sig, solver=solver, afs=args.afs, progress=main)
+        x = sample(denoiser, noise, sig, solver=solver, afs=args.afs, progress=main)
         elapsed = time.perf_counter() - t0
         err = reference_error(x, ref)
         n = count_nfe(solver, len(sig) - 1, afs=args.afs, denoise_to_zero=float(sig[-1]) == 0.0)
@@ -263,10 +180,10 @@ def run(args: argparse.Namespace) -> int:
     if data.dim() == 4 and data.shape[1] in (1, 3):
         files["samples.png"] = png_bytes(labelled_panels(panels))
     if found is not None:
-        files["schedule.json"] = _json_bytes(found.to_dict())
+        files["schedule.json"] = json_bytes(found.to_dict())
     else:
-        files["schedule.json"] = _json_bytes({"schedule": rows[0]["schedule"], "solver": solver, "nfe": rows[0]["nfe"],
-                                              "afs": args.afs, "sigmas": rows[0]["sigmas"]})
+        files["schedule.json"] = json_bytes({"schedule": rows[0]["schedule"], "solver": solver, "nfe": rows[0]["nfe"],
+                                             "afs": args.afs, "sigmas": rows[0]["sigmas"]})
     run = run_id()
     report = {"run": run, "data": args.data, "data_shape": list(data.shape), "solver": solver, "nfe": args.nfe,
               "afs": args.afs, "schedule": args.schedule, "batch": args.batch, "seed": args.seed,
@@ -275,8 +192,8 @@ def run(args: argparse.Namespace) -> int:
                             "schedule": "polynomial rho=7", "time_s": ref_s},
               "gits_gamma": found.gamma if found is not None else None,
               "schedule_search_s": search_s, "rows": rows, "total_s": time.perf_counter() - t_start,
-              "versions": _versions()}
-    files["report.json"] = _json_bytes(report)
+              "versions": versions()}
+    files["report.json"] = json_bytes(report)
     publish_run(out, files, {"run": run, "command": "sample"})
     written = [out / name for name in files]
     print(_table(rows))

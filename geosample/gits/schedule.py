@@ -8,22 +8,11 @@ import torch
 
 from .. import schedules
 from .._io import atomic_write_text
+from .config import GRIDS, GITSConfig, fine_grid
 
-__all__ = ["GITSSchedule", "load", "fine_grid", "GRIDS", "FORMAT_VERSION"]
+__all__ = ["GITSSchedule", "load", "load_sigmas", "fine_grid", "GRIDS", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
-GRIDS = ("polynomial", "logsnr", "time_uniform")
-
-
-def fine_grid(grid: str, teacher_steps: int, sigma_min: float, sigma_max: float, rho: float) -> torch.Tensor:
-    """The fine grid G (``teacher_steps + 1`` float64 sigmas) of a schedule family."""
-    if grid == "polynomial":
-        return schedules.polynomial(teacher_steps, sigma_min, sigma_max, rho)
-    if grid == "logsnr":
-        return schedules.logsnr(teacher_steps, sigma_min, sigma_max)
-    if grid == "time_uniform":
-        return schedules.time_uniform(teacher_steps, sigma_min, sigma_max, rho)
-    raise ValueError(f"unknown grid {grid!r}; valid: {', '.join(GRIDS)}")
 
 
 @dataclass
@@ -58,6 +47,11 @@ class GITSSchedule:
     def gamma(self) -> float:
         """The DP discount behind ``indices``: the picked one when ``params["gamma"]`` was a sweep."""
         return self.params.get("selected_gamma", self.params["gamma"])
+
+    @property
+    def config(self) -> GITSConfig:
+        """The search's :class:`GITSConfig`, read back from ``grid`` and ``params``."""
+        return GITSConfig.from_record(self.grid, self.params)
 
     @property
     def grid_sigmas(self) -> torch.Tensor:
@@ -95,3 +89,23 @@ def load(path) -> GITSSchedule:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is not a GITS schedule JSON file: {e}") from None
     return GITSSchedule.from_dict(d)
+
+
+def load_sigmas(path) -> torch.Tensor:
+    """The checked sigmas (:func:`geosample.schedules.check_sigmas`) of a schedule file: a GITS
+    schedule (:meth:`GITSSchedule.save`), a JSON object with "sigmas", or a JSON list of floats."""
+    with open(path) as f:
+        try:
+            d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not JSON: {e}") from None
+    if isinstance(d, dict) and "format_version" in d:
+        try:
+            sigmas = GITSSchedule.from_dict(d).sigmas
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{path} is not a valid GITS schedule file ({type(e).__name__}: {e})") from None
+    else:
+        sigmas = d.get("sigmas") if isinstance(d, dict) else d
+    if sigmas is None:
+        raise ValueError(f"{path} has no 'sigmas' list")
+    return schedules.check_sigmas(sigmas)

@@ -1,5 +1,7 @@
 """``gs.gits.search``: teacher trajectories on a fine grid -> averaged cost matrix -> DP -> schedule.
 
+The settings are one :class:`~geosample.gits.GITSConfig`.
+
 1. Fine grid ``G`` = ``grid`` family with ``teacher_steps + 1`` points.
 2. Teacher: ``num_warmup`` samples, noise drawn from ``torch.Generator().manual_seed(seed)`` in
    rounds of ``batch_size``, each solved on ``G`` by ``teacher`` (with ``afs``, as the reference
@@ -20,8 +22,8 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import numbers
 
 import numpy as np
 import torch
@@ -29,11 +31,11 @@ from tqdm.auto import tqdm
 
 from ..solvers import nfe as count_nfe
 from ..solvers import sample
-from ..solvers.sampling import get_solver
 from . import cache
-from .cost import METRICS, cost_matrix
-from .dp import _check_gamma, path_cost, solve_dp_sweep
-from .schedule import GRIDS, GITSSchedule, fine_grid
+from .config import GITSConfig, _check_int
+from .cost import cost_matrix
+from .dp import path_cost, solve_dp_sweep
+from .schedule import GITSSchedule
 
 __all__ = ["search", "fingerprint", "round_cost", "GAMMAS"]
 
@@ -62,14 +64,6 @@ def fingerprint(denoiser, shape, device="cpu", sigmas=(80.0, 1.0, 0.002)) -> str
     return h.hexdigest()[:16]
 
 
-def _check_int(name: str, v, low: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    if v < low:
-        raise ValueError(f"{name} must be >= {low}, got {v}")
-    return int(v)
-
-
 def _check_shape(shape) -> tuple[int, ...]:
     try:
         shape = tuple(int(s) for s in shape)
@@ -80,155 +74,138 @@ def _check_shape(shape) -> tuple[int, ...]:
     return shape
 
 
-def _check_gammas(gamma) -> list[float]:
-    """One gamma or a non-empty sequence of them, each finite and > 0."""
-    if isinstance(gamma, numbers.Real) and not isinstance(gamma, bool):
-        return [_check_gamma(gamma)]
-    try:
-        gammas = [_check_gamma(g) for g in gamma]
-    except TypeError:
-        raise TypeError(f"gamma must be a float or a sequence of floats, got {type(gamma).__name__}") from None
-    if not gammas:
-        raise ValueError("gamma must be a float or a non-empty sequence of floats, got an empty sequence")
-    return gammas
-
-
 def _rounds(num_warmup: int, batch_size: int) -> list[int]:
     full, rest = divmod(num_warmup, batch_size)
     return [batch_size] * full + ([rest] if rest else [])
 
 
-def _teacher(denoiser, grid, noise, teacher, afs):
-    return sample(denoiser, noise, grid, solver=teacher, afs=afs, return_trajectory=True)
+def _teacher(denoiser, fine, noise, config: GITSConfig):
+    return sample(denoiser, noise, fine, solver=config.teacher, afs=config.afs, return_trajectory=True)
 
 
-def round_cost(denoiser, grid, noise, p) -> torch.Tensor:
-    """One warm-up round's summed cost, n * C over its n samples: float64 [T, T] on the CPU."""
-    traj = _teacher(denoiser, grid, noise, p["teacher"], p["afs"])
-    return cost_matrix(traj, p["metric"]).cpu() * noise.shape[0]
+def round_cost(denoiser, fine: torch.Tensor, noise: torch.Tensor, config: GITSConfig) -> torch.Tensor:
+    """One warm-up round's summed cost, n * C over its n samples of ``noise`` solved on the fine
+    grid's sigmas ``fine`` [T]: float64 [T, T] on the CPU."""
+    traj = _teacher(denoiser, fine, noise, config)
+    return cost_matrix(traj, config.metric).cpu() * noise.shape[0]
 
 
-def _warmup_cost(denoiser, grid, shape, p, device, progress, round_cost) -> torch.Tensor:
+def _warmup_cost(denoiser, fine, shape, config, device, progress, round_cost) -> torch.Tensor:
     """Sample-weighted mean of the per-round cost matrices, float64 [T, T] on the CPU."""
-    gen = torch.Generator().manual_seed(p["seed"])
-    total = torch.zeros(grid.numel(), grid.numel(), dtype=torch.float64)
-    sizes = _rounds(p["num_warmup"], p["batch_size"])
+    gen = torch.Generator().manual_seed(config.seed)
+    total = torch.zeros(fine.numel(), fine.numel(), dtype=torch.float64)
+    sizes = _rounds(config.num_warmup, config.batch_size)
     for n in tqdm(sizes, disable=not progress, desc="gits teacher", leave=False):
         noise = torch.randn((n, *shape), generator=gen).to(device)
-        total += round_cost(denoiser, grid, noise, p)
-    return total / p["num_warmup"]
+        total += round_cost(denoiser, fine, noise, config)
+    return total / config.num_warmup
 
 
-def _validation(denoiser, grid, shape, p, device, key) -> tuple[torch.Tensor, torch.Tensor]:
+def _validation(denoiser, fine, shape, config, device, key) -> tuple[torch.Tensor, torch.Tensor]:
     """Round 0's noise and the teacher's samples from it (cached under ``key`` when given): the
     yardstick of steps 4 and 5."""
-    gen = torch.Generator().manual_seed(p["seed"])
-    noise = torch.randn((min(p["batch_size"], p["num_warmup"]), *shape), generator=gen).to(device)
+    gen = torch.Generator().manual_seed(config.seed)
+    noise = torch.randn((min(config.batch_size, config.num_warmup), *shape), generator=gen).to(device)
     target = cache.get_tensor("target", key, noise.shape, noise.dtype) if key else None
     if target is None:
-        target = _teacher(denoiser, grid, noise, p["teacher"], p["afs"]).x[-1]
+        target = _teacher(denoiser, fine, noise, config).x[-1]
         if key:
             cache.put_tensor("target", key, target)
     return noise, target.to(device)
 
 
-def _endpoint_error(denoiser, grid, indices, validation, p) -> float:
-    """Mean L2 distance of ``solver``'s samples on ``grid[indices]`` to the teacher's."""
+def _endpoint_error(denoiser, fine, indices, validation, config) -> float:
+    """Mean L2 distance of ``solver``'s samples on ``fine[indices]`` to the teacher's."""
     noise, target = validation
-    x = sample(denoiser, noise, grid[indices], solver=p["solver"], afs=p["afs"])
+    x = sample(denoiser, noise, fine[indices], solver=config.solver, afs=config.afs)
     return float((x - target).flatten(1).double().norm(dim=1).mean())
 
 
-def _judge(denoiser, grid, indices, validation, p) -> tuple[list[int], float]:
+def _judge(denoiser, fine, indices, validation, config) -> tuple[list[int], float]:
     """(path, error): the DP path itself, or with ``afs`` the best AFS insertion k in
     (indices[0], indices[1]) (none when indices[1] == 1)."""
-    cands = [[0, k] + indices[1:] for k in range(1, indices[1])] if p["afs"] else []
-    errors = [_endpoint_error(denoiser, grid, c, validation, p) for c in cands or [indices]]
+    cands = [[0, k] + indices[1:] for k in range(1, indices[1])] if config.afs else []
+    errors = [_endpoint_error(denoiser, fine, c, validation, config) for c in cands or [indices]]
     best = int(np.argmin(errors))                    # first minimum: the smallest k
     return (cands or [indices])[best], errors[best]
 
 
-def _select(denoiser, grid, cost, steps, gammas, shape, p, device, backend, key) -> dict:
+def _select(denoiser, fine, cost, steps, shape, config, device, backend, key) -> dict:
     """Steps 3-5: the record {gamma, dp_indices, indices, error} of the best gamma, and with
     "selection" every gamma's record when there was a choice."""
+    gammas = config.gammas
     dp = solve_dp_sweep(cost, [steps], gammas, backend)
     path = dp[steps, gammas[0]]
-    if len(gammas) == 1 and (not p["afs"] or path[1] == 1):
+    if len(gammas) == 1 and (not config.afs or path[1] == 1):
         return {"gamma": gammas[0], "dp_indices": path, "indices": path}
-    validation = _validation(denoiser, grid, shape, p, device, key)
+    validation = _validation(denoiser, fine, shape, config, device, key)
     judged, records = {}, []                             # distinct DP paths are judged once
     for g in gammas:
         dp_path = tuple(dp[steps, g])
         if dp_path not in judged:
-            judged[dp_path] = _judge(denoiser, grid, list(dp_path), validation, p)
+            judged[dp_path] = _judge(denoiser, fine, list(dp_path), validation, config)
         path, error = judged[dp_path]
         records.append({"gamma": g, "dp_indices": list(dp_path), "indices": path, "error": error})
     best = min(records, key=lambda r: r["error"])       # first minimum: the earlier gamma
     return {**best, "selection": records}
 
 
-def search(denoiser, shape, steps: int, teacher: str = "ipndm", teacher_steps: int = 60,
-           grid: str = "polynomial", metric: str = "dev", gamma=1.15, num_warmup: int = 256,
-           seed: int = 0, batch_size: int = 64, afs: bool = False, solver: str = "ipndm",
-           sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
-           device="cpu", backend: str = "auto", use_cache: bool = True,
-           progress: bool = False, round_cost=round_cost) -> GITSSchedule:
+def _config(config, options: dict) -> GITSConfig:
+    """``config`` (default :class:`GITSConfig`) with the keyword ``options`` replacing its fields."""
+    if config is not None and not isinstance(config, GITSConfig):
+        raise TypeError(f"config must be a GITSConfig, got {type(config).__name__}; pass search options as keywords")
+    fields = {f.name for f in dataclasses.fields(GITSConfig)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise TypeError(f"gits.search got unknown options {', '.join(unknown)}; valid: {', '.join(sorted(fields))}")
+    return dataclasses.replace(config or GITSConfig(), **options)
+
+
+def search(denoiser, shape, steps: int, config: GITSConfig | None = None, *, device="cpu", backend: str = "auto",
+           use_cache: bool = True, progress: bool = False, round_cost=round_cost, **options) -> GITSSchedule:
     """Search a GITS schedule of ``steps`` steps (``steps + 1`` with ``afs``) for ``denoiser``.
 
     denoiser: D(x, sigma) on samples of ``shape`` (one sample, e.g. (3, 32, 32)).
-    teacher / teacher_steps / grid / rho / sigma_min / sigma_max: the teacher solve on the fine grid.
-    metric: "dev" | "l1" | "l2"; gamma: DP discount (> 0), or a sequence of them to pick from by
-    ``solver``'s error to the teacher (e.g. :data:`GAMMAS`; ``params["selection"]`` then records
-    each gamma's path and error, ``params["selected_gamma"]`` the winner); num_warmup samples in
-    rounds of batch_size, seeded by seed; afs: search the inserted analytical first step, judged
-    with ``solver``; backend: DP backend; use_cache: read and write the schedule cache
-    (:mod:`geosample.gits.cache`).  ``rho`` is ignored (stored as None) for ``grid="logsnr"``.
-    round_cost(denoiser, grid, noise, params) -> n * C: how one warm-up round's summed cost is
+    config: a :class:`GITSConfig` (default: its defaults); keyword ``options`` (teacher,
+    teacher_steps, grid, metric, gamma, num_warmup, seed, batch_size, afs, solver, sigma_min,
+    sigma_max, rho) replace its fields, so ``search(D, shape, steps, teacher="euler")`` and
+    ``search(D, shape, steps, GITSConfig(teacher="euler"))`` are the same search.  With a gamma
+    sweep ``params["selection"]`` records each gamma's path and error, ``params["selected_gamma"]``
+    the winner; the result's ``config`` is the configuration used.
+    device: where the teacher runs; backend: DP backend; use_cache: read and write the schedule
+    cache (:mod:`geosample.gits.cache`).
+    round_cost(denoiser, fine, noise, config) -> n * C: how one warm-up round's summed cost is
     computed (:func:`geosample.distributed.gits_search` splits each round across ranks).
     """
     if not callable(denoiser):
         raise TypeError(f"denoiser must be callable D(x, sigma), got {type(denoiser).__name__}")
     shape = _check_shape(shape)
-    teacher_steps = _check_int("teacher_steps", teacher_steps, 2)
+    config = _config(config, options)
     steps = _check_int("steps", steps, 1)
-    if steps > teacher_steps:
-        raise ValueError(f"steps must be <= teacher_steps ({teacher_steps}), got {steps}")
-    if metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}; valid: {', '.join(METRICS)}")
-    if grid not in GRIDS:
-        raise ValueError(f"unknown grid {grid!r}; valid: {', '.join(GRIDS)}")
-    teacher, solver = get_solver(teacher).name, get_solver(solver).name
-    if not get_solver(teacher).denoised_at_x:
-        raise ValueError(f"teacher {teacher!r} records D at its predictor points, not on the trajectory; "
-                         "use ipndm, dpmpp, deis, euler, heun, dpm2 or ipndm_v")
-    rho = None if grid == "logsnr" else float(rho)
-    g = fine_grid(grid, teacher_steps, sigma_min, sigma_max, rho)
-    gridp = {"family": grid, "teacher_steps": teacher_steps, "sigma_min": float(sigma_min),
-             "sigma_max": float(sigma_max), "rho": rho}
-    p = {"teacher": teacher, "metric": metric, "num_warmup": _check_int("num_warmup", num_warmup, 1),
-         "seed": _check_int("seed", seed, 0), "batch_size": _check_int("batch_size", batch_size, 1),
-         "afs": bool(afs), "shape": list(shape)}
+    if steps > config.teacher_steps:
+        raise ValueError(f"steps must be <= teacher_steps ({config.teacher_steps}), got {steps}")
+    fine = config.fine_grid()
     fp = fingerprint(denoiser, shape, device)
-    cost_key = cache.key({"grid": gridp, **p, "fingerprint": fp})
-    gammas = _check_gammas(gamma)
-    p.update(steps=steps, gamma=gammas[0] if isinstance(gamma, numbers.Real) else gammas, solver=solver)
-    sched_key = cache.key({"grid": gridp, **p, "fingerprint": fp})
+    grid = config.grid_record()                   # cache keys: the same dicts as format 2's entries
+    cost_key = cache.key({"grid": grid, **config.teacher_record(shape), "fingerprint": fp})
+    params = config.record(shape, steps)
+    sched_key = cache.key({"grid": grid, **params, "fingerprint": fp})
     if use_cache and (hit := cache.get_schedule(sched_key)) is not None:
         return hit
-    cost = cache.get_tensor("cost", cost_key, (g.numel(),) * 2, torch.float64) if use_cache else None
+    cost = cache.get_tensor("cost", cost_key, (fine.numel(),) * 2, torch.float64) if use_cache else None
     if cost is None:
-        cost = _warmup_cost(denoiser, g, shape, p, device, progress, round_cost)
+        cost = _warmup_cost(denoiser, fine, shape, config, device, progress, round_cost)
         if use_cache:
             cache.put_tensor("cost", cost_key, cost)
-    best = _select(denoiser, g, cost.numpy(), steps, gammas, shape, p, device, backend,
+    best = _select(denoiser, fine, cost.numpy(), steps, shape, config, device, backend,
                    cost_key if use_cache else None)
     indices = best["indices"]
-    if len(gammas) > 1:
-        p.update(selected_gamma=best["gamma"], selection=best["selection"])
+    if len(config.gammas) > 1:
+        params.update(selected_gamma=best["gamma"], selection=best["selection"])
     total, step_costs = path_cost(cost.numpy(), best["dp_indices"], best["gamma"])
-    p["nfe"] = count_nfe(solver, len(indices) - 1, afs=afs)
-    sched = GITSSchedule(sigmas=g[indices].clone(), indices=indices, grid=gridp, cost=total,
-                         step_costs=step_costs, params=p, fingerprint=fp, cost_matrix=cost)
+    params["nfe"] = count_nfe(config.solver, len(indices) - 1, afs=config.afs)
+    sched = GITSSchedule(sigmas=fine[indices].clone(), indices=indices, grid=grid, cost=total,
+                         step_costs=step_costs, params=params, fingerprint=fp, cost_matrix=cost)
     if use_cache:
         cache.put_schedule(sched_key, sched)
     return sched

@@ -1,0 +1,133 @@
+"""``GITSConfig``: every setting of a GITS search that shapes its result, as one typed, frozen value.
+
+A searched :class:`~geosample.gits.GITSSchedule` records it (``schedule.grid`` holds the fine
+grid's fields, ``schedule.params`` the others) and gives it back as ``schedule.config``, also
+after :func:`geosample.gits.load`.  The step count is not part of it: one configuration (one
+teacher, one cost matrix) serves every step count.
+"""
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from dataclasses import dataclass
+
+import torch
+
+from .. import schedules
+from ..solvers.sampling import get_solver
+from .cost import METRICS
+from .dp import _check_gamma
+
+__all__ = ["GITSConfig", "fine_grid", "GRIDS"]
+
+#: The fine grid families (names of :data:`geosample.schedules.FAMILIES`).
+GRIDS = ("polynomial", "logsnr", "time_uniform")
+
+
+def fine_grid(grid: str, teacher_steps: int, sigma_min: float, sigma_max: float, rho: float | None) -> torch.Tensor:
+    """The fine grid G (``teacher_steps + 1`` float64 sigmas) of a schedule family; ``rho`` is
+    ignored for logsnr, which has none."""
+    if grid not in GRIDS:
+        raise ValueError(f"unknown grid {grid!r}; valid: {', '.join(GRIDS)}")
+    shape = {} if grid == "logsnr" else {"rho": rho}
+    return schedules.by_name(grid, teacher_steps, sigma_min=sigma_min, sigma_max=sigma_max, **shape)
+
+
+def _check_int(name: str, v, low: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if v < low:
+        raise ValueError(f"{name} must be >= {low}, got {v}")
+    return int(v)
+
+
+def _check_gammas(gamma) -> float | tuple[float, ...]:
+    """One gamma (a float) or a non-empty tuple of them, each finite and > 0."""
+    if isinstance(gamma, numbers.Real) and not isinstance(gamma, bool):
+        return _check_gamma(gamma)
+    try:
+        gammas = tuple(_check_gamma(g) for g in gamma)
+    except TypeError:
+        raise TypeError(f"gamma must be a float or a sequence of floats, got {type(gamma).__name__}") from None
+    if not gammas:
+        raise ValueError("gamma must be a float or a non-empty sequence of floats, got an empty sequence")
+    return gammas
+
+
+@dataclass(frozen=True)
+class GITSConfig:
+    """The settings of :func:`geosample.gits.search` (checked and normalised on construction).
+
+    teacher / teacher_steps / grid / sigma_min / sigma_max / rho: the teacher's solve on the fine
+    grid ``grid`` (a family of :data:`geosample.schedules.FAMILIES`: polynomial, logsnr or
+    time_uniform) with ``teacher_steps + 1`` points; ``rho`` is None for logsnr (which has none).
+    metric: "dev" | "l1" | "l2", the cost of an Euler jump.  gamma: the DP discount (> 0), or a
+    tuple of them to pick from by ``solver``'s error to the teacher.  num_warmup teacher samples in
+    rounds of batch_size, seeded by seed.  afs: the analytical first step, judged with ``solver``.
+    """
+    teacher: str = "ipndm"
+    teacher_steps: int = 60
+    grid: str = "polynomial"
+    metric: str = "dev"
+    gamma: float | tuple[float, ...] = 1.15
+    num_warmup: int = 256
+    seed: int = 0
+    batch_size: int = 64
+    afs: bool = False
+    solver: str = "ipndm"
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    rho: float | None = 7.0
+
+    def __post_init__(self):
+        put = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen)
+        put("teacher_steps", _check_int("teacher_steps", self.teacher_steps, 2))
+        if self.metric not in METRICS:
+            raise ValueError(f"unknown metric {self.metric!r}; valid: {', '.join(METRICS)}")
+        if self.grid not in GRIDS:
+            raise ValueError(f"unknown grid {self.grid!r}; valid: {', '.join(GRIDS)}")
+        put("teacher", get_solver(self.teacher).name)
+        put("solver", get_solver(self.solver).name)
+        if not get_solver(self.teacher).denoised_at_x:
+            raise ValueError(f"teacher {self.teacher!r} records D at its predictor points, not on the trajectory; "
+                             "use ipndm, dpmpp, deis, euler, heun, dpm2 or ipndm_v")
+        put("gamma", _check_gammas(self.gamma))
+        put("num_warmup", _check_int("num_warmup", self.num_warmup, 1))
+        put("seed", _check_int("seed", self.seed, 0))
+        put("batch_size", _check_int("batch_size", self.batch_size, 1))
+        put("afs", bool(self.afs))
+        put("sigma_min", float(self.sigma_min))
+        put("sigma_max", float(self.sigma_max))
+        put("rho", None if self.grid == "logsnr" else float(self.rho))
+
+    @property
+    def gammas(self) -> list[float]:
+        """The gammas to try: [gamma] for one, else the sequence."""
+        return [self.gamma] if isinstance(self.gamma, float) else list(self.gamma)
+
+    def fine_grid(self) -> torch.Tensor:
+        """The fine grid's ``teacher_steps + 1`` float64 sigmas."""
+        return fine_grid(self.grid, self.teacher_steps, self.sigma_min, self.sigma_max, self.rho)
+
+    def grid_record(self) -> dict:
+        """The fine grid as a schedule records it (``GITSSchedule.grid``)."""
+        return {"family": self.grid, "teacher_steps": self.teacher_steps, "sigma_min": self.sigma_min,
+                "sigma_max": self.sigma_max, "rho": self.rho}
+
+    def teacher_record(self, shape) -> dict:
+        """What decides the teacher's cost matrix besides the grid and the denoiser (a cache key part)."""
+        return {"teacher": self.teacher, "metric": self.metric, "num_warmup": self.num_warmup, "seed": self.seed,
+                "batch_size": self.batch_size, "afs": self.afs, "shape": list(shape)}
+
+    def record(self, shape, steps: int) -> dict:
+        """Everything but the grid, as ``GITSSchedule.params`` records it before the search adds its
+        results (gamma as a float, or a list for a sweep)."""
+        gamma = self.gamma if isinstance(self.gamma, float) else list(self.gamma)
+        return {**self.teacher_record(shape), "steps": steps, "gamma": gamma, "solver": self.solver}
+
+    @classmethod
+    def from_record(cls, grid: dict, params: dict) -> "GITSConfig":
+        """The configuration behind a schedule's ``grid`` and ``params``."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"grid", "teacher_steps", "sigma_min", "sigma_max", "rho"}
+        return cls(grid=grid["family"], teacher_steps=grid["teacher_steps"], sigma_min=grid["sigma_min"],
+                   sigma_max=grid["sigma_max"], rho=grid["rho"], **{k: params[k] for k in names})
