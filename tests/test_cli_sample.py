@@ -200,3 +200,17 @@ def test_bad_schedule_files_are_user_errors(tmp_path, capsys, content, message):
     assert cli.main(["--schedule", str(path), "--out", str(tmp_path / "out")]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("geosample: error: ") and message in last
+
+
+def test_single_process_runs_do_not_go_through_distributed(tmp_path, monkeypatch):
+    """Without torchrun the commands call the library (gs.sample, gits.search, KDEDenoiser), not the
+    data-parallel wrappers of geosample.distributed."""
+    import geosample.distributed as gd
+
+    for name in ("sample", "gits_search", "closed_form_denoiser", "is_main", "world_size"):
+        monkeypatch.setattr(gd, name, lambda *a, **k: pytest.fail("went through geosample.distributed"))
+    monkeypatch.setenv("GEOSAMPLE_CACHE", str(tmp_path / "cache"))
+    assert cli.main(["sample", "--limit", "40", "--batch", "2", "--nfe", "4", "--num-warmup", "4",
+                     "--gamma", "1.15", "--out", str(tmp_path / "out")]) == 0
+    assert cli.main(["gits", "--data", "digits", "--steps", "3", "--teacher-steps", "8", "--num-warmup", "4",
+                     "--out", str(tmp_path / "g.json")]) == 0

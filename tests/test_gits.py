@@ -1,4 +1,5 @@
 """GITS: cost matrix vs a per-pair loop, DP vs brute force, search reproducibility, I/O, cache, errors."""
+import dataclasses
 import itertools
 import json
 import math
@@ -466,3 +467,58 @@ def test_unipc_trajectories_are_rejected(mixture):
         gs.gits.cost_matrix(traj)
     with pytest.raises(ValueError, match="predictor"):
         gs.gits.search(mixture, (3, 4, 4), 3, teacher="unipc", use_cache=False, **SMALL)
+
+
+# ----------------------------------------------------------------------------- GITSConfig
+
+def test_config_object_and_keywords_are_one_search(mixture, tmp_path):
+    config = gs.gits.GITSConfig(teacher_steps=20, num_warmup=8, batch_size=4, gamma=(1.0, 1.15), solver="euler")
+    a = gs.gits.search(mixture, (3, 4, 4), 3, config, use_cache=False)
+    b = gs.gits.search(mixture, (3, 4, 4), 3, use_cache=False, teacher_steps=20, num_warmup=8, batch_size=4,
+                       gamma=[1.0, 1.15], solver="euler")
+    assert a.indices == b.indices and torch.equal(a.cost_matrix, b.cost_matrix) and a.params == b.params
+    assert a.config == b.config == config and config.gamma == (1.0, 1.15)
+    a.save(tmp_path / "s.json")
+    assert gs.gits.load(tmp_path / "s.json").config == config      # saved with the schedule, read back
+    c = gs.gits.search(mixture, (3, 4, 4), 3, config, use_cache=False, seed=1)  # keywords replace fields
+    assert c.config == dataclasses.replace(config, seed=1) and not torch.equal(c.cost_matrix, a.cost_matrix)
+
+
+def test_config_is_frozen_and_normalised():
+    config = gs.gits.GITSConfig(grid="logsnr", gamma=1, num_warmup=np.int64(8), sigma_max=np.float32(10))
+    assert config.rho is None and config.gamma == 1.0 and isinstance(config.gamma, float)
+    assert type(config.num_warmup) is int and type(config.sigma_max) is float
+    assert torch.equal(config.fine_grid(), gs.schedules.logsnr(60, sigma_max=10.0))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.seed = 3
+
+
+def test_config_errors(mixture):
+    with pytest.raises(TypeError, match="config must be a GITSConfig"):
+        gs.gits.search(mixture, (3, 4, 4), 3, "ipndm")         # the old positional teacher
+    with pytest.raises(TypeError, match="unknown options warmup"):
+        gs.gits.search(mixture, (3, 4, 4), 3, warmup=8)
+    with pytest.raises(ValueError, match="unknown grid"):
+        gs.gits.GITSConfig(grid="cosine")
+
+
+def test_cache_keys_unchanged_by_the_config(tmp_path, monkeypatch):
+    """Entry names written by the keyword-dict search before GITSConfig (same search, same names):
+    caches filled by earlier versions stay hits."""
+    monkeypatch.setenv("GEOSAMPLE_CACHE", str(tmp_path))
+    mix = gs.GaussianMixtureDenoiser(torch.tensor([[0.5, -0.5], [-1.0, 0.25]]), torch.tensor([0.3, 0.5]))
+
+    class Fixed:
+        def __call__(self, x, s):
+            return mix(x, s)
+
+        def fingerprint(self):
+            return "fixed-fingerprint"
+
+    kw = dict(teacher_steps=8, num_warmup=4, batch_size=2)
+    gs.gits.search(Fixed(), (2,), 3, **kw)
+    gs.gits.search(Fixed(), (2,), 3, gamma=(1.0, 1.15), afs=True, grid="logsnr", **kw)
+    assert sorted(p.name for p in (tmp_path / "gits").iterdir()) == [
+        "cost-75888c92818cf1eb6e7f11be52c5a82a.pt", "cost-8d6b71be4c6a1f5e12e71ed480645e28.pt",
+        "schedule-09f050bb5722d0184f71bae3996b18d2.json", "schedule-bcf6a65fdc6f52ff204f785a09379bf5.json",
+        "target-75888c92818cf1eb6e7f11be52c5a82a.pt"]

@@ -132,3 +132,16 @@ def test_check_sigmas_errors_stay_short_on_long_schedules():
     assert len(str(e.value)) < 300
     with pytest.raises(ValueError, match="meta tensor"):
         gs.schedules.check_sigmas(torch.ones(3, device="meta"))
+
+
+def test_by_name_is_the_family():
+    assert torch.equal(S.by_name("polynomial", 5, rho=3.0), S.polynomial(5, rho=3.0))
+    assert torch.equal(S.by_name("logsnr", 4, sigma_min=0.01, sigma_max=10.0), S.logsnr(4, 0.01, 10.0))
+    assert torch.equal(S.by_name("time_uniform", 6), S.time_uniform(6))
+    ac = torch.linspace(0.999, 0.01, 100, dtype=torch.float64)
+    assert torch.equal(S.by_name("discrete", 4, alphas_cumprod=ac, rho=2.0), S.discrete(4, ac, rho=2.0))
+    assert set(S.FAMILIES) == {"polynomial", "logsnr", "time_uniform", "discrete"}
+    with pytest.raises(ValueError, match="unknown schedule 'cosine'; valid: polynomial"):
+        S.by_name("cosine", 4)
+    with pytest.raises(TypeError, match="schedule 'logsnr' takes sigma_min, sigma_max; got rho"):
+        S.by_name("logsnr", 4, rho=7.0)
