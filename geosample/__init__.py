@@ -4,8 +4,6 @@ from ._cpp import has_cpp
 from .denoisers import GaussianMixtureDenoiser, KDEDenoiser
 from .solvers import SOLVERS, Trajectory, nfe, sample
 
-solvers.fused.use_triton_step(kernels.fused_update)  # the solvers' CUDA path, wired here (kernels are a leaf)
-
 from ._version import __version__
 __all__ = ["schedules", "solvers", "sample", "nfe", "SOLVERS", "Trajectory", "KDEDenoiser",
            "GaussianMixtureDenoiser", "gits", "geometry", "metrics", "data", "has_cpp"]

@@ -1,6 +1,7 @@
 """The Triton GITS cost kernels against the float64 torch backend, in a subprocess
 (:mod:`triton_script`): compiled on a CUDA machine, under TRITON_INTERPRET=1 on CPU.
-D = 100 is not a multiple of BLOCK_D (64) and T = 9 not a power of two, so every mask is exercised.
+D = 100 is not a multiple of the column blocks, and T = 41 is not a power of two and spans two blocks of
+later points (configs.COST_MAX_BLOCK_T = 32), so every mask and the skipped blocks are exercised.
 """
 import textwrap
 
@@ -16,7 +17,7 @@ SCRIPT = textwrap.dedent("""
     from reference_cost import jump_error_bound, expansion_floor
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(0)
-    T, B, D = 9, 3, 100
+    T, B, D = 41, 2, 100
     grid = gs.schedules.polynomial(T - 1)
     n = torch.randn(B, D, generator=g, dtype=torch.float64)
     y = torch.randn(T, B, D, generator=g, dtype=torch.float64).cumsum(0) * 0.05

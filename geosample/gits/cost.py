@@ -28,7 +28,8 @@ in the trajectory's precision inside a cache-blocked SIMD loop, sums each 1024-e
 precision and the blocks in float64 (l1, l2; never storing a jumped point), and
 builds dev from five float64 dot products per point, ``r.r, r.c, d.d, d.c, r.d`` with
 ``c = X[-1] - X[0]`` (:func:`dev_from_moments`), in one pass over memory on all cores; ``"triton"``
-(CUDA) runs the same two kernels on the GPU (:mod:`geosample.kernels.gits_cost`).  ``"auto"``:
+(CUDA) runs the same two kernels on the GPU (:mod:`geosample.kernels.gits_cost`), falling back to
+the torch backend if a kernel fails to compile or launch there.  ``"auto"``:
 triton on CUDA, cpp on CPU, torch where those are missing.  Per-sample costs are summed in a fixed
 order, then divided by B.
 """
@@ -37,7 +38,7 @@ from __future__ import annotations
 import torch
 
 from .._cpp import _C, has_cpp
-from ..kernels import triton_available
+from ..kernels import run_with_fallback, triton_available
 from ..solvers import Trajectory
 from ..solvers.base import check_denoised_at_x
 
@@ -200,8 +201,9 @@ def cost_matrix(traj: Trajectory, metric: str = "dev", chunk: int | None = None,
     backend = _pick(backend, x.device)
     if backend == "cpp":
         mean = _mean_cpp(x, den, g, metric)
-    elif backend == "triton":
-        mean = _mean_triton(x, den, g, metric)
+    elif backend == "triton":  # the torch backend stands in for a kernel that fails on this device
+        mean = run_with_fallback("gits_moment" if metric == "dev" else "gits_pair",
+                                 lambda: _mean_triton(x, den, g, metric), lambda: _mean_torch(x, den, g, metric, chunk))
     else:
         mean = _mean_torch(x, den, g, metric, chunk)
     out = torch.full((t, t), float("inf"), dtype=torch.float64, device=x.device)

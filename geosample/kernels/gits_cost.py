@@ -1,12 +1,13 @@
 """GITS cost matrix on CUDA (Triton): the jump errors are formed in registers, never stored.
 
-Pair kernel (l1 / l2), one program per (sample b, start point i), for every later point j at once:
+Pair kernel (l1 / l2), one program per (sample b, start point i, block of BLOCK_T later points j):
 
     e_ij = (x_i - x_j) + h_ij d_i,   d_i = (x_i - D_i) / G_i,   h_ij = G_j - G_i
     out[b, i, j] = sum_k |e_ijk|^p   (p = 1 or 2)
 
 streamed over D in BLOCK_D columns: a [BLOCK_T, BLOCK_D] tile of the teacher points per step, each
-block's sums in the input precision, accumulated in float64 (the C++ kernel's rule).
+block's sums in the input precision, accumulated in float64 (the C++ kernel's rule).  A block
+with no j > i reads nothing.  Block sizes come from :mod:`geosample.kernels.configs`.
 
 Moment kernel (dev), one program per (point t, sample b): the five float64 dot products
 ``r.r, r.c, d.d, d.c, r.d`` with ``r = x[T-1] - x[t]``, ``c = x[T-1] - x[0]``, from which the
@@ -18,10 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["BLOCK_D", "pair_sums", "dev_moments"]
+from .configs import COST_BLOCK_D, COST_WARPS, MOMENT_BLOCK_D, cost_block_t
 
-BLOCK_D = 64        # columns of D per step; the pair tile is [next_pow2(T), BLOCK_D]
-NUM_WARPS = 4
+__all__ = ["pair_sums", "dev_moments"]
 
 
 @triton.jit
@@ -29,14 +29,15 @@ def _pair_kernel(x_ptr, den_ptr, grid_ptr, out_ptr, B, D, T,
                  SQUARE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     i = tl.program_id(1).to(tl.int64)
-    j = tl.arange(0, BLOCK_T)
+    j = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
     later = (j > i) & (j < T)
+    d_end = tl.where((tl.program_id(2) + 1) * BLOCK_T > i + 1, D, 0)             # no j > i: read nothing
     g_i = tl.load(grid_ptr + i)
     h = tl.load(grid_ptr + j, mask=j < T, other=0.0) - g_i                        # float64 [BLOCK_T]
     row_i = (i * B + b) * D
     rows_j = (j.to(tl.int64) * B + b) * D
     acc = tl.zeros([BLOCK_T], dtype=tl.float64)
-    for k0 in range(0, D, BLOCK_D):
+    for k0 in range(0, d_end, BLOCK_D):
         k = k0 + tl.arange(0, BLOCK_D)
         kmask = k < D
         xi = tl.load(x_ptr + row_i + k, mask=kmask, other=0.0)
@@ -60,8 +61,9 @@ def pair_sums(x: torch.Tensor, den: torch.Tensor, grid: torch.Tensor, square: bo
     """
     t, b, d = x.shape
     out = torch.zeros(b, t, t, dtype=torch.float64, device=x.device)
-    _pair_kernel[(b, t - 1)](x, den, grid, out, b, d, t, SQUARE=square,
-                             BLOCK_T=triton.next_power_of_2(t), BLOCK_D=BLOCK_D, num_warps=NUM_WARPS)
+    block_t = cost_block_t(t)
+    _pair_kernel[(b, t - 1, triton.cdiv(t, block_t))](x, den, grid, out, b, d, t, SQUARE=square, BLOCK_T=block_t,
+                                                      BLOCK_D=COST_BLOCK_D, num_warps=COST_WARPS)
     return out
 
 
@@ -103,5 +105,5 @@ def dev_moments(x: torch.Tensor, den: torch.Tensor, grid: torch.Tensor) -> torch
     """float64 [T, B, 5]: r.r, r.c, d.d, d.c, r.d per point and sample (d = 0 at the last point)."""
     t, b, d = x.shape
     out = torch.empty(t, b, 5, dtype=torch.float64, device=x.device)
-    _moment_kernel[(t, b)](x, den, grid, out, b, d, t, BLOCK_D=BLOCK_D, num_warps=NUM_WARPS)
+    _moment_kernel[(t, b)](x, den, grid, out, b, d, t, BLOCK_D=MOMENT_BLOCK_D, num_warps=COST_WARPS)
     return out

@@ -33,8 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import (FUSED_BB, FUSED_MAX_D, FUSED_MIN_TILES, FUSED_PROGRAMS, KDE_BD, KDE_BN, KDE_WARPS,
-                      fused_tiles, kde_query_block, top_k_width)
+from .configs import (FUSED_BB, FUSED_MAX_D, FUSED_MIN_TILES, FUSED_PROGRAMS, KDE_BD, KDE_BN, fused_max_d,
+                      fused_tiles, kde_options, kde_query_block, top_k_width)
 from .online_softmax import SKIP as _SKIP
 from .online_softmax import WEIGHT_FLOOR as _FLOOR
 from .online_softmax import Partial, exp_weights, merge
@@ -121,14 +121,14 @@ def _range_partial(q, hy2, xs, inv, k, fast, scale, shift):
     tmax = torch.empty(b, tiles, device=xs.device)
     dequant = q.dtype != torch.float32
     _logits_kernel[(triton.cdiv(b, bb), tiles)](xs, q, hy2, inv, logits, tmax, b, n, d, tiles, scale, shift,
-                                                BB=bb, BN=bn, BD=bd, DEQUANT=dequant, FAST=fast, num_warps=KDE_WARPS)
+                                                BB=bb, BN=bn, BD=bd, DEQUANT=dequant, FAST=fast, **kde_options(fast))
     m = tmax.amax(1)
     splits = max(1, min(tiles, 128 // max(1, triton.cdiv(b, bb) * triton.cdiv(d, bd))))
     per = triton.cdiv(tiles, splits)
     out = torch.empty(splits, b, d, device=xs.device)
     _wsum_kernel[(triton.cdiv(b, bb), triton.cdiv(d, bd), splits)](logits, q, m, tmax, out, b, n, d, tiles, per,
                                                                  scale, shift, BB=bb, BN=bn, BD=bd,
-                                                                 DEQUANT=dequant, FAST=fast, num_warps=KDE_WARPS)
+                                                                 DEQUANT=dequant, FAST=fast, **kde_options(fast))
     p = exp_weights(logits - m[:, None])
     top_v, top_i = logits.topk(min(k, n), dim=1)
     return Partial(m, p.sum(1, dtype=torch.float64), (p * p).sum(1, dtype=torch.float64), out.sum(0), top_v, top_i)
@@ -228,7 +228,7 @@ def _fused_partial(q, hy2, xs, inv, k, fast, scale, shift):
     top = torch.empty(splits, b, kp, dtype=torch.int64, device=dev)
     _fused_kernel[(blocks, splits)](xs, q, hy2, inv, m, z, z2, s, top, b, n, d, tiles, per, scale, shift,
                                     BB=FUSED_BB, BN=bn, BD=bd, KP=kp, DEQUANT=q.dtype != torch.float32, FAST=fast,
-                                    num_warps=KDE_WARPS)
+                                    **kde_options(fast))
     return _merge_splits(m, z, z2, s, top, min(k, n))
 
 
@@ -253,11 +253,12 @@ def kde_partial(store, xs: torch.Tensor, inv: torch.Tensor, k: int, precision: s
     xs, inv = xs.contiguous(), inv.to(dev, torch.float32).contiguous()
     hy2, shift = store.hy2.to(dev, torch.float32), store.shift(dev)
     rows = store.chunk if dev.type == "cpu" else max(store.chunk, (1 << 26) // b)
-    fn = _fused_partial if store.dim <= FUSED_MAX_D else _range_partial
+    fast = precision == "fast"
+    fused_d = min(FUSED_MAX_D, fused_max_d(store.storage != "float32", fast))   # FUSED_MAX_D: tests set 0
+    fn = _fused_partial if store.dim <= fused_d else _range_partial
     parts = []
     for a, e in store.ranges(rows):
-        part = fn(store.stream_rows(a, e, dev), hy2[a:e].contiguous(), xs, inv, k, precision == "fast",
-                  store.scale, shift)
+        part = fn(store.stream_rows(a, e, dev), hy2[a:e].contiguous(), xs, inv, k, fast, store.scale, shift)
         part.top_i += a
         parts.append(part)
     return merge(parts, k)

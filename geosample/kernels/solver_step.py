@@ -21,12 +21,11 @@ import torch
 import triton
 import triton.language as tl
 
+from .configs import STEP_BLOCK as BLOCK_SIZE, STEP_MAX_ORDER as MAX_ORDER, STEP_WARPS as NUM_WARPS
+
 __all__ = ["BLOCK_SIZE", "NUM_WARPS", "NONE", "DENOISED", "DIRECTION", "MAX_ORDER", "solver_step", "fused_update",
            "coefficient_row", "entry_kind"]
 
-BLOCK_SIZE = 1024   # elements per program: 4 KiB of float32 per operand, 8 per thread at 4 warps
-NUM_WARPS = 4
-MAX_ORDER = 4       # history entries one step can combine
 NONE, DENOISED, DIRECTION = 0, 1, 2
 
 

@@ -46,13 +46,13 @@ def _torch_update(x, rows, coeffs, a, denoised, sigma, at, out):
     return out
 
 
-_triton_update = None  # the CUDA update, installed by use_triton_step (see below)
+_triton_update = None  # a CUDA update installed by use_triton_step; None: geosample.kernels.fused_update
 
 
 def use_triton_step(triton_update) -> None:
-    """Install the one-kernel CUDA update, ``triton_update(x, hist, slot, coeffs, a, denoised, sigma,
-    at, out)``.  ``import geosample`` installs :func:`geosample.kernels.fused_update`; the solvers
-    never import the kernels themselves (they are a leaf of the package)."""
+    """Install a one-kernel CUDA update, ``triton_update(x, hist, slot, coeffs, a, denoised, sigma,
+    at, out)``, in place of :func:`geosample.kernels.fused_update` (the default, imported on first
+    use and run through :func:`geosample.kernels.run_with_fallback`)."""
     global _triton_update
     _triton_update = triton_update
 
@@ -94,12 +94,16 @@ def _resolve(backend: str, x: torch.Tensor) -> str:
 def _apply(backend, x, hist, views, slot, coeffs, a, denoised, sigma, at, out):
     """Dispatch one checked update; ``views`` are the rows of ``hist``."""
     coeffs = [float(c) for c in coeffs]
-    if backend == "torch":
+
+    def torch_path():
         rows = [views[(slot - k) % len(views)] for k in range(len(coeffs))]
         return _torch_update(x, rows, coeffs, float(a), denoised, sigma, at, out)
-    if _triton_update is None:
-        raise RuntimeError("no Triton solver step is installed (import geosample installs it)")
-    return _triton_update(x, hist, slot, coeffs, float(a), denoised, sigma, at, out)
+
+    if backend == "torch":
+        return torch_path()
+    from ..kernels import fused_update, run_with_fallback  # imported where used: the kernels are a leaf
+    return run_with_fallback("solver_step", lambda: (_triton_update or fused_update)(
+        x, hist, slot, coeffs, float(a), denoised, sigma, at, out), torch_path)
 
 
 class History:
