@@ -1,5 +1,5 @@
-"""Denoisers shipped with the engine: analytic Gaussian mixtures and the closed-form KDE."""
-from .gaussian import GaussianMixtureDenoiser
+"""Denoisers shipped with the engine: analytic Gaussians and mixtures, and the closed-form KDE."""
+from .gaussian import GaussianDenoiser, GaussianMixtureDenoiser, LowRankMixtureDenoiser
 from .kde import KDEDenoiser
 
-__all__ = ["GaussianMixtureDenoiser", "KDEDenoiser"]
+__all__ = ["GaussianDenoiser", "GaussianMixtureDenoiser", "LowRankMixtureDenoiser", "KDEDenoiser"]
