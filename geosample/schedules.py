@@ -329,3 +329,67 @@ def flow_shifted(steps: int, t_min: float = 1e-3, t_max: float = 1.0, shift: flo
     t = flow_shift(t, shift) if mu is None else flow_time_shift(t, mu)
     sigmas = flow_t_to_sigma(t)
     return _pin_ends(sigmas, float(sigmas[0]), float(sigmas[-1]))
+
+# ---- flow matching (rectified flows: x_t = (1 - t) x0 + t noise) ----------------------------------
+# The flow ODE is the EDM ODE under sigma = t / (1 - t), x = x_t / (1 - t); t = 1 is sigma = inf.
+
+def flow_t_to_sigma(t) -> torch.Tensor:
+    """EDM sigma = t / (1 - t) of flow times t in [0, 1] (t = 1 gives inf), float64."""
+    t = torch.as_tensor(t, dtype=torch.float64)
+    if not bool(((t >= 0) & (t <= 1)).all()):
+        raise ValueError(f"flow times must lie in [0, 1], got {t.flatten().tolist()[:8]}")
+    return torch.where(t == 1, math.inf, t / (1 - t))
+
+
+def sigma_to_flow_t(sigma) -> torch.Tensor:
+    """Flow time t = sigma / (1 + sigma) of EDM sigmas in [0, inf] (inf gives 1), float64."""
+    s = torch.as_tensor(sigma, dtype=torch.float64)
+    if not bool((s >= 0).all()):
+        raise ValueError(f"sigmas must be >= 0 (or inf), got {s.flatten().tolist()[:8]}")
+    return torch.where(torch.isinf(s), 1.0, s / (1 + s))
+
+
+def flow_shift(t, shift: float):
+    """SD3's static shift of flow times: shift t / (1 + (shift - 1) t) (keeps 0 and 1)."""
+    shift = float(shift)
+    if not (math.isfinite(shift) and shift > 0):
+        raise ValueError(f"shift must be a finite number > 0, got {shift}")
+    t = torch.as_tensor(t, dtype=torch.float64)
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def flow_time_shift(t, mu: float):
+    """Flux's resolution-dependent shift: e^mu / (e^mu + 1 / t - 1), i.e. :func:`flow_shift` by e^mu."""
+    mu = float(mu)
+    if not math.isfinite(mu):
+        raise ValueError(f"mu must be finite, got {mu}")
+    return flow_shift(t, math.exp(mu))
+
+
+def flux_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5,
+            max_shift: float = 1.15) -> float:
+    """Flux's shift exponent mu for ``image_seq_len`` latent tokens: linear from base_shift at
+    base_seq_len to max_shift at max_seq_len (diffusers' ``calculate_shift``)."""
+    if max_seq_len == base_seq_len:
+        raise ValueError("max_seq_len must differ from base_seq_len")
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return float(image_seq_len * m + base_shift - m * base_seq_len)
+
+
+def flow_shifted(steps: int, t_min: float = 1e-3, t_max: float = 1.0, shift: float = 1.0,
+                 mu: float | None = None) -> torch.Tensor:
+    """Shifted flow schedule as EDM sigmas: flow times uniform from t_max to t_min, shifted by
+    ``shift`` (SD3) or by e^mu (Flux, when ``mu`` is given), then sigma = t / (1 - t).
+
+    ``steps + 1`` float64 sigmas, strictly decreasing; the first is inf when t_max = 1.  The
+    flow times back: :func:`sigma_to_flow_t`.  With t_min = 1 / steps and ``steps + 1`` points
+    this is Flux's ``np.linspace(1, 1 / n, n)`` before the shift.
+    """
+    steps = check_steps(steps)
+    t_min, t_max = float(t_min), float(t_max)
+    if not 0 < t_min < t_max <= 1:
+        raise ValueError(f"flow times need 0 < t_min < t_max <= 1, got t_min={t_min}, t_max={t_max}")
+    t = t_max + _ramp(steps) * (t_min - t_max)
+    t = flow_shift(t, shift) if mu is None else flow_time_shift(t, mu)
+    sigmas = flow_t_to_sigma(t)
+    return _pin_ends(sigmas, float(sigmas[0]), float(sigmas[-1]))

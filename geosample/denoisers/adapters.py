@@ -3,6 +3,8 @@
 - :class:`EDMDenoiser`: EDM-style preconditioned nets ``net(x, sigma, class_labels)``, already D.
 - :class:`EpsDenoiser`: discrete-time VP models ``model(x_vp, timestep, **kwargs)`` trained with
   ``alphas_cumprod`` (diffusers UNets, LDM), predicting eps, v or x0.
+- :class:`FlowDenoiser`: flow-matching (rectified-flow) velocity models ``model(x_t, timestep, **kwargs)``
+  (SD3, Flux, Wan, ...), x_t = (1 - t) x0 + t noise, v = noise - x0.
 - :class:`CFGDenoiser`: classifier-free guidance, conditional and unconditional in one batch.
 
 A VP model at signal level ``alpha = 1 / (1 + sigma^2)`` sees ``x_vp = sqrt(alpha) x`` with
@@ -17,7 +19,8 @@ import torch
 
 from ..schedules import discrete_sigmas, sigma_to_timestep
 
-__all__ = ["EDMDenoiser", "EpsDenoiser", "CFGDenoiser", "vp_to_denoised", "PREDICTION_TYPES"]
+__all__ = ["EDMDenoiser", "EpsDenoiser", "FlowDenoiser", "CFGDenoiser", "vp_to_denoised", "flow_to_denoised",
+           "PREDICTION_TYPES"]
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -132,6 +135,50 @@ class EpsDenoiser:
         kwargs = {k: _broadcast(v, x.shape[0]) for k, v in {**self.model_kwargs, **model_kwargs}.items()}
         out = self.model(x * torch.rsqrt(1 + s * s), self.timestep(sigma, x), **kwargs)
         return vp_to_denoised(_output_tensor(out), x, s.flatten(), self.prediction_type)
+
+
+def _flow_coords(x: torch.Tensor, sigma) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_t, t) of the EDM state x at sigma: t = sigma / (1 + sigma), x_t = x / (1 + sigma);
+    at sigma = inf, t = 1 and x_t = x (the state is the noise there, see docs/solvers.md).  t: [B, 1, ...]."""
+    s = _per_sample(sigma, x)
+    inf = torch.isinf(s)
+    return torch.where(inf, x, x / (1 + s)), torch.where(inf, 1.0, s / (1 + s))
+
+
+def flow_to_denoised(velocity: torch.Tensor, x: torch.Tensor, sigma) -> torch.Tensor:
+    """D(x, sigma) = x_t - t v from a flow model's velocity v at (x_t, t) = (x / (1 + sigma), sigma / (1 + sigma));
+    at sigma = inf, D = x - v with x the noise."""
+    if velocity.shape != x.shape:
+        raise ValueError(f"model output has shape {tuple(velocity.shape)}, expected {tuple(x.shape)}")
+    x_t, t = _flow_coords(x, sigma)
+    return x_t - t * velocity.to(x.dtype)
+
+
+class FlowDenoiser:
+    """D(x, sigma) for a flow-matching velocity model ``model(x_t, timestep, **model_kwargs)``.
+
+    x_t = (1 - t) x0 + t noise, v = noise - x0 (SD3, Flux, Wan, Sana); the EDM ODE is the same
+    under sigma = t / (1 - t), x = x_t / (1 - t).  The model is called at x_t = x / (1 + sigma)
+    with timestep = t * timestep_scale ([B], float32, or float64 when x is): 1000 for diffusers'
+    SD3 transformers, 1 for Flux's (its pipeline divides by 1000).  D = x_t - t v; at sigma = inf
+    (t = 1) x is the noise and D = noise - v(noise, 1).  ``model_kwargs`` (prompt embeddings,
+    guidance) go to every call, keyword arguments of the call are added; batch-1 tensors are broadcast.
+    """
+
+    def __init__(self, model: Callable, timestep_scale: float = 1000.0, model_kwargs: dict | None = None):
+        if not callable(model):
+            raise TypeError(f"model must be callable model(x_t, timestep), got {type(model).__name__}")
+        timestep_scale = float(timestep_scale)
+        if not (timestep_scale > 0 and timestep_scale != float("inf")):
+            raise ValueError(f"timestep_scale must be a finite number > 0, got {timestep_scale}")
+        self.model, self.timestep_scale = model, timestep_scale
+        self.model_kwargs = dict(model_kwargs or {})
+
+    def __call__(self, x: torch.Tensor, sigma, **model_kwargs) -> torch.Tensor:
+        x_t, t = _flow_coords(x, sigma)
+        timestep = (t.flatten() * self.timestep_scale).to(torch.promote_types(x.dtype, torch.float32))
+        kwargs = {k: _broadcast(v, x.shape[0]) for k, v in {**self.model_kwargs, **model_kwargs}.items()}
+        return flow_to_denoised(_output_tensor(self.model(x_t, timestep, **kwargs)), x, sigma)
 
 
 class CFGDenoiser:
