@@ -36,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
     a("--data", default="digits", help="dataset name (digits, cifar10) or path (default digits, bundled)")
     a("--limit", type=int, default=None, help="use only the first LIMIT images of the dataset")
+    a("--model", default=None, help="sample a shipped trained denoiser (e.g. cifar10-tiny; see "
+      "geosample.models.available()) instead of --data's closed form")
     a("--solver", default="ipndm", help="solver (default ipndm); see geosample.SOLVERS")
     a("--nfe", type=int, default=6, help="denoiser calls per sample (default 6); heun/dpm2 use 2 per step")
     a("--schedule", default="gits", help="gits | polynomial | logsnr | time_uniform | a schedule .json (default gits)")
@@ -136,12 +138,17 @@ def run(args: argparse.Namespace) -> int:
         main, ranks, make_denoiser = True, 1, KDEDenoiser
     say = print if main else (lambda *a, **k: None)
 
-    data = torch.as_tensor(load_dataset(args.data, limit=args.limit)).to(args.device)
-    denoiser = make_denoiser(data)
-    shape = tuple(data.shape[1:])
-    if args.threads or data[0].numel() < SMALL:
+    if args.model:
+        from ..models import load
+        denoiser = load(args.model, device=args.device)
+        shape, source = denoiser.shape, f"model={args.model}"
+    else:
+        data = torch.as_tensor(load_dataset(args.data, limit=args.limit)).to(args.device)
+        denoiser = make_denoiser(data)
+        shape, source = tuple(data.shape[1:]), f"data={args.data} {tuple(data.shape)}"
+    if args.threads or torch.Size(shape).numel() < SMALL:
         torch.set_num_threads(args.threads or 1)
-    say(f"geosample sample: data={args.data} {tuple(data.shape)}, solver={solver}, NFE={args.nfe}, "
+    say(f"geosample sample: {source}, solver={solver}, NFE={args.nfe}, "
         f"schedule={args.schedule}, batch={args.batch}, device={args.device}, threads={torch.get_num_threads()}, "
         f"ranks={ranks}")
 
@@ -177,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     files = {}
-    if data.dim() == 4 and data.shape[1] in (1, 3):
+    if len(shape) == 3 and shape[0] in (1, 3):
         files["samples.png"] = png_bytes(labelled_panels(panels))
     if found is not None:
         files["schedule.json"] = json_bytes(found.to_dict())
@@ -185,7 +192,8 @@ def run(args: argparse.Namespace) -> int:
         files["schedule.json"] = json_bytes({"schedule": rows[0]["schedule"], "solver": solver, "nfe": rows[0]["nfe"],
                                              "afs": args.afs, "sigmas": rows[0]["sigmas"]})
     run = run_id()
-    report = {"run": run, "data": args.data, "data_shape": list(data.shape), "solver": solver, "nfe": args.nfe,
+    report = {"run": run, "data": None if args.model else args.data, "model": args.model,
+              "data_shape": None if args.model else list(data.shape), "solver": solver, "nfe": args.nfe,
               "afs": args.afs, "schedule": args.schedule, "batch": args.batch, "seed": args.seed,
               "device": str(args.device),
               "reference": {**REFERENCE, "nfe": count_nfe(REFERENCE["solver"], REFERENCE["steps"]),
