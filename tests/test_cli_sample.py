@@ -24,14 +24,14 @@ def test_steps_for_nfe_follows_gs_nfe():
         for nfe in range(2, 11):
             for afs in (False, True):
                 try:
-                    steps = cmd.steps_for_nfe(solver, nfe, afs)
+                    steps = gs.solvers.steps_for_nfe(solver, nfe, afs)
                 except ValueError:
                     assert gs.SOLVERS[solver].evals_per_step == 2
                     continue
                 assert gs.nfe(solver, steps, afs=afs) == nfe
-    assert cmd.steps_for_nfe("heun", 6) == 3 and cmd.steps_for_nfe("heun", 5, afs=True) == 3
+    assert gs.solvers.steps_for_nfe("heun", 6) == 3 and gs.solvers.steps_for_nfe("heun", 5, afs=True) == 3
     with pytest.raises(ValueError, match="valid NFEs"):
-        cmd.steps_for_nfe("heun", 5)
+        gs.solvers.steps_for_nfe("heun", 5)
 
 
 def test_make_schedule_families_and_files(tmp_path):

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from .._io import check_out_dir, json_bytes, publish_run, run_id, versions
 from ..figures import labelled_panels, png_bytes
+from ..solvers import steps_for_nfe
 from .gits import gammas
 
 if TYPE_CHECKING:  # imported lazily at run time, so that `geosample --help` stays fast
@@ -53,21 +54,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="GITS DP discount: 'sweep' (default: the gamma in 0.8-1.3 whose schedule brings --solver closest "
            "to the teacher), a comma list to pick from, or one value (1.15: the reference's)")
     a("--no-cache", action="store_true", help="do not read or write the GITS schedule cache")
-
-
-def steps_for_nfe(solver: str, nfe: int, afs: bool = False) -> int:
-    """Solver steps with exactly ``nfe`` denoiser calls: nfe = evals_per_step * steps - afs."""
-    from ..solvers import get_solver
-
-    spec = get_solver(solver)
-    if isinstance(nfe, bool) or not isinstance(nfe, int):
-        raise TypeError(f"nfe must be an int, got {type(nfe).__name__}")
-    steps, rest = divmod(nfe + int(afs), spec.evals_per_step)
-    if rest or steps < 1:
-        valid = [spec.nfe(k, afs) for k in range(1, 6)]
-        raise ValueError(f"solver {spec.name!r} cannot use exactly {nfe} denoiser calls (afs={afs}); "
-                         f"valid NFEs: {', '.join(map(str, valid))}, ...")
-    return steps
 
 
 def make_schedule(name: str, solver: str, nfe: int, denoiser=None, shape=None, *, afs: bool = False,

@@ -39,6 +39,20 @@ def nfe(solver, steps: int, afs: bool = False, denoise_to_zero: bool = False) ->
     return spec.nfe(steps - final, afs) + final
 
 
+def steps_for_nfe(solver, nfe: int, afs: bool = False) -> int:
+    """Solver steps with exactly ``nfe`` denoiser calls (the inverse of :func:`nfe`):
+    nfe = evals_per_step * steps - afs; a ValueError lists the valid NFEs otherwise."""
+    spec = get_solver(solver)
+    if isinstance(nfe, bool) or not isinstance(nfe, int):
+        raise TypeError(f"nfe must be an int, got {type(nfe).__name__}")
+    steps, rest = divmod(nfe + int(afs), spec.evals_per_step)
+    if rest or steps < 1:
+        valid = [spec.nfe(k, afs) for k in range(1, 6)]
+        raise ValueError(f"solver {spec.name!r} cannot use exactly {nfe} denoiser calls (afs={afs}); "
+                         f"valid NFEs: {', '.join(map(str, valid))}, ...")
+    return steps
+
+
 def _check_noise(noise) -> torch.Tensor:
     if not isinstance(noise, torch.Tensor):
         raise TypeError(f"noise must be a torch.Tensor, got {type(noise).__name__}")
