@@ -40,7 +40,7 @@ def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="digits")
-    ap.add_argument("--limit", type=int, default=None, help="use the first LIMIT training images")
+    ap.add_argument("--limit", type=int, default=None, help="use a seeded random subset of LIMIT training images")
     ap.add_argument("--num-eval", type=int, default=256)
     ap.add_argument("--num-warmup", type=int, default=256)
     ap.add_argument("--name", default=None, help="output names gits_quality_NAME.* (default: the dataset's name)")

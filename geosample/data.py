@@ -242,9 +242,8 @@ def _load_array(path: Path, mmap: bool) -> np.ndarray:
     raise ValueError(f"{path} holds {listing}: give a .npz with one array, or one 4-D [N, C, H, W] image array")
 
 
-def _to_output(arr, dtype: str, limit: int | None):
+def _to_output(arr, dtype: str):
     """uint8 arrays map to [-1, 1] float32 or stay uint8; float arrays are returned as float32."""
-    arr = arr[:limit]
     if dtype == "uint8":
         if arr.dtype != np.uint8:
             raise TypeError(f"dtype='uint8' needs 8-bit pixel data, the array is {arr.dtype}")
@@ -254,29 +253,51 @@ def _to_output(arr, dtype: str, limit: int | None):
     return torch.from_numpy(np.asarray(arr, dtype=np.float32))
 
 
+def subset_rows(n: int, limit: int | None, subset: str = "random", seed: int = 0):
+    """Row indices of a ``limit``-row subset of ``n`` rows, ascending (memmap reads stay sequential).
+
+    ``"random"``: a seeded uniform draw without replacement (``torch.Generator``); ``"first"``:
+    rows 0..limit-1.  ``None`` when every row is kept.  Image sets are often sorted by class, so
+    the first rows of CIFAR-10 are all airplanes: ask for ``"first"`` only on purpose."""
+    if subset not in ("random", "first"):
+        raise ValueError(f"subset must be 'random' or 'first', got {subset!r}")
+    if limit is None or limit >= n:
+        return None
+    if subset == "first":
+        return np.arange(limit)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))[:limit]
+    return np.sort(perm.numpy())
+
+
 def load_dataset(name_or_path="digits", dtype: str = "float32", limit: int | None = None,
-                 mmap: bool = False, progress: bool = True):
+                 mmap: bool = False, progress: bool = True, subset: str = "random", seed: int = 0):
     """Load a dataset as ``[N, C, H, W]`` float32 in [-1, 1] (or uint8 with ``dtype="uint8"``).
 
     name_or_path: ``"digits"`` (bundled, default), ``"cifar10"``, a folder or tar(.gz) of images,
     or a ``.npy``/``.npz`` array (uint8 pixels are rescaled, float arrays kept as they are).
     mmap: return the ``.npy`` (or decoded-image cache) as a read-only ``np.memmap`` without
     reading it; ``KDEDenoiser`` streams such arrays from disk chunk by chunk.
-    limit: keep the first ``limit`` items.
+    limit: keep ``limit`` items, a seeded random subset (``subset="random"``, ``seed``; rows in
+    their original order) or the first ones (``subset="first"``).  With ``mmap`` a random subset
+    is read into memory (``limit`` rows); the first rows stay a memmap.
     """
     if dtype not in ("float32", "uint8"):
         raise ValueError(f"dtype must be 'float32' or 'uint8', got {dtype!r}")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive int or None, got {limit!r}")
+    subset_rows(1, None, subset)                                     # check the name before any work
     if name_or_path == "digits":
-        return load_digits(dtype, limit)
+        full = load_digits(dtype)
+        rows = subset_rows(len(full), limit, subset, seed)
+        return full if rows is None else full[torch.from_numpy(rows)]
     path = resolve(str(name_or_path))
     if path.suffix in (".npy", ".npz"):
         arr = _load_array(path, mmap)
-    else:
-        arr = load_images(path, limit=limit, progress=progress)
-    if mmap:
-        if not isinstance(arr, np.memmap):
-            raise ValueError(f"mmap=True needs a .npy file or an image archive, got {path.name}")
-        return arr[:limit]
-    return _to_output(arr, dtype, limit)
+    else:                                    # a first-rows subset decodes only those images
+        arr = load_images(path, limit=limit if subset == "first" else None, progress=progress)
+    if mmap and not isinstance(arr, np.memmap):
+        raise ValueError(f"mmap=True needs a .npy file or an image archive, got {path.name}")
+    rows = subset_rows(len(arr), limit, subset, seed)
+    if rows is not None:
+        arr = arr[:limit] if subset == "first" else arr[rows]
+    return arr if mmap else _to_output(arr, dtype)

@@ -58,7 +58,7 @@ def test_npy_npz_and_memmap(tmp_path):
     np.savez(tmp_path / "a.npz", arr)
     assert torch.equal(data.load_dataset(tmp_path / "a.npy"), torch.from_numpy(arr))
     assert torch.equal(data.load_dataset(tmp_path / "a.npz"), torch.from_numpy(arr))
-    mm = data.load_dataset(tmp_path / "a.npy", mmap=True, limit=5)
+    mm = data.load_dataset(tmp_path / "a.npy", mmap=True, limit=5, subset="first")
     assert isinstance(mm, np.memmap) and mm.shape == (5, 2, 3)
 
 
@@ -82,9 +82,33 @@ def test_bad_input(tmp_path):
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
                                                     "cifar10", "train.tar.gz")), reason="no cifar10 archive")
-def test_cifar10_prefix():
+def test_cifar10_subset_spans_the_classes():
+    """The archive is sorted by class: its first 64 images are all airplanes."""
     x = data.load_dataset("cifar10", limit=64, progress=False)
     assert x.shape == (64, 3, 32, 32) and -1 <= x.min() and x.max() <= 1
+    rows = data.subset_rows(50_000, 64)
+    assert len(set((rows // 5000).tolist())) >= 8                      # 5000 images per class folder
+    full = data.load_images(data.resolve("cifar10"), progress=False)
+    assert torch.equal(data.load_dataset("cifar10", dtype="uint8", limit=64, progress=False),
+                       torch.from_numpy(full[rows]))
+
+
+def test_limit_draws_a_seeded_random_subset(tmp_path):
+    arr = np.arange(100 * 2, dtype=np.float32).reshape(100, 2)
+    np.save(tmp_path / "a.npy", arr)
+    a = data.load_dataset(tmp_path / "a.npy", limit=10)
+    assert torch.equal(a, data.load_dataset(tmp_path / "a.npy", limit=10))          # seeded
+    assert not torch.equal(a, torch.from_numpy(arr[:10]))
+    assert (a[1:, 0] > a[:-1, 0]).all() and a[-1, 0] > 20                            # ascending rows, not a prefix
+    assert not torch.equal(a, data.load_dataset(tmp_path / "a.npy", limit=10, seed=1))
+    assert torch.equal(data.load_dataset(tmp_path / "a.npy", limit=10, subset="first"), torch.from_numpy(arr[:10]))
+    mm = data.load_dataset(tmp_path / "a.npy", mmap=True, limit=10)
+    assert torch.equal(torch.from_numpy(np.asarray(mm)), a)
+    d = data.load_dataset("digits", limit=50)
+    assert d.shape == (50, 1, 8, 8) and not torch.equal(d, data.load_dataset("digits", limit=50, subset="first"))
+    assert data.subset_rows(5, 10) is None
+    with pytest.raises(ValueError, match="subset"):
+        data.load_dataset("digits", limit=5, subset="head")
 
 
 def _write_folder(folder, imgs):

@@ -27,7 +27,7 @@ QUANTILES = (0.1, 0.5, 0.9)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
     a("--data", default="digits", help="dataset name (digits, cifar10) or path (default digits, bundled)")
-    a("--limit", type=int, default=None, help="use only the first LIMIT images of the dataset")
+    a("--limit", type=int, default=None, help="use a seeded random subset of LIMIT images (the same for every run; image sets are often sorted by class)")
     a("--steps", type=int, default=100, help="solver steps on the polynomial rho=7 grid (default 100)")
     a("--solver", default="euler", help="solver (default euler); see geosample.SOLVERS")
     a("--num", type=int, default=64, help="trajectories (default 64)")

@@ -36,7 +36,7 @@ SMALL = 1024  # values per sample below which --threads 0 means one thread
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
     a("--data", default="digits", help="dataset name (digits, cifar10) or path (default digits, bundled)")
-    a("--limit", type=int, default=None, help="use only the first LIMIT images of the dataset")
+    a("--limit", type=int, default=None, help="use a seeded random subset of LIMIT images (the same for every run; image sets are often sorted by class)")
     a("--model", default=None, help="sample a shipped trained denoiser (e.g. cifar10-tiny; see "
       "geosample.models.available()) instead of --data's closed form")
     a("--solver", default="ipndm", help="solver (default ipndm); see geosample.SOLVERS")
