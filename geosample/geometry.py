@@ -22,9 +22,10 @@ from .solvers.base import check_denoised_at_x
 
 __all__ = ["points", "deviation", "distance_to_end", "norms", "direction_cosine", "pca_spectrum",
            "explained_variance", "explained_variance_curve", "project_3d", "procrustes_align",
-           "curvature_torsion", "trajectory_distance", "closed_form_gap", "is_single_bump"]
+           "curvature_torsion", "trajectory_distance", "closed_form_gap", "is_single_bump", "measure", "report"]
 
 WHICH = ("x", "denoised")
+QUANTILES = (0.1, 0.5, 0.9)
 
 
 def points(traj, which: str = "x") -> torch.Tensor:
@@ -292,3 +293,72 @@ def is_single_bump(curve: torch.Tensor, tol: float = 1e-3) -> torch.Tensor:
     rising = torch.arange(step.shape[1], device=c.device)[None] < m         # steps before the peak
     against = torch.where(rising, -step, step)
     return (against <= tol * c.amax(1, keepdim=True)).all(1)
+
+
+def _stats(v) -> dict:
+    """Per-step mean and quantiles over samples of v [B, T] as lists."""
+    q = torch.quantile(v, torch.tensor(QUANTILES, dtype=v.dtype), dim=0)
+    return {"mean": v.mean(0).tolist(), **{f"q{int(100 * p)}": q[i].tolist() for i, p in enumerate(QUANTILES)}}
+
+
+def _summary(v) -> dict:
+    """min / mean / max of a per-sample value v [B]."""
+    return {"min": float(v.min()), "mean": float(v.mean()), "max": float(v.max())}
+
+
+def _shape_similarity(curves):
+    """Pearson correlation of each curve [B, T] with the mean curve over t, [B]."""
+    c = curves - curves.mean(1, keepdim=True)
+    m = c.mean(0, keepdim=True)
+    return (c * m).sum(1) / (c.norm(dim=1) * m.norm(dim=1))
+
+
+def measure(traj: Trajectory, window: int = 3) -> dict:
+    """Every measurement above of a batch of trajectories, as tensors: deviation (sampling and
+    denoising, relative to the chord), distances, norms, cosines, explained-variance curves
+    (chord removed, plain, denoising), curvature/torsion, 3-D coordinates (Procrustes-aligned),
+    single-bump flags and each sample's correlation with the mean relative-deviation curve."""
+    dev, dev_d = deviation(traj), deviation(traj, "denoised")
+    chord = distance_to_end(traj)[:, 0]
+    rel = dev / chord[:, None]
+    kappa, tau = curvature_torsion(traj, window=window)
+    coords = project_3d(traj)
+    aligned, _ = procrustes_align(coords)
+    return {"sigmas": traj.sigmas, "deviation": dev, "relative_deviation": rel, "deviation_denoised": dev_d,
+            "distance_to_end": distance_to_end(traj), "norms": norms(traj), "cosine": direction_cosine(traj),
+            "ev_chord": explained_variance_curve(traj, min(10, traj.x.shape[0])),
+            "ev_plain": explained_variance_curve(traj, min(10, traj.x.shape[0]), remove_chord=False),
+            "ev_denoised": explained_variance_curve(traj, min(10, traj.denoised.shape[0]), which="denoised"),
+            "kappa": kappa, "tau": tau, "coords": coords, "aligned": aligned,
+            "single_bump": is_single_bump(dev), "single_bump_denoised": is_single_bump(dev_d),
+            "shape_corr": _shape_similarity(rel), "chord": chord}
+
+
+def report(m: dict) -> dict:
+    """The JSON-ready numbers of :func:`measure`'s output: per-step means and 10/50/90% quantiles,
+    per-sample min/mean/max summaries."""
+    sig = m["sigmas"]
+    peak = m["relative_deviation"].argmax(1)
+    return {
+        "sigmas": sig.tolist(),
+        "explained_variance_top2_chord_removed": _summary(m["ev_chord"][:, 1]),
+        "explained_variance_top2_fraction_ge_0.99": float((m["ev_chord"][:, 1] >= 0.99).double().mean()),
+        "explained_variance_top2_plain": _summary(m["ev_plain"][:, 1]),
+        "explained_variance_top2_denoised_chord_removed": _summary(m["ev_denoised"][:, 1]),
+        "explained_variance_curve_chord_removed": _stats(m["ev_chord"]),
+        "explained_variance_curve_plain": _stats(m["ev_plain"]),
+        "deviation_single_bump_fraction": float(m["single_bump"].double().mean()),
+        "deviation_denoised_single_bump_fraction": float(m["single_bump_denoised"].double().mean()),
+        "deviation_ends_max_abs": float(m["deviation"][:, [0, -1]].abs().max()),
+        "relative_deviation_peak": _summary(m["relative_deviation"].amax(1)),
+        "relative_deviation_peak_sigma": _summary(sig[peak].double()),
+        "shape_correlation_with_mean": _summary(m["shape_corr"]),
+        "chord_length": _summary(m["chord"]),
+        "relative_deviation": _stats(m["relative_deviation"]),
+        "deviation_denoised": _stats(m["deviation_denoised"]),
+        "distance_to_end": _stats(m["distance_to_end"]),
+        "norm_x": _stats(m["norms"]["x"]), "norm_denoised": _stats(m["norms"]["denoised"]),
+        "norm_direction": _stats(m["norms"]["direction"]),
+        "cosine_direction_to_end": _stats(m["cosine"]),
+        "curvature": _stats(m["kappa"]), "torsion": _stats(m["tau"]),
+    }

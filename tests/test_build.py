@@ -162,11 +162,11 @@ def test_sdist_carries_the_cpp_sources(tmp_path):
 
 
 def test_missing_matplotlib_names_the_plots_extra(monkeypatch):
-    from geosample.commands import analyze
+    from geosample.figures import geometry_figures
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
     with pytest.raises(ImportError, match=re.escape("pip install 'geosample[plots]'")):
-        analyze.figures({}, "title")
+        geometry_figures({}, "title")
 
 
 def test_missing_diffusers_names_the_diffusers_extra(monkeypatch):

@@ -8,7 +8,6 @@ import torch
 
 import geosample as gs
 from geosample import geometry as g
-from geosample.commands import analyze
 
 
 def _rng(seed=0):
@@ -244,8 +243,8 @@ def test_analyze_cli_writes_figures_and_json(tmp_path):
 
 def test_measure_report_consistent():
     traj = _gmm_traj(num=4, steps=20)
-    m = analyze.measure(traj)
-    rep = analyze.report(m)
+    m = gs.geometry.measure(traj)
+    rep = gs.geometry.report(m)
     assert rep["explained_variance_top2_chord_removed"]["min"] == pytest.approx(float(g.explained_variance(traj).min()))
     assert rep["deviation_single_bump_fraction"] == 1.0
     assert rep["shape_correlation_with_mean"]["min"] > 0.9
