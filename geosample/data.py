@@ -29,12 +29,11 @@ import torch
 from tqdm.auto import tqdm
 
 from ._io import atomic_write, cache_root, remove_stale_temps
+from .denoisers.kde import UINT8_OFFSET, UINT8_SCALE  # the pixel map of the KDE's uint8 storage
 
-__all__ = ["load_dataset", "load_digits", "load_images", "cache_dir", "resolve", "UINT8_SCALE", "UINT8_OFFSET",
+__all__ = ["load_dataset", "load_digits", "load_images", "subset_rows", "cache_dir", "resolve", "UINT8_SCALE", "UINT8_OFFSET",
            "MAX_MEMBER_BYTES", "DataCacheWarning"]
 
-UINT8_SCALE = 2.0 / 255.0
-UINT8_OFFSET = -1.0
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 #: Largest decompressed size of one image in a tar (64 MiB: a 4096 x 4096 RGBA bitmap fits).
 MAX_MEMBER_BYTES = 64 << 20

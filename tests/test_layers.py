@@ -41,9 +41,6 @@ EXCEPTIONS = {
     # schedules.discrete_sigmas / sigma_to_timestep (owner: the solvers/diffusers engineer; the
     # conversions could move into the adapters or a small shared module).
     ("geosample.denoisers.adapters", "geosample.schedules"),
-    # the KDE denoiser reads the uint8 storage constants UINT8_SCALE / UINT8_OFFSET from data.py,
-    # lazily (owner: the lead; the constants could live with the denoiser, data.py importing them).
-    ("geosample.denoisers.kde", "geosample.data"),
     # kde.py and kde_index.py import each other (kde_index lazily: KDEStats, _put), a cycle inside
     # denoisers (owner: the index engineer; the shared pieces could live in a module both import).
     ("geosample.denoisers.kde_index", "geosample.denoisers.kde"),

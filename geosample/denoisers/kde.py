@@ -60,6 +60,8 @@ MIXED_MAX_DELTA = 0.05                            # largest float32 logit error 
 REST_TOL = 1e-12                                  # largest relative weight an EXACT result may drop
 WIDE_K = 512                                      # candidates of the second try, before FULL64
 LOGIT_CAP = 1e30                                  # float32 logits are scaled to stay below this
+UINT8_SCALE = 2.0 / 255.0                         # uint8 pixels q map to q * UINT8_SCALE + UINT8_OFFSET
+UINT8_OFFSET = -1.0                               # in [-1, 1] (geosample.data uses the same map)
 
 
 @dataclass
@@ -114,7 +116,6 @@ class Store:
                 raise ValueError("scale/offset only apply to storage='uint8'")
             return 1.0, 0.0
         if kind == "uint8":
-            from ..data import UINT8_OFFSET, UINT8_SCALE
             return (UINT8_SCALE if scale is None else float(scale)), (UINT8_OFFSET if offset is None else float(offset))
         lo = min(float(self._raw(a, b, data).min()) for a, b in self.ranges(data=data))
         hi = max(float(self._raw(a, b, data).max()) for a, b in self.ranges(data=data))
