@@ -82,13 +82,19 @@ class FusedSampler:
             denoised = dynamic_threshold(denoised) if op.threshold else denoised.contiguous()
             slot = (slot + 1) % self.hist.shape[0]
         x, out = self.state[X], self.state[op.dst]
-        if self.backend == "triton":
+
+        def torch_step():
+            fused.update(x, self.hist, slot, op.coeffs, a=op.a, denoised=denoised, sigma=op.sigma, at=at, out=out,
+                         backend="torch")
+
+        if self.backend == "triton":  # the torch step stands in for a kernel that fails on this device
+            from .kernels import run_with_fallback
             from .kernels import solver_step as ks
-            ks.solver_step(x, self.hist, slot, self.coef[j], len(op.coeffs), ks.entry_kind(denoised is not None, op.sigma),
-                           denoised, at, out)
+            run_with_fallback("solver_step", lambda: ks.solver_step(
+                x, self.hist, slot, self.coef[j], len(op.coeffs), ks.entry_kind(denoised is not None, op.sigma),
+                denoised, at, out), torch_step)
         else:
-            fused.update(x, self.hist, slot, op.coeffs, a=op.a, denoised=denoised, sigma=op.sigma, at=at,
-                         out=out, backend=self.backend)
+            torch_step()
         return slot
 
     def _run(self, noise: torch.Tensor, check: bool = False) -> torch.Tensor:

@@ -94,3 +94,62 @@ def test_gits_cost_falls_back_to_torch(monkeypatch, metric):
     with pytest.warns(RuntimeWarning, match="'gits_(pair|moment)' failed"):
         got = gs.gits.cost_matrix(traj, metric, backend="triton")
     assert torch.equal(got, gs.gits.cost_matrix(traj, metric, backend="torch"))
+
+
+def _kde_case(monkeypatch, d, **options):
+    """(KDE on triton with both KDE kernels forced to fail, the same on the cpu backend, queries);
+    chunk_size 64: several ranges, so every range takes the fallback after the one warning."""
+    pytest.importorskip("triton")
+    from geosample.kernels import kde_triton
+    monkeypatch.setattr(kernels, "triton_available", lambda: True)      # as on a CUDA machine
+    monkeypatch.setattr(kde_triton, "_fused_partial", _raise)
+    monkeypatch.setattr(kde_triton, "_range_partial", _raise)
+    g = torch.Generator().manual_seed(3)
+    y = torch.rand(300, d, generator=g) * 2 - 1
+    x = y[:5] + 0.3 * torch.randn(5, d, generator=g)
+    kw = dict(chunk_size=64, **options)
+    return gs.KDEDenoiser(y, backend="triton", **kw), gs.KDEDenoiser(y, backend="cpu", **kw), x
+
+
+@pytest.mark.parametrize("storage", ["float32", "uint8"])
+@pytest.mark.parametrize("precision", ["exact", "fast"])
+@pytest.mark.parametrize("d, name", [(16, "kde_fused"), (300, "kde_two_phase")])
+def test_kde_falls_back_to_torch_per_kernel(monkeypatch, d, name, storage, precision):
+    tri, cpu, x = _kde_case(monkeypatch, d, storage=storage, precision=precision)
+    with pytest.warns(RuntimeWarning, match=f"'{name}' failed.*forced failure") as record:
+        got, st = tri(x, [0.05, 0.3, 1.0, 5.0, 80.0], return_stats=True)
+    assert len(record) == 1 and set(kernels.fallback_kernels()) == {name}
+    want, sw = cpu(x, [0.05, 0.3, 1.0, 5.0, 80.0], return_stats=True)
+    # the fallback streams range by range, the cpu backend in one pass: the same float32 terms summed
+    # in another order (fast: bfloat16 products, no exact re-scoring)
+    tol = 1e-6 if precision == "exact" else 1e-3
+    torch.testing.assert_close(got.double(), want.double(), rtol=tol, atol=tol)
+    torch.testing.assert_close(st.log_z, sw.log_z, rtol=tol, atol=0)
+    assert torch.equal(st.argmax, sw.argmax)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                    # once per kernel, then silently the torch path
+        torch.testing.assert_close(tri(x, 0.5), cpu(x, 0.5), rtol=tol, atol=tol)
+
+
+def test_kde_strict_mode_raises(monkeypatch):
+    tri, _, x = _kde_case(monkeypatch, 16)
+    monkeypatch.setenv(kernels.STRICT_ENV, "1")
+    with pytest.raises(RuntimeError, match="'kde_fused' failed.*GEOSAMPLE_STRICT_TRITON=1.*forced failure"):
+        tri(x, 1.0)
+    assert kernels.fallback_kernels() == {}
+
+
+def test_fused_sampler_falls_back_to_torch(monkeypatch, gmm, noise):
+    pytest.importorskip("triton")
+    from geosample.graph import FusedSampler
+    from geosample.kernels import solver_step
+    monkeypatch.setattr(solver_step, "solver_step", _raise)
+    sig = gs.schedules.polynomial(6)
+    want = FusedSampler(gmm, noise, sig, "ipndm", backend="torch")(noise)
+    with pytest.warns(RuntimeWarning, match="'solver_step' failed.*forced failure"):
+        got = FusedSampler(gmm, noise, sig, "ipndm", backend="triton")(noise)
+    assert torch.equal(got, want)
+    monkeypatch.setenv(kernels.STRICT_ENV, "1")
+    monkeypatch.setattr(kernels, "_FAILED", {})
+    with pytest.raises(RuntimeError, match="GEOSAMPLE_STRICT_TRITON=1"):
+        FusedSampler(gmm, noise, sig, "dpmpp", backend="triton")(noise)

@@ -451,13 +451,14 @@ class KDEDenoiser:
 
     def _partial(self, backend: str, q: Query, k: int) -> Partial:
         xs, inv = q.scaled32(), q.inv.float()
+        mm_dtype = torch.bfloat16 if self.precision == "fast" else torch.float32
         if backend == "triton":
             from ..kernels import triton_available
             if not triton_available():
                 raise RuntimeError("backend='triton' needs Triton and a CUDA device (or TRITON_INTERPRET=1)")
             from ..kernels.kde_triton import kde_partial
-            return kde_partial(self.store, xs, inv, k, self.precision)
-        mm_dtype = torch.bfloat16 if self.precision == "fast" else torch.float32
+            return kde_partial(self.store, xs, inv, k, self.precision,     # the torch path stands in for a failed kernel
+                               lambda a, e: stream(self.store, xs, inv, a, e, k, mm_dtype))
         n, t = self.store.n, self.threads
         if xs.shape[0] > 4 or t < 2 or xs.is_cuda or n < 2 * self.chunk_size:
             return stream(self.store, xs, inv, 0, n, k, mm_dtype)

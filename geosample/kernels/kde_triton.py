@@ -29,10 +29,13 @@ were streamed.  Each split writes (m, z, z2, s, top-k); ``_merge_splits`` combin
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import triton
 import triton.language as tl
 
+from . import run_with_fallback
 from .configs import (FUSED_BB, FUSED_MAX_D, FUSED_MIN_TILES, FUSED_PROGRAMS, KDE_BD, KDE_BN, fused_max_d,
                       fused_tiles, kde_options, kde_query_block, top_k_width)
 from .online_softmax import SKIP as _SKIP
@@ -245,20 +248,27 @@ def _merge_splits(m, z, z2, s, top, k):
     return Partial(mx, (a64 * z).sum(0), (a64 * a64 * z2).sum(0), (a[:, :, None] * s).sum(0), top_v, top_i)
 
 
-def kde_partial(store, xs: torch.Tensor, inv: torch.Tensor, k: int, precision: str) -> Partial:
+def kde_partial(store, xs: torch.Tensor, inv: torch.Tensor, k: int, precision: str,
+                torch_partial: Callable[[int, int], Partial]) -> Partial:
     """Streaming state of the whole dataset for the centred, scaled float32 queries
     xs = (x - c) * inv [B, D] with logit scale inv [B] (see :class:`geosample.denoisers.kde.Query`):
-    the fused kernel for D <= FUSED_MAX_D, else the two-phase kernels; ranges merged by log-sum-exp."""
+    the fused kernel for D <= FUSED_MAX_D, else the two-phase kernels; ranges merged by log-sum-exp.
+
+    torch_partial(a, e): the same state of rows a..e from the torch path, which runs instead of the
+    kernels ("kde_fused" or "kde_two_phase") once they fail to compile or launch
+    (:func:`geosample.kernels.run_with_fallback`)."""
     dev, b = xs.device, xs.shape[0]
     xs, inv = xs.contiguous(), inv.to(dev, torch.float32).contiguous()
     hy2, shift = store.hy2.to(dev, torch.float32), store.shift(dev)
     rows = store.chunk if dev.type == "cpu" else max(store.chunk, (1 << 26) // b)
     fast = precision == "fast"
-    fused_d = min(FUSED_MAX_D, fused_max_d(store.storage != "float32", fast))   # FUSED_MAX_D: tests set 0
-    fn = _fused_partial if store.dim <= fused_d else _range_partial
-    parts = []
-    for a, e in store.ranges(rows):
+    fused = store.dim <= min(FUSED_MAX_D, fused_max_d(store.storage != "float32", fast))  # FUSED_MAX_D: tests set 0
+    fn = _fused_partial if fused else _range_partial
+
+    def triton_partial(a, e):
         part = fn(store.stream_rows(a, e, dev), hy2[a:e].contiguous(), xs, inv, k, fast, store.scale, shift)
         part.top_i += a
-        parts.append(part)
-    return merge(parts, k)
+        return part
+
+    name = "kde_fused" if fused else "kde_two_phase"
+    return merge([run_with_fallback(name, triton_partial, torch_partial, a, e) for a, e in store.ranges(rows)], k)
