@@ -21,6 +21,12 @@ img2img: ``set_begin_index(k)`` (or a first timestep later in ``timesteps``) sta
 afresh on the rest of the schedule from the sample given, as diffusers' multistep schedulers do.
 A zero-terminal-SNR model (``rescale_betas_zero_snr=True``) has sigma_max = inf: schedules then
 start at inf (see docs/diffusers.md).
+
+Flow matching (``use_flow_sigmas=True``, ``prediction_type="flow_prediction"``; ``from_config`` of a
+``FlowMatchEulerDiscreteScheduler`` or flow DPM-Solver config sets both): the samples are
+x_t = (1 - t) x0 + t noise, the model predicts v = noise - x0 at timestep t * num_train_timesteps,
+and the solver runs on the same ODE in EDM form, sigma = t / (1 - t), x = x_t / (1 - t), starting at
+sigma = inf when t = 1.  ``sigmas=`` are then flow times in [0, 1], used as given.
 """
 from __future__ import annotations
 
@@ -38,15 +44,19 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 from diffusers.utils import BaseOutput
 
 from .. import schedules
-from ..denoisers.adapters import EpsDenoiser, vp_to_denoised, _check_prediction_type
+from ..denoisers.adapters import EpsDenoiser, FlowDenoiser, flow_to_denoised, vp_to_denoised, _check_prediction_type
 from ..solvers import get_solver
 from ..solvers.plan import Run, plan
 from ..solvers.sampling import _check_options, check_grid, state_dtype
 
 __all__ = ["GITSScheduler", "GITSSchedulerOutput"]
 
-FAMILIES = ("polynomial", "logsnr", "time_uniform", "discrete", "gits")
+FAMILIES = ("polynomial", "logsnr", "time_uniform", "discrete", "gits", "flow")
 SPACINGS = ("linspace", "leading", "trailing")
+FLOW = "flow_prediction"  # diffusers' name for velocity (v = noise - x0) prediction
+# source-config options whose schedules or steps GITSScheduler does not reproduce (from_config refuses them)
+_FLOW_UNSUPPORTED = ("shift_terminal", "invert_sigmas", "stochastic_sampling", "use_karras_sigmas",
+                     "use_exponential_sigmas", "use_beta_sigmas")
 
 
 @dataclass
@@ -56,14 +66,20 @@ class GITSSchedulerOutput(BaseOutput):
     pred_original_sample: torch.Tensor
 
 
-def _to_edm(sample: torch.Tensor, sigma: float) -> torch.Tensor:
-    """x = sqrt(1 + sigma^2) x_vp; at sigma = inf the state is the VP sample itself (the noise)."""
-    return sample if math.isinf(sigma) else sample * math.sqrt(1.0 + sigma * sigma)
+def _scale(sigma: float, flow: bool) -> float:
+    """The model's sample per EDM state at ``sigma``: 1 / sqrt(1 + sigma^2) (VP) or 1 / (1 + sigma)
+    (flow, x_t = x (1 - t)); 1 at sigma = inf, where the state is the sample itself (the noise)."""
+    if math.isinf(sigma):
+        return 1.0
+    return 1.0 / (1.0 + sigma) if flow else 1.0 / math.sqrt(1.0 + sigma * sigma)
 
 
-def _to_vp(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """x_vp = x / sqrt(1 + sigma^2), the inverse of :func:`_to_edm`."""
-    return x if math.isinf(sigma) else x * (1.0 / math.sqrt(1.0 + sigma * sigma))
+def _is_flow_config(config: dict) -> bool:
+    """A flow-matching source config: a FlowMatch* scheduler's (named so once saved; else a ``shift``
+    and no betas), or one with ``use_flow_sigmas`` (DPM-Solver's)."""
+    name = config.get("_class_name", "")
+    return (bool(config.get("use_flow_sigmas")) or (isinstance(name, str) and name.startswith("FlowMatch"))
+            or ("shift" in config and "beta_start" not in config))
 
 
 class GITSScheduler(SchedulerMixin, ConfigMixin):
@@ -79,6 +95,14 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
     "trailing" are diffusers' integer timesteps); ``sigmas``, a fixed schedule that overrides
     ``schedule``; ``gits_sigmas``, the GITS schedules found so far by step count (saved with the
     config, so a loaded scheduler needs no model); ``denoise_to_zero``.
+
+    Flow matching: ``use_flow_sigmas=True`` with ``prediction_type="flow_prediction"``;
+    ``schedule="flow"`` is FlowMatchEulerDiscreteScheduler's as Flux uses it (N flow times uniform
+    from 1 to 1 / N, shifted by ``shift``, or by e^mu with ``use_dynamic_shifting`` and the ``mu``
+    given to ``set_timesteps``); ``base_shift``, ``max_shift``, ``base_image_seq_len`` and
+    ``max_image_seq_len`` are kept for the pipelines that compute mu from them.  Other families run
+    over [sigma_min, sigma_max] (default: the training times 1 / T to 1 as EDM sigmas, so they start at
+    inf and continue from sigma = T - 1).  Finite-sigma families run on the sample as x_t at that time.
     """
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
@@ -90,14 +114,26 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
                  solver: str = "ipndm", solver_options: dict | None = None,
                  schedule: str = "polynomial", rho: float | None = None, sigma_min: float | None = None,
                  sigma_max: float | None = None, sigmas: list | None = None, gits_sigmas: dict | None = None,
-                 denoise_to_zero: bool = True):
-        _check_prediction_type(prediction_type)
+                 denoise_to_zero: bool = True, use_flow_sigmas: bool = False, shift: float = 1.0,
+                 use_dynamic_shifting: bool = False, base_shift: float = 0.5, max_shift: float = 1.15,
+                 base_image_seq_len: int = 256, max_image_seq_len: int = 4096):
+        if use_flow_sigmas != (prediction_type == FLOW):
+            raise ValueError(f"use_flow_sigmas=True and prediction_type={FLOW!r} go together (flow matching), got "
+                             f"use_flow_sigmas={use_flow_sigmas}, prediction_type={prediction_type!r}")
+        if not use_flow_sigmas:
+            _check_prediction_type(prediction_type)
+            if schedule == "flow":
+                raise ValueError("schedule='flow' needs a flow-matching model (use_flow_sigmas=True)")
+        elif schedule == "discrete":
+            raise ValueError("schedule='discrete' follows alphas_cumprod, which a flow-matching model has not")
+        if not (math.isfinite(shift) and shift > 0):
+            raise ValueError(f"shift must be a finite number > 0, got {shift}")
         _check_options(get_solver(solver), dict(solver_options or {}))
         if schedule not in FAMILIES:
             raise ValueError(f"schedule must be one of {FAMILIES}, got {schedule!r}")
         if timestep_spacing not in SPACINGS:
             raise ValueError(f"timestep_spacing must be one of {SPACINGS}, got {timestep_spacing!r}")
-        if rho is not None and schedule in ("logsnr", "gits"):
+        if rho is not None and schedule in ("logsnr", "gits", "flow"):
             raise ValueError(f"rho does not apply to schedule={schedule!r} (pass GITS options to use_gits)")
         ddpm = DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
                              beta_schedule=beta_schedule, trained_betas=trained_betas,
@@ -105,16 +141,47 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
         self.betas, self.alphas = ddpm.betas, ddpm.alphas
         self.alphas_cumprod = ddpm.alphas_cumprod.to(torch.float64)
         # sigma <-> timestep on the finite part; a zero-SNR last timestep is sigma = inf
+        self.flow = bool(use_flow_sigmas)
         self.zero_snr = bool(self.alphas_cumprod[-1] == 0)
         self._finite_ac = self.alphas_cumprod[:-1] if self.zero_snr else self.alphas_cumprod
-        model_sigmas = schedules.discrete_sigmas(self._finite_ac)
-        self.model_sigma_range = (float(model_sigmas[0]), math.inf if self.zero_snr else float(model_sigmas[-1]))
+        if self.flow:  # training times 1 / T .. 1; the largest finite one is (T - 1) / T
+            self.model_sigma_range = (1.0 / (num_train_timesteps - 1), math.inf)
+            self._finite_top = float(num_train_timesteps - 1)
+        else:
+            model_sigmas = schedules.discrete_sigmas(self._finite_ac)
+            self.model_sigma_range = (float(model_sigmas[0]), math.inf if self.zero_snr else float(model_sigmas[-1]))
+            self._finite_top = float(model_sigmas[-1])
         self.init_noise_sigma = 1.0
+        self._mu = None
         self.num_inference_steps = None
         self.sigmas = self.eval_sigmas = self.timesteps = None
         self._gits = None
         self._step_index = self._begin_index = None
         self._run = None
+
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs: bool = False, **kwargs):
+        """diffusers' ``from_config``; a flow-matching config (FlowMatchEulerDiscreteScheduler's, or
+        DPM-Solver's with ``use_flow_sigmas``) gives a flow scheduler: ``use_flow_sigmas=True``,
+        ``prediction_type="flow_prediction"``, ``schedule="flow"`` and ``shift`` (DPM's ``flow_shift``)
+        unless ``kwargs`` say otherwise.  Options whose schedules it does not reproduce
+        (``shift_terminal``, ``invert_sigmas``, ``stochastic_sampling``, Karras / exponential / beta
+        sigmas) raise ValueError."""
+        if isinstance(config, dict) and config.get("_class_name") != cls.__name__ and _is_flow_config(config):
+            used = [k for k in _FLOW_UNSUPPORTED if config.get(k)]
+            if used or config.get("time_shift_type", "exponential") != "exponential":
+                raise ValueError(f"GITSScheduler does not reproduce {used or ['time_shift_type=linear']} of this "
+                                 "flow scheduler; pass sigmas= or another schedule")
+            flow = {"use_flow_sigmas": True, "prediction_type": FLOW, "schedule": "flow"}
+            if "flow_shift" in config:
+                flow["shift"] = config["flow_shift"]
+            kwargs = {**flow, **kwargs}
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    @property
+    def shift(self) -> float:
+        """The static flow shift (FlowMatchEulerDiscreteScheduler's ``shift``)."""
+        return self.config.shift
 
     @property
     def order(self) -> int:
@@ -141,24 +208,40 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
     # ---- sigma <-> timestep ------------------------------------------------------------------
     def _t_to_sigma(self, t: torch.Tensor) -> torch.Tensor:
         t = torch.as_tensor(t, dtype=torch.float64).cpu().flatten()
+        if self.flow:
+            return schedules.flow_t_to_sigma(t / self.config.num_train_timesteps)
         s = schedules.timestep_to_sigma(t, self._finite_ac)
         if self.zero_snr:
             s = torch.where(t >= len(self.alphas_cumprod) - 1, math.inf, s)
         return s
 
     def _sigma_to_t(self, s: torch.Tensor) -> torch.Tensor:
+        if self.flow:
+            return schedules.sigma_to_flow_t(s) * self.config.num_train_timesteps
         return torch.where(torch.isinf(s), float(len(self.alphas_cumprod) - 1),
                            schedules.sigma_to_timestep(s, self._finite_ac))
 
     # ---- schedules -------------------------------------------------------------------------
-    def use_gits(self, model, shape, model_kwargs: dict | None = None, **search_options) -> None:
-        """Search GITS schedules on ``model`` (the pipeline's UNet, through :class:`EpsDenoiser`)
-        lazily: at each ``set_timesteps`` with a step count not in the config's ``gits_sigmas``,
-        ``gs.gits.search(denoiser, shape, steps, **search_options)`` (shape: one sample, e.g.
-        (4, 64, 64); sigma_min / sigma_max default to the scheduler's finite range, device to the
-        model's); each result is added to ``gits_sigmas``.  Sets ``schedule="gits"``."""
-        self._gits = (EpsDenoiser(model, self._finite_ac, self.config.prediction_type, model_kwargs),
-                      shape, search_options)
+    def use_gits(self, model, shape, model_kwargs: dict | None = None, timestep_scale: float | None = None,
+                 **search_options) -> None:
+        """Search GITS schedules on ``model`` (the pipeline's UNet through :class:`EpsDenoiser`, or
+        its flow transformer through :class:`FlowDenoiser`) lazily: at each ``set_timesteps`` with a
+        step count not in the config's ``gits_sigmas``, ``gs.gits.search(denoiser, shape, steps,
+        **search_options)`` (shape: one sample, e.g. (4, 64, 64), or Flux's packed (tokens, 64);
+        sigma_min / sigma_max default to the scheduler's finite range, device to the model's); each
+        result is added to ``gits_sigmas``.  Sets ``schedule="gits"``.  A flow model is called as
+        ``model(x_t, timestep=t * timestep_scale, **model_kwargs)``; ``timestep_scale`` defaults to
+        ``num_train_timesteps`` (SD3); Flux's transformer takes 1."""
+        if self.flow:
+            scale = self.config.num_train_timesteps if timestep_scale is None else timestep_scale
+            denoiser = FlowDenoiser(lambda x_t, t, **kw: model(x_t, timestep=t, **kw), scale, model_kwargs)
+            denoiser.device = getattr(model, "device", "cpu")
+        elif timestep_scale is not None:
+            raise ValueError("timestep_scale applies to flow-matching models (use_flow_sigmas=True)")
+        else:
+            denoiser = EpsDenoiser(model, self._finite_ac, self.config.prediction_type, model_kwargs)
+            denoiser.device = getattr(model, "device", "cpu")
+        self._gits = (denoiser, shape, search_options)
         self.register_to_config(schedule="gits")
 
     def _gits_schedule(self, steps: int, lo: float, hi: float) -> torch.Tensor:
@@ -169,8 +252,7 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
                                  f"shape) first (found so far: {sorted(found, key=int) or 'none'}), or pass sigmas=")
             from .. import gits  # imported lazily: only GITS schedules need the search
             denoiser, shape, options = self._gits
-            options = {"sigma_min": lo, "sigma_max": hi, "device": getattr(denoiser.model, "device", "cpu"),
-                       **options}
+            options = {"sigma_min": lo, "sigma_max": hi, "device": denoiser.device, **options}
             found[str(steps)] = [float(v) for v in gits.search(denoiser, shape, steps, **options).sigmas]
             self.register_to_config(gits_sigmas=found)
         return torch.tensor(found[str(steps)], dtype=torch.float64)
@@ -195,9 +277,24 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
             t = np.round(np.arange(T, 0, -T / points)) - 1
         return torch.from_numpy(t.copy()).to(torch.float64)
 
-    def _family(self, steps: int) -> torch.Tensor:
-        """``steps + 1`` decreasing sigmas of the configured family (starting at inf for zero-SNR models)."""
+    def _flow_family(self, steps: int) -> torch.Tensor:
+        """``steps + 1`` flow times uniform from 1 to 1 / (steps + 1), shifted, as EDM sigmas."""
         cfg = self.config
+        if cfg.sigma_min is not None or cfg.sigma_max is not None:
+            raise ValueError("schedule='flow' spans the flow times 1 / N .. 1: sigma_min and sigma_max do not apply")
+        if cfg.use_dynamic_shifting and self._mu is None:
+            raise ValueError("use_dynamic_shifting=True needs mu: set_timesteps(..., mu=mu) (Flux pipelines pass it)")
+        if steps == 0:
+            return torch.tensor([math.inf], dtype=torch.float64)
+        return schedules.flow_shifted(steps, t_min=1.0 / (steps + 1), shift=cfg.shift,
+                                      mu=self._mu if cfg.use_dynamic_shifting else None)
+
+    def _family(self, steps: int) -> torch.Tensor:
+        """``steps + 1`` decreasing sigmas of the configured family (starting at inf for zero-SNR and
+        flow models)."""
+        cfg = self.config
+        if cfg.schedule == "flow":
+            return self._flow_family(steps)
         if cfg.schedule == "discrete" and cfg.timestep_spacing != "linspace":
             if cfg.rho is not None or cfg.sigma_min is not None or cfg.sigma_max is not None:
                 raise ValueError(f"timestep_spacing={cfg.timestep_spacing!r} fixes the timesteps: "
@@ -209,7 +306,7 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
             return torch.tensor([hi], dtype=torch.float64)
         if math.isinf(hi):  # inf, then the family over the finite range (see docs/diffusers.md)
             rest = torch.tensor([lo], dtype=torch.float64) if steps == 1 else \
-                self._finite_family(steps - 1, lo, float(schedules.discrete_sigmas(self._finite_ac)[-1]))
+                self._finite_family(steps - 1, lo, self._finite_top)
             return torch.cat([torch.tensor([math.inf], dtype=torch.float64), rest])
         return self._finite_family(steps, lo, hi)
 
@@ -217,6 +314,9 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
         if sigmas is not None and timesteps is not None:
             raise ValueError("pass sigmas or timesteps, not both")
         zero = torch.zeros(1, dtype=torch.float64)
+        if sigmas is not None and self.flow:  # flow times, with a final 0 unless given
+            t = torch.as_tensor(sigmas, dtype=torch.float64).cpu().flatten()
+            return check_grid(schedules.flow_t_to_sigma(t if t.numel() and float(t[-1]) == 0 else torch.cat([t, zero])))
         if sigmas is not None:
             return check_grid(sigmas)
         if timesteps is not None:
@@ -237,14 +337,21 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
             return check_grid(self._family(num_inference_steps))
         return check_grid(torch.cat([self._family(num_inference_steps - 1), zero]))
 
-    def set_timesteps(self, num_inference_steps: int | None = None, device=None, sigmas=None, timesteps=None) -> None:
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None, sigmas=None, timesteps=None,
+                      mu: float | None = None) -> None:
         """Fix the schedule and list every model evaluation.
 
         sigmas: an explicit EDM schedule (decreasing, optionally ending in 0, optionally starting
-        at inf); timesteps: model timesteps (decreasing), mapped to sigmas by log-sigma
-        interpolation, then a final 0.  Sets ``self.sigmas`` (float64, CPU), ``self.eval_sigmas``
-        and ``self.timesteps`` (continuous, float32, on ``device``): one entry per model call.
+        at inf), or for a flow model the flow times (decreasing in [0, 1], used as given, a final 0
+        added unless present); timesteps: model timesteps (decreasing), mapped to sigmas by
+        log-sigma interpolation (flow: t = timestep / num_train_timesteps), then a final 0.
+        mu: the flow shift exponent (Flux), used by ``schedule="flow"`` with ``use_dynamic_shifting``.
+        Sets ``self.sigmas`` (EDM sigmas, float64, CPU), ``self.eval_sigmas`` and ``self.timesteps``
+        (continuous, float32, on ``device``): one entry per model call.
         """
+        if mu is not None and not self.flow:
+            raise ValueError("mu (the flow shift exponent) applies to flow-matching models (use_flow_sigmas=True)")
+        self._mu = None if mu is None else float(mu)
         grid = self._grid(num_inference_steps, sigmas, timesteps)
         if math.isinf(float(grid[0])) and self.config.prediction_type == "epsilon":
             raise ValueError("a schedule starting at sigma = inf (zero terminal SNR) needs prediction_type "
@@ -287,7 +394,8 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
                              f"({len(self.timesteps)} evaluations, order {self.order})")
         interval = self._eval_interval[k]
         ops, size = self._plan(self.sigmas[interval:])
-        x = _to_edm(sample.to(state_dtype(sample.dtype)), float(self.sigmas[interval]))
+        sigma = float(self.sigmas[interval])
+        x = sample.to(state_dtype(sample.dtype)) * (1.0 / _scale(sigma, self.flow))
         self._run, self._step_index, self._prev = Run(ops, size, x), k, None
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True,
@@ -318,13 +426,13 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
                                      "is not finite (NaN or inf)")
         sigma = float(self.eval_sigmas[k])
         point = self._run.request()[0]
-        x = point if sample is self._prev else _to_edm(sample.to(point.dtype), sigma)
+        x = point if sample is self._prev else sample.to(point.dtype) * (1.0 / _scale(sigma, self.flow))
         denoised = self._denoised(model_output.to(point.dtype), x, sigma)
         self._run.send(denoised, at=x)
         self._step_index = k + 1
         nxt = self._run.request()
         x_next, sigma_next = (self._run.x, float(self.sigmas[-1])) if nxt is None else nxt
-        prev_sample = _to_vp(x_next, sigma_next).to(sample.dtype)
+        prev_sample = (x_next * _scale(sigma_next, self.flow)).to(sample.dtype)
         self._prev = prev_sample
         denoised = denoised.to(sample.dtype)
         if not return_dict:
@@ -332,21 +440,29 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
         return GITSSchedulerOutput(prev_sample=prev_sample, pred_original_sample=denoised)
 
     def _denoised(self, output: torch.Tensor, x: torch.Tensor, sigma: float) -> torch.Tensor:
-        """D from the model output; at sigma = inf, D = -v (v-prediction) or the output (sample)."""
+        """D from the model output; at sigma = inf, D = -v (v-prediction), the output (sample) or
+        noise - v (flow)."""
+        if self.flow:
+            return flow_to_denoised(output, x, sigma)
         if not math.isinf(sigma):
             return vp_to_denoised(output, x, sigma, self.config.prediction_type)
         return -output if self.config.prediction_type == "v_prediction" else output
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
-        """x_vp = (x0 + sigma n) / sqrt(1 + sigma^2) per sample, sigma the timestep's (= noise at inf);
-        a timestep of this schedule uses its exact sigma."""
+        """x_vp = (x0 + sigma n) / sqrt(1 + sigma^2) per sample, sigma the timestep's (= noise at inf),
+        or for a flow model x_t = (1 - t) x0 + t n; a timestep of this schedule uses its exact sigma."""
         t = torch.as_tensor(timesteps, dtype=torch.float64).cpu().flatten()
         s = self._t_to_sigma(t)
         if self.timesteps is not None:
             exact = (t[:, None] == self.timesteps.cpu().double()[None, :])
             s = torch.where(exact.any(1), self.eval_sigmas[exact.int().argmax(1)], s)
-        c_x = torch.where(torch.isinf(s), 0.0, torch.rsqrt(1 + s * s))
-        c_n = torch.where(torch.isinf(s), 1.0, s * torch.rsqrt(1 + s * s))
+        c = 1 / (1 + s) if self.flow else torch.rsqrt(1 + s * s)
+        c_x = torch.where(torch.isinf(s), 0.0, c)
+        c_n = torch.where(torch.isinf(s), 1.0, s * c)
         shape = (-1, *([1] * (original_samples.dim() - 1)))
         c_x, c_n = (c.to(original_samples.device, original_samples.dtype).reshape(shape) for c in (c_x, c_n))
         return c_x * original_samples + c_n * noise
+
+    def scale_noise(self, sample: torch.Tensor, timestep, noise: torch.Tensor) -> torch.Tensor:
+        """FlowMatchEulerDiscreteScheduler's name for :meth:`add_noise` (flow img2img pipelines call it)."""
+        return self.add_noise(sample, noise, timestep)

@@ -1,0 +1,161 @@
+"""GITSScheduler on flow-matching models (SD3 / Flux conventions) against diffusers' flow schedulers,
+stepped with the same analytic velocity model (the exact flow of a Gaussian mixture)."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler  # noqa: E402
+
+import geosample as gs  # noqa: E402
+from geosample import schedules  # noqa: E402
+from geosample.denoisers.adapters import FlowDenoiser  # noqa: E402
+from geosample.denoisers.gaussian import GaussianMixtureDenoiser  # noqa: E402
+from geosample.denoisers.gaussian_flow import GaussianMixtureFlow  # noqa: E402
+from geosample.integrations.diffusers import GITSScheduler  # noqa: E402
+
+STEPS = 8
+DPM2 = {"max_order": 2, "lower_order_final": False}
+
+
+@pytest.fixture(scope="module")
+def flow():
+    g = torch.Generator().manual_seed(0)
+    return GaussianMixtureFlow(GaussianMixtureDenoiser(torch.randn(3, 4, 4, 4, generator=g, dtype=torch.float64),
+                                                       [0.3, 0.5, 0.2]))
+
+
+@pytest.fixture(scope="module")
+def noise():
+    return torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+
+
+def _run(scheduler, model, x, timestep_of=None):
+    """The pipeline loop: model at each timestep (or at ``timestep_of(i)``), then step."""
+    for i, t in enumerate(scheduler.timesteps):
+        v = model(x, t if timestep_of is None else timestep_of(i))
+        x = scheduler.step(v, t, x, return_dict=False)[0]
+    return x
+
+
+def _dpm(shift=3.0):
+    return DPMSolverMultistepScheduler(use_flow_sigmas=True, flow_shift=shift, prediction_type="flow_prediction",
+                                       solver_order=2, lower_order_final=False)
+
+
+@pytest.mark.parametrize("source,mu", [(dict(shift=3.0), None), (dict(use_dynamic_shifting=True), 0.8)])
+def test_euler_equals_flow_match_euler(flow, noise, source, mu):
+    """schedule='flow' is Flux's (N flow times 1 .. 1 / N, shifted); Euler equals FlowMatchEuler."""
+    theirs = FlowMatchEulerDiscreteScheduler(**source)
+    ours = GITSScheduler.from_config(theirs.config, solver="euler")
+    assert (ours.config.use_flow_sigmas, ours.config.prediction_type, ours.config.schedule) == \
+        (True, "flow_prediction", "flow")
+    assert ours.init_noise_sigma == 1.0 and ours.config.shift == source.get("shift", 1.0)
+    theirs.set_timesteps(sigmas=np.linspace(1.0, 1 / STEPS, STEPS), mu=mu)  # as FluxPipeline calls it
+    ours.set_timesteps(STEPS, mu=mu)  # a pipeline seeing use_flow_sigmas passes no sigmas
+    torch.testing.assert_close(ours.timesteps, theirs.timesteps, rtol=1e-6, atol=1e-4)
+    assert math.isinf(float(ours.sigmas[0])) and float(ours.sigmas[-1]) == 0.0
+    torch.testing.assert_close(_run(ours, flow, noise), _run(theirs, flow, noise), rtol=0, atol=1e-6)
+
+
+def test_euler_equals_flow_match_euler_on_its_own_sigmas(flow, noise):
+    """FlowMatchEuler's default timesteps (SD3 without sigmas=) passed to GITSScheduler as flow sigmas."""
+    theirs = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    theirs.set_timesteps(STEPS)
+    ours = GITSScheduler.from_config(theirs.config, solver="euler")
+    ours.set_timesteps(sigmas=theirs.sigmas)
+    torch.testing.assert_close(ours.timesteps, theirs.timesteps, rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(_run(ours, flow, noise), _run(theirs, flow, noise), rtol=0, atol=1e-6)
+
+
+def test_dpmpp_equals_dpmsolver_multistep_flow(flow, noise):
+    """DPM-Solver++(2M) on DPMSolverMultistep's flow sigmas.  At the same model times the two agree to
+    float32 rounding; DPM evaluates the model at integer timesteps, which alone moves it by ~1e-3."""
+    theirs = _dpm()
+    ours = GITSScheduler.from_config(theirs.config, solver="dpmpp", solver_options=DPM2)
+    assert ours.config.use_flow_sigmas and ours.config.shift == 3.0
+    theirs.set_timesteps(STEPS)
+    ours.set_timesteps(sigmas=theirs.sigmas)
+    at_sigma = lambda i: theirs.sigmas[i] * 1000  # noqa: E731
+    torch.testing.assert_close(_run(ours, flow, noise, at_sigma), _run(theirs, flow, noise, at_sigma),
+                               rtol=0, atol=2e-6)
+    theirs.set_timesteps(STEPS)
+    ours.set_timesteps(sigmas=theirs.sigmas)
+    diff = (_run(ours, flow, noise) - _run(theirs, flow, noise)).abs().max().item()
+    assert 1e-5 < diff < 1e-2
+
+
+def test_dynamic_shifting_from_dpm_config_uses_mu(flow, noise):
+    theirs = DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction",
+                                         use_dynamic_shifting=True)
+    ours = GITSScheduler.from_config(theirs.config)
+    ours.set_timesteps(STEPS, mu=0.7)
+    t = schedules.sigma_to_flow_t(ours.sigmas[:-1])
+    torch.testing.assert_close(t, schedules.flow_time_shift(torch.linspace(1, 1 / STEPS, STEPS, dtype=torch.float64),
+                                                            0.7))
+    with pytest.raises(ValueError, match="mu"):
+        ours.set_timesteps(STEPS)
+
+
+@pytest.mark.parametrize("solver", sorted(gs.SOLVERS))
+def test_every_solver_equals_gs_sample_through_flow_denoiser(flow, noise, solver):
+    """An unedited flow run is gs.sample on FlowDenoiser with the same EDM sigmas (from sigma = inf)."""
+    ours = GITSScheduler(use_flow_sigmas=True, prediction_type="flow_prediction", schedule="flow", shift=3.0,
+                         solver=solver)
+    ours.set_timesteps(STEPS)
+    want = gs.sample(FlowDenoiser(flow), noise.double(), ours.sigmas, solver)
+    exact = schedules.sigma_to_flow_t(ours.eval_sigmas) * 1000  # the float32 timesteps round t
+    torch.testing.assert_close(_run(ours, flow, noise.double(), lambda i: exact[i]), want, rtol=0, atol=1e-10)
+
+
+def test_flow_sigmas_timesteps_and_noise(noise):
+    ours = GITSScheduler(use_flow_sigmas=True, prediction_type="flow_prediction")
+    ours.set_timesteps(sigmas=[1.0, 0.75, 0.5, 0.25])  # flow times, used as given, then a final 0
+    torch.testing.assert_close(ours.timesteps, torch.tensor([1000.0, 750.0, 500.0, 250.0]))
+    torch.testing.assert_close(schedules.sigma_to_flow_t(ours.sigmas), torch.tensor([1, 0.75, 0.5, 0.25, 0],
+                                                                                     dtype=torch.float64))
+    ours.set_timesteps(timesteps=[900.0, 300.0])
+    torch.testing.assert_close(schedules.sigma_to_flow_t(ours.sigmas), torch.tensor([0.9, 0.3, 0], dtype=torch.float64))
+    theirs = FlowMatchEulerDiscreteScheduler()
+    theirs.set_timesteps(sigmas=[0.9, 0.3])
+    x0 = torch.randn(noise.shape, generator=torch.Generator().manual_seed(2))
+    t = ours.timesteps[:1].repeat(2)
+    torch.testing.assert_close(ours.scale_noise(x0, t, noise), theirs.scale_noise(x0, t, noise))
+    torch.testing.assert_close(ours.add_noise(x0, noise, t), 0.1 * x0 + 0.9 * noise)
+
+
+def test_flow_config_errors():
+    with pytest.raises(ValueError, match="go together"):
+        GITSScheduler(use_flow_sigmas=True)
+    with pytest.raises(ValueError, match="go together"):
+        GITSScheduler(prediction_type="flow_prediction")
+    with pytest.raises(ValueError, match="flow-matching"):
+        GITSScheduler(schedule="flow")
+    with pytest.raises(ValueError, match="alphas_cumprod"):
+        GITSScheduler(use_flow_sigmas=True, prediction_type="flow_prediction", schedule="discrete")
+    with pytest.raises(ValueError, match="shift_terminal"):
+        GITSScheduler.from_config(FlowMatchEulerDiscreteScheduler(shift_terminal=0.1).config)
+    with pytest.raises(ValueError, match="mu"):
+        GITSScheduler().set_timesteps(4, mu=0.5)
+    with pytest.raises(ValueError, match="flow times"):
+        GITSScheduler(use_flow_sigmas=True, prediction_type="flow_prediction").set_timesteps(sigmas=[1.5, 0.5])
+
+
+def test_use_gits_on_a_flow_model_and_save_load(flow, noise, tmp_path):
+    """GITS on a flow model: inf, then the searched schedule over the finite range, then 0; the
+    searched sigmas travel with save_pretrained, flow mode too."""
+    ours = GITSScheduler.from_config(FlowMatchEulerDiscreteScheduler(shift=3.0).config, solver="ipndm")
+    ours.use_gits(flow, (4, 4, 4), teacher_steps=12, num_warmup=8, batch_size=8)
+    ours.set_timesteps(5)
+    assert math.isinf(float(ours.sigmas[0])) and float(ours.sigmas[-1]) == 0.0 and ours.sigmas.numel() == 6
+    x = _run(ours, flow, noise.double())
+    ref = gs.sample(FlowDenoiser(flow), noise.double(), torch.cat([schedules.flow_shifted(400, shift=3.0),
+                                                                   torch.zeros(1, dtype=torch.float64)]), "ipndm")
+    assert bool(torch.isfinite(x).all()) and (x - ref).abs().max().item() < 1.0
+    ours.save_pretrained(tmp_path)
+    loaded = GITSScheduler.from_pretrained(tmp_path)
+    assert loaded.config.use_flow_sigmas and loaded.config.schedule == "gits"
+    loaded.set_timesteps(5)
+    torch.testing.assert_close(loaded.sigmas, ours.sigmas)
