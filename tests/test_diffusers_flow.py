@@ -154,6 +154,8 @@ def test_use_gits_on_a_flow_model_and_save_load(flow, noise, tmp_path):
     ref = gs.sample(FlowDenoiser(flow), noise.double(), torch.cat([schedules.flow_shifted(400, shift=3.0),
                                                                    torch.zeros(1, dtype=torch.float64)]), "ipndm")
     assert bool(torch.isfinite(x).all()) and (x - ref).abs().max().item() < 1.0
+    again = GITSScheduler.from_config(ours.config)  # in memory: the searched sigmas are no defaults
+    assert again.config.schedule == "gits" and again.config.gits_sigmas == ours.config.gits_sigmas
     ours.save_pretrained(tmp_path)
     loaded = GITSScheduler.from_pretrained(tmp_path)
     assert loaded.config.use_flow_sigmas and loaded.config.schedule == "gits"

@@ -93,7 +93,7 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
     [sigma_min, sigma_max] (default: the model's range); ``timestep_spacing`` and ``steps_offset``
     (schedule="discrete": "linspace" is uniform in timesteps to the power rho, "leading" and
     "trailing" are diffusers' integer timesteps); ``sigmas``, a fixed schedule that overrides
-    ``schedule``; ``gits_sigmas``, the GITS schedules found so far by step count (saved with the
+    ``schedule`` (flow times for a flow model, as ``set_timesteps(sigmas=)``); ``gits_sigmas``, the GITS schedules found so far by step count (saved with the
     config, so a loaded scheduler needs no model); ``denoise_to_zero``.
 
     Flow matching: ``use_flow_sigmas=True`` with ``prediction_type="flow_prediction"``;
@@ -167,7 +167,8 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
         unless ``kwargs`` say otherwise.  Options whose schedules it does not reproduce
         (``shift_terminal``, ``invert_sigmas``, ``stochastic_sampling``, Karras / exponential / beta
         sigmas) raise ValueError."""
-        if isinstance(config, dict) and config.get("_class_name") != cls.__name__ and _is_flow_config(config):
+        own = isinstance(config, dict) and (config.get("_class_name") == cls.__name__ or "gits_sigmas" in config)
+        if isinstance(config, dict) and not own and _is_flow_config(config):
             used = [k for k in _FLOW_UNSUPPORTED if config.get(k)]
             if used or config.get("time_shift_type", "exponential") != "exponential":
                 raise ValueError(f"GITSScheduler does not reproduce {used or ['time_shift_type=linear']} of this "
@@ -242,7 +243,12 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
             denoiser = EpsDenoiser(model, self._finite_ac, self.config.prediction_type, model_kwargs)
             denoiser.device = getattr(model, "device", "cpu")
         self._gits = (denoiser, shape, search_options)
-        self.register_to_config(schedule="gits")
+        self._set_config(schedule="gits")
+
+    def _set_config(self, **values) -> None:
+        """register_to_config, and the values no longer count as defaults (which from_config would drop)."""
+        defaults = [k for k in self.config.get("_use_default_values", []) if k not in values]
+        self.register_to_config(**values, _use_default_values=defaults)
 
     def _gits_schedule(self, steps: int, lo: float, hi: float) -> torch.Tensor:
         found = dict(self.config.gits_sigmas or {})
@@ -254,7 +260,7 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
             denoiser, shape, options = self._gits
             options = {"sigma_min": lo, "sigma_max": hi, "device": denoiser.device, **options}
             found[str(steps)] = [float(v) for v in gits.search(denoiser, shape, steps, **options).sigmas]
-            self.register_to_config(gits_sigmas=found)
+            self._set_config(gits_sigmas=found)
         return torch.tensor(found[str(steps)], dtype=torch.float64)
 
     def _finite_family(self, steps: int, lo: float, hi: float) -> torch.Tensor:
@@ -310,19 +316,25 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
             return torch.cat([torch.tensor([math.inf], dtype=torch.float64), rest])
         return self._finite_family(steps, lo, hi)
 
+    def _given(self, sigmas) -> torch.Tensor:
+        """A given schedule as EDM sigmas: as is, or for a flow model flow times (a final 0 added unless present)."""
+        if not self.flow:
+            return check_grid(sigmas)
+        t = torch.as_tensor(sigmas, dtype=torch.float64).cpu().flatten()
+        if not (t.numel() and float(t[-1]) == 0):
+            t = torch.cat([t, t.new_zeros(1)])
+        return check_grid(schedules.flow_t_to_sigma(t))
+
     def _grid(self, num_inference_steps, sigmas, timesteps) -> torch.Tensor:
         if sigmas is not None and timesteps is not None:
             raise ValueError("pass sigmas or timesteps, not both")
         zero = torch.zeros(1, dtype=torch.float64)
-        if sigmas is not None and self.flow:  # flow times, with a final 0 unless given
-            t = torch.as_tensor(sigmas, dtype=torch.float64).cpu().flatten()
-            return check_grid(schedules.flow_t_to_sigma(t if t.numel() and float(t[-1]) == 0 else torch.cat([t, zero])))
         if sigmas is not None:
-            return check_grid(sigmas)
+            return self._given(sigmas)
         if timesteps is not None:
             return check_grid(torch.cat([self._t_to_sigma(timesteps), zero]))
         if self.config.sigmas is not None:
-            grid = check_grid(self.config.sigmas)
+            grid = self._given(self.config.sigmas)
             if num_inference_steps not in (None, grid.numel() - 1):
                 raise ValueError(f"the config's sigmas have {grid.numel() - 1} steps, "
                                  f"got num_inference_steps={num_inference_steps}")
