@@ -123,9 +123,9 @@ def test_flux_gits_searched_on_the_transformer(flux):
     """use_gits on Flux's transformer (timestep_scale 1, packed latents, ids and guidance as kwargs)."""
     e = _embeddings(1, negative=False)
     n = SIZE // 16  # packed latents: (2 n)^2 / 4 tokens of 4 * 4 channels
+    img_ids = FluxPipeline._prepare_latent_image_ids(1, n, n, "cpu", torch.float32)
     kwargs = {"encoder_hidden_states": e["prompt_embeds"], "pooled_projections": e["pooled_prompt_embeds"],
-              "txt_ids": torch.zeros(5, 3), "img_ids": FluxPipeline._prepare_latent_image_ids(1, n, n, "cpu", torch.float32),
-              "guidance": torch.full([1], 3.5)}
+              "txt_ids": torch.zeros(5, 3), "img_ids": img_ids, "guidance": torch.full([1], 3.5)}
     ours = GITSScheduler.from_config(FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True).config, solver="ipndm")
     ours.use_gits(flux.transformer, (n * n, 16), model_kwargs=kwargs, timestep_scale=1.0, **GITS)
     got = _latents(flux, ours, num_inference_steps=STEPS)

@@ -93,16 +93,18 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
     [sigma_min, sigma_max] (default: the model's range); ``timestep_spacing`` and ``steps_offset``
     (schedule="discrete": "linspace" is uniform in timesteps to the power rho, "leading" and
     "trailing" are diffusers' integer timesteps); ``sigmas``, a fixed schedule that overrides
-    ``schedule`` (flow times for a flow model, as ``set_timesteps(sigmas=)``); ``gits_sigmas``, the GITS schedules found so far by step count (saved with the
-    config, so a loaded scheduler needs no model); ``denoise_to_zero``.
+    ``schedule`` (flow times for a flow model, as ``set_timesteps(sigmas=)``); ``gits_sigmas``,
+    the GITS schedules found so far by step count (saved with the config, so a loaded scheduler
+    needs no model); ``denoise_to_zero``.
 
     Flow matching: ``use_flow_sigmas=True`` with ``prediction_type="flow_prediction"``;
     ``schedule="flow"`` is FlowMatchEulerDiscreteScheduler's as Flux uses it (N flow times uniform
     from 1 to 1 / N, shifted by ``shift``, or by e^mu with ``use_dynamic_shifting`` and the ``mu``
     given to ``set_timesteps``); ``base_shift``, ``max_shift``, ``base_image_seq_len`` and
     ``max_image_seq_len`` are kept for the pipelines that compute mu from them.  Other families run
-    over [sigma_min, sigma_max] (default: the training times 1 / T to 1 as EDM sigmas, so they start at
-    inf and continue from sigma = T - 1).  Finite-sigma families run on the sample as x_t at that time.
+    over [sigma_min, sigma_max] (default: the training times 1 / T to 1 as EDM sigmas, so they start
+    at inf and continue from sigma = T - 1); a finite first sigma takes the pipeline's sample as x_t
+    at that time.
     """
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]

@@ -15,18 +15,28 @@ Differences: ``sample_dpmpp_3m`` is deterministic multistep DPM-Solver++(3M); k-
 has ``sample_dpmpp_3m_sde``, whose ``eta=0`` case equals it except on the second step, where
 k-diffusion's warm-up adds ``phi_2 (D_1 - D_0) / r`` (``phi_2 = expm1(-h)/h + 1``) while geosample
 uses the 2M form ``-expm1(-h)/2 (D_1 - D_0) / r``; both are second order.
+
+Flow-matching models as ComfyUI passes them (SD3, Flux: ``sigmas`` are flow times t in [0, 1], ``x``
+is x_t = (1 - t) x0 + t noise, the model returns x0 = x_t - t v): wrap any sampler with
+:func:`flow_sampler`, which runs it on the same ODE in EDM form (sigma = t / (1 - t), x = x_t / (1 - t),
+starting at sigma = inf when t = 1)::
+
+    x0 = flow_sampler(sample_dpmpp_2m)(model, noise, sigmas)   # sigmas: e.g. 1.0, ..., 0.0
 """
 from __future__ import annotations
 
+import functools
+import math
 from typing import Callable
 
 import torch
 
+from ..schedules import flow_t_to_sigma
 from ..solvers import sample
-from ..schedules import check_sigmas
+from ..solvers.sampling import check_grid
 
 __all__ = ["sample_euler", "sample_heun", "sample_dpm_2", "sample_ipndm", "sample_ipndm_v",
-           "sample_dpmpp_2m", "sample_dpmpp_3m", "sample_unipc", "sample_deis", "get_sigmas_gits"]
+           "sample_dpmpp_2m", "sample_dpmpp_3m", "sample_unipc", "sample_deis", "get_sigmas_gits", "flow_sampler"]
 
 
 def _check_x(x, sigmas) -> None:
@@ -38,9 +48,10 @@ def _check_x(x, sigmas) -> None:
 
 def _sample(solver: str, model: Callable, x: torch.Tensor, sigmas: torch.Tensor, extra_args, callback,
             disable, options: dict) -> torch.Tensor:
-    """gs.sample on noise = x / sigmas[0], with the k-diffusion model call and callback."""
+    """gs.sample on noise = x / sigmas[0] (x itself when sigmas[0] = inf), with the k-diffusion model
+    call and callback."""
     _check_x(x, sigmas)
-    grid = check_sigmas(sigmas)
+    grid = check_grid(sigmas)
     extra_args = {} if extra_args is None else extra_args
 
     def denoiser(xi, sigma):
@@ -51,7 +62,8 @@ def _sample(solver: str, model: Callable, x: torch.Tensor, sigmas: torch.Tensor,
         callback({"x": info["x"], "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i],
                   "denoised": info["denoised"]})
 
-    return sample(denoiser, x / float(grid[0]), grid, solver, callback=None if callback is None else on_step,
+    noise = x if math.isinf(float(grid[0])) else x / float(grid[0])
+    return sample(denoiser, noise, grid, solver, callback=None if callback is None else on_step,
                   progress=not disable, **options)
 
 
@@ -111,3 +123,47 @@ def get_sigmas_gits(n: int, model: Callable, shape, extra_args=None, device="cpu
         raise ValueError(f"the GITS sigmas {sigmas.tolist()} are not strictly decreasing in {dtype}; "
                          "pass dtype=torch.float64")
     return out.to(device)
+
+
+def flow_sampler(sampler: Callable) -> Callable:
+    """``sampler`` (any k-diffusion-signature function here) for a flow-matching model as ComfyUI
+    passes one: ``sigmas`` are flow times t (decreasing in [0, 1], usually from 1.0 to 0.0),
+    ``x`` = x_t at ``sigmas[0]`` (the noise when it is 1), ``model(x_t, t * s_in, **extra_args)``
+    returns x0 = x_t - t v.
+
+    The sampler runs on the EDM form of the same ODE: sigma = t / (1 - t) (inf at t = 1),
+    x = x_t / (1 - t), the model called at (x_t, t).  Returns x_t at ``sigmas[-1]`` (x0 when it
+    is 0); ``callback`` gets x_t and ``sigma = sigma_hat = t``.  Euler is flow Euler,
+    x_t' = x_t + (t' - t) v, exactly; DPM-Solver++ is diffusers' DPMSolverMultistep in flow mode.
+
+        x0 = flow_sampler(sample_dpmpp_2m)(model, noise, torch.tensor([1.0, 0.8, 0.5, 0.2, 0.0]))
+    """
+    @functools.wraps(sampler)
+    def fn(model, x, sigmas, extra_args=None, callback=None, disable=None, **options):
+        _check_x(x, sigmas)
+        t = sigmas.detach().to("cpu", torch.float64).flatten()
+        grid = flow_t_to_sigma(t)  # validates t in [0, 1]
+        extra_args = {} if extra_args is None else extra_args
+
+        def to_flow(xe, sigma):
+            """(x_t, t) of the EDM state at sigma ([B] tensor)."""
+            s = sigma.reshape(-1, *([1] * (xe.dim() - 1))).to(xe.dtype)
+            inf = torch.isinf(s)
+            return torch.where(inf, xe, xe / (1 + s)), torch.where(inf, 1.0, s / (1 + s)).flatten()
+
+        def denoiser(xe, sigma, **kwargs):
+            x_t, tt = to_flow(xe, sigma)
+            return model(x_t, tt.to(x.dtype), **kwargs)
+
+        def on_step(info):
+            i = info["i"]
+            x_t = to_flow(info["x"], grid[i].expand(info["x"].shape[0]))[0]
+            callback({**info, "x": x_t, "sigma": sigmas[i], "sigma_hat": sigmas[i]})
+
+        x_edm = x if t[0] == 1 else x / (1 - float(t[0]))
+        out = sampler(denoiser, x_edm, grid, extra_args=extra_args,
+                      callback=None if callback is None else on_step, disable=disable, **options)
+        return out if t[-1] == 0 else out * (1 - float(t[-1]))
+
+    fn.__doc__ = f"{sampler.__name__} for a flow-matching model (ComfyUI's flow times as sigmas); see flow_sampler."
+    return fn
