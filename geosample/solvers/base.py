@@ -49,6 +49,10 @@ class Op:
     threshold: bool = False
     step: int | None = None
 
+    def __post_init__(self):   # Python floats once, so the per-step update converts nothing
+        object.__setattr__(self, "a", float(self.a))
+        object.__setattr__(self, "coeffs", tuple(float(c) for c in self.coeffs))
+
 
 @dataclass(frozen=True)
 class Solver:

@@ -36,7 +36,7 @@ def _torch_update(x, rows, coeffs, a, denoised, sigma, at, out):
         if sigma is None:
             rows[0].copy_(denoised)
         else:
-            torch.sub(x if at is None else at, denoised, out=rows[0]).div_(sigma)
+            torch.sub(x if at is None else at, denoised, out=rows[0]).mul_(1.0 / sigma)   # mul: ~2x cheaper than div
     if a == 1.0:  # x + c_0 H_0 in one pass (no copy of x)
         out = torch.add(x, rows[0], alpha=coeffs[0], out=out)
     else:
@@ -80,7 +80,8 @@ def update(x: torch.Tensor, hist: torch.Tensor, slot: int, coeffs: Sequence[floa
             _check_like(name, t, x)
     if sigma is not None and denoised is None:
         raise ValueError("sigma is only used with denoised (the new direction (at - denoised) / sigma)")
-    return _apply(_resolve(backend, x), x, hist, hist.unbind(0), slot, coeffs, a, denoised, sigma, at, out)
+    return _apply(_resolve(backend, x), x, hist, hist.unbind(0), slot, [float(c) for c in coeffs], float(a),
+                  denoised, sigma, at, out)
 
 
 def _resolve(backend: str, x: torch.Tensor) -> str:
@@ -92,18 +93,16 @@ def _resolve(backend: str, x: torch.Tensor) -> str:
 
 
 def _apply(backend, x, hist, views, slot, coeffs, a, denoised, sigma, at, out):
-    """Dispatch one checked update; ``views`` are the rows of ``hist``."""
-    coeffs = [float(c) for c in coeffs]
-
+    """Dispatch one checked update (float ``coeffs`` and ``a``); ``views`` are the rows of ``hist``."""
     def torch_path():
         rows = [views[(slot - k) % len(views)] for k in range(len(coeffs))]
-        return _torch_update(x, rows, coeffs, float(a), denoised, sigma, at, out)
+        return _torch_update(x, rows, coeffs, a, denoised, sigma, at, out)
 
     if backend == "torch":
         return torch_path()
     from ..kernels import fused_update, run_with_fallback  # imported where used: the kernels are a leaf
     return run_with_fallback("solver_step", lambda: (_triton_update or fused_update)(
-        x, hist, slot, coeffs, float(a), denoised, sigma, at, out), torch_path)
+        x, hist, slot, coeffs, a, denoised, sigma, at, out), torch_path)
 
 
 class History:
@@ -123,7 +122,8 @@ class History:
     def update(self, x: torch.Tensor, coeffs: Sequence[float], *, a: float = 1.0,
                denoised: torch.Tensor | None = None, sigma: float | None = None,
                at: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-        """x_next (a new tensor unless ``out``); see :func:`update` (the solvers' hot path: only the
+        """x_next (a new tensor unless ``out``); see :func:`update` (the solvers' hot path: ``coeffs``
+        and ``a`` are Python floats, as :class:`~geosample.solvers.base.Op` holds them; only the
         history bookkeeping is checked here, tensor shapes by the ops themselves)."""
         K = self.buffer.shape[0]
         slot, count = self.slot, self.count
