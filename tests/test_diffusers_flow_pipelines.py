@@ -8,8 +8,9 @@ import pytest
 import torch
 
 diffusers = pytest.importorskip("diffusers")
-from diffusers import (DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler,  # noqa: E402
-                       FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline)
+from diffusers import (AutoencoderKL, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler,  # noqa: E402
+                       FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Img2ImgPipeline,
+                       StableDiffusion3Pipeline)
 
 from geosample import schedules  # noqa: E402
 from geosample.integrations.diffusers import GITSScheduler  # noqa: E402
@@ -62,7 +63,7 @@ def flux():
 
 def _latents(pipe, scheduler, **kwargs):
     pipe.scheduler = scheduler
-    negative = isinstance(pipe, StableDiffusion3Pipeline)
+    negative = not isinstance(pipe, FluxPipeline)
     args = dict(height=SIZE, width=SIZE, guidance_scale=3.5, output_type="latent",
                 generator=torch.Generator().manual_seed(0), **_embeddings(1, negative))
     return pipe(**{**args, **kwargs}).images
@@ -93,6 +94,26 @@ def test_sd3_dpmpp_equals_dpmsolver_multistep_flow(sd3):
     finally:
         hook.remove()
     torch.testing.assert_close(got, want, rtol=0, atol=2e-6)
+
+
+def test_sd3_img2img_euler_equals_flow_match_euler(sd3):
+    """img2img (strength 0.6) starting from latents: scale_noise at the first kept timestep, then
+    set_begin_index; a tiny VAE only supplies latent_channels (latents in, latents out)."""
+    vae = AutoencoderKL(block_out_channels=(4, 8), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=2).eval()
+    pipe = StableDiffusion3Img2ImgPipeline(transformer=sd3.transformer, scheduler=sd3.scheduler, vae=vae,
+                                           text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                                           text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    image = torch.randn(1, 4, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(3))
+    size = SIZE // 8 * pipe.vae_scale_factor
+    theirs = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    want = _latents(pipe, theirs, image=image, strength=0.6, height=size, width=size, num_inference_steps=STEPS)
+    ours = GITSScheduler.from_config(theirs.config, solver="euler")
+    got = _latents(pipe, ours, image=image, strength=0.6, height=size, width=size, sigmas=theirs.sigmas[:-1].tolist())
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-6)
+    assert ours.begin_index == 2 and float((want - image).abs().max()) > 0.1
 
 
 def test_sd3_gits_searched_on_the_transformer(sd3):
