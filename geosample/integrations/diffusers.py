@@ -238,13 +238,11 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
         if self.flow:
             scale = self.config.num_train_timesteps if timestep_scale is None else timestep_scale
             denoiser = FlowDenoiser(lambda x_t, t, **kw: model(x_t, timestep=t, **kw), scale, model_kwargs)
-            denoiser.device = getattr(model, "device", "cpu")
         elif timestep_scale is not None:
             raise ValueError("timestep_scale applies to flow-matching models (use_flow_sigmas=True)")
         else:
             denoiser = EpsDenoiser(model, self._finite_ac, self.config.prediction_type, model_kwargs)
-            denoiser.device = getattr(model, "device", "cpu")
-        self._gits = (denoiser, shape, search_options)
+        self._gits = (denoiser, shape, {"device": getattr(model, "device", "cpu"), **search_options})
         self._set_config(schedule="gits")
 
     def _set_config(self, **values) -> None:
@@ -260,7 +258,7 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
                                  f"shape) first (found so far: {sorted(found, key=int) or 'none'}), or pass sigmas=")
             from .. import gits  # imported lazily: only GITS schedules need the search
             denoiser, shape, options = self._gits
-            options = {"sigma_min": lo, "sigma_max": hi, "device": denoiser.device, **options}
+            options = {"sigma_min": lo, "sigma_max": hi, **options}
             found[str(steps)] = [float(v) for v in gits.search(denoiser, shape, steps, **options).sigmas]
             self._set_config(gits_sigmas=found)
         return torch.tensor(found[str(steps)], dtype=torch.float64)
