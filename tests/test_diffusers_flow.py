@@ -161,3 +161,19 @@ def test_use_gits_on_a_flow_model_and_save_load(flow, noise, tmp_path):
     assert loaded.config.use_flow_sigmas and loaded.config.schedule == "gits"
     loaded.set_timesteps(5)
     torch.testing.assert_close(loaded.sigmas, ours.sigmas)
+
+
+def test_wan_style_unipc_config_and_video_latents():
+    """UniPCMultistep with use_flow_sigmas / flow_shift (Wan's) gives a flow scheduler; 5-D bf16
+    latents step in a float32 state and come back in bf16."""
+    from diffusers import UniPCMultistepScheduler
+    ours = GITSScheduler.from_config(UniPCMultistepScheduler(use_flow_sigmas=True, flow_shift=5.0,
+                                                             prediction_type="flow_prediction").config, solver="unipc")
+    assert (ours.config.use_flow_sigmas, ours.config.shift, ours.config.schedule) == (True, 5.0, "flow")
+    ours.set_timesteps(STEPS)
+    means = torch.randn(2, 2, 3, 4, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    video = GaussianMixtureFlow(GaussianMixtureDenoiser(means, [0.4, 0.6]))
+    x = torch.randn(2, 2, 3, 4, 4, generator=torch.Generator().manual_seed(4))
+    want = gs.sample(FlowDenoiser(video), x.double(), ours.sigmas, "unipc")
+    got = _run(ours, video, x.bfloat16())
+    assert got.dtype == torch.bfloat16 and (got.double() - want).abs().max().item() < 0.02  # bf16 output rounding
