@@ -14,7 +14,7 @@ the achieved bandwidth, and its ratio to a device-to-device copy measured in the
 
 ``test_loop`` times a whole 10-step solve (batch 1, or 1 and 8 with GEOSAMPLE_BENCH_FULL=1) with the
 exact denoiser of N(0, I) data, D = x / (1 + sigma^2), so that the solver's own overhead dominates:
-``gs.sample`` against :class:`geosample.graph.FusedSampler`, and on CUDA the same sampler captured
+``gs.sample`` against :class:`geosample.solvers.fused_sampler.FusedSampler`, and on CUDA the same sampler captured
 as one CUDA graph (``graph=True``), where per-launch overhead is what is left.
 """
 import functools
@@ -25,7 +25,7 @@ import pytest
 import torch
 
 import geosample as gs
-from geosample.graph import FusedSampler
+from geosample.solvers.fused_sampler import FusedSampler
 from geosample.solvers import fused
 from geosample.solvers.exponential import dpmpp_coefficients
 

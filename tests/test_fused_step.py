@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import geosample as gs
-from geosample.graph import FusedSampler, plan, sample_fused
+from geosample.solvers.fused_sampler import FusedSampler, plan, sample_fused
 from geosample.solvers import fused
 from triton_script import run_triton_script
 
@@ -174,7 +174,7 @@ def test_graph_capture_matches_sample_cuda(solver):
 
 TRITON_CHECK = textwrap.dedent("""
     import torch, geosample as gs
-    from geosample.graph import plan, sample_fused
+    from geosample.solvers.fused_sampler import plan, sample_fused
     from geosample.solvers import fused
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     sig = gs.schedules.polynomial(8, 0.002, 80.0)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import geosample as gs
-from geosample.graph import sample_fused
+from geosample.solvers.fused_sampler import sample_fused
 from geosample.solvers.base import X, Y, Op
 from geosample.solvers.adams import AB_COEFFS, deis_tab_coefficients, ipndm_v_coefficients
 from geosample.solvers.exponential import dpmpp_coefficients, unipc_coefficients

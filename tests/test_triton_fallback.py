@@ -141,7 +141,7 @@ def test_kde_strict_mode_raises(monkeypatch):
 
 def test_fused_sampler_falls_back_to_torch(monkeypatch, gmm, noise):
     pytest.importorskip("triton")
-    from geosample.graph import FusedSampler
+    from geosample.solvers.fused_sampler import FusedSampler
     from geosample.kernels import solver_step
     monkeypatch.setattr(solver_step, "solver_step", _raise)
     sig = gs.schedules.polynomial(6)

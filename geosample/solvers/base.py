@@ -10,7 +10,7 @@ one update of the shared form
     state[dst] = a state[X] + sum_k c_k H_k                 (k = 0 newest)
 
 over two state buffers, X (the solution) and Y (a predictor / midpoint point).  ``gs.sample``
-(:mod:`.sampling`), ``GITSScheduler.step`` and the fused sampler (:mod:`geosample.graph`) all run
+(:mod:`.sampling`), ``GITSScheduler.step`` and the fused sampler (:mod:`geosample.solvers.fused_sampler`) all run
 these ops (:mod:`.plan`), so :func:`register` gives a new solver all of them.
 """
 from __future__ import annotations

@@ -19,10 +19,10 @@ from typing import Callable
 
 import torch
 
-from .solvers import fused
-from .solvers.base import X, Y, Op, afs_denoised, checked_output, dynamic_threshold
-from .solvers.plan import plan as _plan
-from .solvers.sampling import _check_options, _check_noise, check_grid, get_solver, state_dtype
+from . import fused
+from .base import X, Y, Op, afs_denoised, checked_output, dynamic_threshold
+from .plan import plan as _plan
+from .sampling import _check_options, _check_noise, check_grid, get_solver, state_dtype
 
 __all__ = ["Op", "plan", "FusedSampler", "sample_fused"]
 
@@ -62,7 +62,7 @@ class FusedSampler:
                         for v in {op.eval_sigma for op in self.ops if op.eval_sigma is not None}}
         self.coef = None  # Triton: every op's coefficient row on the device, so a graph replays them
         if self.backend == "triton":
-            from .kernels import solver_step as ks
+            from ..kernels import solver_step as ks
             self.coef = torch.stack([ks.coefficient_row(op.a, op.sigma, op.coeffs) for op in self.ops]).to(like.device)
         self.graph = None
         if graph:
@@ -88,8 +88,8 @@ class FusedSampler:
                          backend="torch")
 
         if self.backend == "triton":  # the torch step stands in for a kernel that fails on this device
-            from .kernels import run_with_fallback
-            from .kernels import solver_step as ks
+            from ..kernels import run_with_fallback
+            from ..kernels import solver_step as ks
             run_with_fallback("solver_step", lambda: ks.solver_step(
                 x, self.hist, slot, self.coef[j], len(op.coeffs), ks.entry_kind(denoised is not None, op.sigma),
                 denoised, at, out), torch_step)
