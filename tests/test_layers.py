@@ -41,9 +41,6 @@ EXCEPTIONS = {
     # schedules.discrete_sigmas / sigma_to_timestep (owner: the solvers/diffusers engineer; the
     # conversions could move into the adapters or a small shared module).
     ("geosample.denoisers.adapters", "geosample.schedules"),
-    # kde.py and kde_index.py import each other (kde_index lazily: KDEStats, _put), a cycle inside
-    # denoisers (owner: the index engineer; the shared pieces could live in a module both import).
-    ("geosample.denoisers.kde_index", "geosample.denoisers.kde"),
 }
 
 

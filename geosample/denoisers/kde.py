@@ -49,12 +49,12 @@ import numpy as np
 import torch
 
 from ..kernels.online_softmax import Partial, exp_weights, merge
+from .kde_stats import EXACT, FAST, FULL64, MIXED, KDEStats, put_rows
 
 __all__ = ["KDEDenoiser", "KDEStats", "EXACT", "MIXED", "FULL64", "FAST"]
 
 BACKENDS = ("auto", "reference", "cpu", "triton")
 STORAGE = ("float32", "float16", "uint8")
-EXACT, MIXED, FULL64, FAST = 0, 1, 2, 3           # KDEStats.path: how each query was computed
 U32 = 2.0 ** -24                                  # float32 unit roundoff
 MIXED_MAX_DELTA = 0.05                            # largest float32 logit error a MIXED result may carry
 REST_TOL = 1e-12                                  # largest relative weight an EXACT result may drop
@@ -62,18 +62,6 @@ WIDE_K = 512                                      # candidates of the second try
 LOGIT_CAP = 1e30                                  # float32 logits are scaled to stay below this
 UINT8_SCALE = 2.0 / 255.0                         # uint8 pixels q map to q * UINT8_SCALE + UINT8_OFFSET
 UINT8_OFFSET = -1.0                               # in [-1, 1] (geosample.data uses the same map)
-
-
-@dataclass
-class KDEStats:
-    """Per-query statistics [B]: log_z = logsumexp_i (x.y_i - |y_i|^2/2) / sigma^2,
-    log_mass = logsumexp_i -|x - y_i|^2 / (2 sigma^2), ess = 1 / sum_i w_i^2, argmax = argmax_i w_i,
-    path = how it was computed (EXACT, MIXED, FULL64 or FAST; see the module docstring)."""
-    log_z: torch.Tensor
-    ess: torch.Tensor
-    argmax: torch.Tensor
-    log_mass: torch.Tensor = None
-    path: torch.Tensor = None
 
 
 class Store:
@@ -373,13 +361,6 @@ def check_query(x, sigma, shape: tuple) -> tuple[torch.Tensor, torch.Tensor]:
     return x.reshape(x.shape[0], -1), sig.expand(x.shape[0])
 
 
-def _put(out: torch.Tensor, stats: KDEStats, idx: torch.Tensor, out_i: torch.Tensor, stats_i: KDEStats):
-    """out[idx] = out_i and every field of stats[idx] = stats_i, in place."""
-    out[idx] = out_i
-    for name in ("log_z", "ess", "argmax", "log_mass", "path"):
-        getattr(stats, name)[idx] = getattr(stats_i, name)
-
-
 class KDEDenoiser:
     """Exact denoiser D(x, sigma) of the empirical distribution of ``data`` [N, ...].
 
@@ -483,10 +464,10 @@ class KDEDenoiser:
         if len(idx) and wide > self.refine_k:
             sub = q.select(idx)
             out_w, st_w, again = rescore(self.store, sub, self._partial("cpu", sub, wide))   # torch, any device
-            _put(out, stats, idx, out_w, st_w)
+            put_rows(out, stats, idx, out_w, st_w)
             idx = idx[again]
         if len(idx):
-            _put(out, stats, idx, *reference(self.store, q.x64[idx], q.inv_s2[idx]))
+            put_rows(out, stats, idx, *reference(self.store, q.x64[idx], q.inv_s2[idx]))
         return out, stats
 
     def _fast(self, q: Query, part: Partial):

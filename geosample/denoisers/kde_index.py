@@ -11,9 +11,9 @@ the reverse triangle inequality on its complement give
 
     |x - y_i|^2 >= |P^T (x - y_i)|^2 + (|r_x| - rho_i)^2 = |v_x - v_i|^2 =: L_i.
 
-The index keeps v_i in float32 ([N, r + 1] plus four margin columns: 4 (r + 5) bytes a row), and
-L_i for a block of rows is one float32 GEMM of inner size r + 4, whose extra columns subtract a
-rounding margin  c_r (|v_x| + |v_i|)^2 + 2 (|r_x| + rho_i)(e_x + e_i), c_r = (r + 32) 2^-24
+The index keeps v_i in float32 ([N, r + 1] plus five columns: 4 (r + 6) bytes a row), and
+L_i for a block of rows is one float32 GEMM of inner size r + 6, whose extra columns add the
+squared norms and subtract a rounding margin  c_r (|v_x| + |v_i|)^2 + 2 (|r_x| + rho_i)(e_x + e_i), c_r = (r + 32) 2^-24
 (the float32 GEMM, the float32 rounding of the stored v_i and of v_x, and the float64 error
 e_i / e_x of rho computed as sqrt(|y - c|^2 - |P^T (y - c)|^2)), so that the computed L_i is a
 lower bound on |x - y_i|^2 as the float64 softmax sees it.
@@ -29,7 +29,7 @@ A query whose S would exceed ``max_fraction`` of N (large sigma, where the Cauch
 so are queries for which 2 sigma^2 log(N / tol) >= (|x - c| + max_i |y_i - c|)^2 (every row would
 be kept), before any index work.
 
-Build: one seeded random subsample (``sample`` rows, random access) for P, then one streaming pass
+Build: one seeded random subsample (``sample`` rows, random access) for P (a randomized SVD), then one streaming pass
 over the data for v_i.  Memory: the index plus one chunk.  Cached on disk under
 ``cache_root()/kde_index`` keyed by the data's content (shape, dtype, affine map and a hash of
 seeded sample rows) and the build options; the file carries a checksum, and a file that does not
@@ -47,14 +47,14 @@ import numpy as np
 import torch
 
 from .._io import atomic_write, cache_root
+from .kde_stats import INDEXED, KDEStats, put_rows
 
 __all__ = ["KDEIndex", "IndexCacheWarning", "INDEXED"]
 
-INDEXED = 4                      # KDEStats.path of a query computed on its certified set
 U32 = 2.0 ** -24
 U64 = 2.0 ** -53
-FORMAT = 1                       # cache file layout version
-BLOCK = 1 << 16                  # index rows per GEMM block of a pass
+FORMAT = 2                       # cache file layout version
+BLOCK = 1 << 15                  # index rows per GEMM block of a pass
 EXACT_CHUNK = 2048               # rows per float64 block of the exact evaluation
 
 
@@ -71,12 +71,25 @@ def _rho(norm2: torch.Tensor, proj2: torch.Tensor, dim: int, rank: int):
     return rho, err * (1 + 1e-6) + 4 * U32 * rho          # + the float32 rounding of the stored rho
 
 
+def _top_directions(ys: torch.Tensor, r: int, gen: torch.Generator, oversample: int = 16, power: int = 2):
+    """[D, r] float64: the top-r right singular vectors of ys [m, D], by a seeded randomized range
+    finder with ``power`` subspace iterations (Halko, Martinsson and Tropp 2011): O(m D (r + p))
+    instead of the O(m D min(m, D)) of a full SVD.  Any basis keeps the bound valid; a good one
+    keeps it tight."""
+    k = min(r + oversample, *ys.shape)
+    basis = torch.linalg.qr(ys @ torch.randn(ys.shape[1], k, generator=gen, dtype=ys.dtype)).Q    # [m, k]
+    for _ in range(power):
+        basis = torch.linalg.qr(ys @ (ys.T @ basis)).Q
+    _, _, vh = torch.linalg.svd(basis.T @ ys, full_matrices=False)                              # [k, D]
+    return vh[:r].T
+
+
 class KDEIndex:
     """Projection index of a :class:`~geosample.denoisers.kde.Store` (see the module docstring).
 
-    basis [D, r] float64 (orthonormal), vecs [N, r + 5] float32: per row the GEMM columns
-    (z_i [r], rho_i, |v_i|, e_i, rho_i) with z_i = P^T (y_i - c), and the row term
-    (1 - c_r) |v_i|^2 - 2 rho_i e_i.  ``tol``: the weight a certified set may leave out, relative to
+    basis [D, r] float64 (orthonormal), vecs [N, r + 6] float32: per row the GEMM columns
+    (z_i [r], rho_i, |v_i|, e_i, rho_i, -t_i / 2, -1 / 2) with z_i = P^T (y_i - c) and the row
+    term t_i = (1 - c_r) |v_i|^2 - 2 rho_i e_i.  ``tol``: the weight a certified set may leave out, relative to
     the total; ``max_fraction``: the largest certified set, as a fraction of N, evaluated through
     the index (larger ones take the full streaming pass); ``probe``: rows re-scored in float64 to
     set the threshold."""
@@ -130,18 +143,15 @@ class KDEIndex:
         idx = torch.randperm(store.n, generator=g)[:m].sort().values
         ys = store.gather64(idx) - store.center
         r = min(rank, m, store.dim)
-        _, _, vh = torch.linalg.svd(ys, full_matrices=False)
-        basis = torch.linalg.qr(vh[:r].T).Q.contiguous()          # orthonormal to float64 rounding
+        basis = torch.linalg.qr(_top_directions(ys, r, g)).Q.contiguous()   # orthonormal to float64 rounding
         c_r = (r + 32) * U32
-        vecs = torch.empty(store.n, r + 5)
+        vecs = torch.empty(store.n, r + 6)
         for a, b in store.ranges(chunk=max(store.chunk, 4096)):
-            yc = store.rows64(a, b) - store.center
-            z = yc @ basis
-            rho, err = _rho(yc.square().sum(1), z.square().sum(1), store.dim, r)
+            z = (store.rows64(a, b) - store.center) @ basis
+            rho, err = _rho(2 * store.hy2[a:b], z.square().sum(1), store.dim, r)    # hy2 = |y_i - c|^2 / 2
             vn2 = z.square().sum(1) + rho.square()
-            # GEMM columns [z_i, rho_i, |v_i|, e_i, rho_i] and the row term (1 - c_r)|v_i|^2 - 2 rho_i e_i
-            vecs[a:b] = torch.cat([z, rho[:, None], vn2.sqrt()[:, None], err[:, None], rho[:, None],
-                                   (vn2 * (1 - c_r) - 2 * rho * err)[:, None]], 1)
+            t = vn2 * (1 - c_r) - 2 * rho * err
+            vecs[a:b] = torch.cat([z, torch.stack([rho, vn2.sqrt(), err, rho, -0.5 * t, torch.full_like(t, -0.5)], 1)], 1)
         return basis, vecs
 
     @staticmethod
@@ -164,34 +174,31 @@ class KDEIndex:
         r = basis.shape[1]
         if basis.dtype != torch.float64 or basis.shape[0] != store.dim or not 1 <= r <= rank:
             raise ValueError(f"basis {tuple(basis.shape)} {basis.dtype} does not fit D = {store.dim}")
-        if vecs.dtype != torch.float32 or tuple(vecs.shape) != (store.n, r + 5):
+        if vecs.dtype != torch.float32 or tuple(vecs.shape) != (store.n, r + 6):
             raise ValueError(f"vectors {tuple(vecs.shape)} {vecs.dtype} do not fit N = {store.n}, r = {r}")
         if checksum != cls._checksum(basis, vecs):
             raise ValueError("checksum mismatch")
         return basis, vecs
 
     # ---------------------------------------------------------------- queries
-    def _lower_bounds(self, qx: torch.Tensor, qterm: torch.Tensor, a: int, b: int) -> torch.Tensor:
-        """float32 [B, b - a]: certified lower bounds L_i on |x - y_i|^2 for rows a..b."""
-        blk = self.vecs[a:b]
-        out = torch.addmm(blk[:, -1][None, :].expand(qx.shape[0], -1), qx, blk[:, :-1].T, alpha=-2.0)
-        return out.add_(qterm[:, None])
+    def _lower_bounds(self, qx: torch.Tensor, a: int, b: int) -> torch.Tensor:
+        """float32 [B, b - a]: certified lower bounds L_i on |x - y_i|^2 for rows a..b (one GEMM)."""
+        return torch.mm(qx, self.vecs[a:b].T)
 
     def _query_cols(self, store, q):
-        """Per query: the GEMM columns [z_x, |r_x|, c_r |v_x|, |r_x|, e_x] (float32) and the term
-        (1 - c_r) |v_x|^2 - 2 |r_x| e_x, so that L = qterm + rowterm - 2 X Y^T."""
+        """Per query the GEMM row -2 [z_x, |r_x|, c_r |v_x|, |r_x|, e_x, 1, t_x] (float32) with
+        t_x = (1 - c_r) |v_x|^2 - 2 |r_x| e_x, so that L_i = t_x + t_i - 2 (v_x.v_i + margin terms)."""
         zx = q.xc @ self.basis.to(q.xc.device)
         rx, ex = _rho(q.xc.square().sum(1), zx.square().sum(1), store.dim, self.rank)
         ex = ex + 4 * U32 * (rx + zx.norm(dim=1))             # float32 rounding of z_x and |r_x|
         vn = (zx.square().sum(1) + rx.square()).sqrt()
-        cols = torch.cat([zx, rx[:, None], self.c_r * vn[:, None], rx[:, None], ex[:, None]], 1).float()
-        # rows: [z_i, rho_i, |v_i|, e_i, rho_i]; products: z.z + r rho + c |v_x||v_i| + r e_i + e_x rho_i
-        return cols, (vn.square() * (1 - self.c_r) - 2 * rx * ex).float()
+        tx = vn.square() * (1 - self.c_r) - 2 * rx * ex
+        # against rows [z_i, rho_i, |v_i|, e_i, rho_i, -t_i / 2, -1 / 2]
+        return (-2.0 * torch.cat([zx, torch.stack([rx, self.c_r * vn, rx, ex, torch.ones_like(rx), tx], 1)], 1)).float()
 
     def solve(self, store, q, full):
         """(D [B, D] float64, KDEStats) for the prepared queries ``q``: each query on its certified
         set (path INDEXED), or by ``full(q_subset) -> (D, KDEStats)`` when its set is too large."""
-        from .kde import KDEStats, _put
         b, n, dev = q.xc.shape[0], store.n, q.xc.device
         gap = 2.0 * math.log(n / self.tol) / q.inv_s2                        # [B] in |x - y|^2 units
         todo = gap >= (q.xc.norm(dim=1) + store.radius) ** 2                 # every row would be kept
@@ -205,25 +212,26 @@ class KDEIndex:
             rows, cols, big = self.certify(store, sub, gap[live])
             res, st = self._exact(store, sub, rows, cols, len(live))
             ok = ~big
-            _put(out, stats, live[ok], res[ok], KDEStats(*(getattr(st, f)[ok] for f in
-                                                           ("log_z", "ess", "argmax", "log_mass", "path"))))
+            put_rows(out, stats, live[ok], res[ok], st.select(ok))
             todo[live[big]] = True
         idx = todo.nonzero()[:, 0]
         if len(idx):
-            _put(out, stats, idx, *full(q.select(idx)))
+            put_rows(out, stats, idx, *full(q.select(idx)))
         return out, stats
 
     def certify(self, store, q, gap):
         """(row ids, query ids) of every (query, row) pair in the certified sets, and the mask of the
         queries whose set exceeds max_fraction N."""
         b, n = q.xc.shape[0], store.n
-        qx, qterm = self._query_cols(store, q)
+        qx = self._query_cols(store, q)
         k = min(self.probe, n)
         best_v = torch.full((b, k), math.inf)
         best_i = torch.zeros(b, k, dtype=torch.long)
+        block_min = []
         for a in range(0, n, BLOCK):                                          # pass 1: probe rows
-            lb = self._lower_bounds(qx, qterm, a, min(a + BLOCK, n))
+            lb = self._lower_bounds(qx, a, min(a + BLOCK, n))
             v, i = lb.topk(min(k, lb.shape[1]), dim=1, largest=False)
+            block_min.append(v[:, 0])
             best_v, j = torch.cat([best_v, v], 1).topk(k, dim=1, largest=False)
             best_i = torch.cat([best_i, i + a], 1).gather(1, j)
         d_up = _sq_dist(q.x64, store.gather64(best_i)).amin(1)
@@ -231,13 +239,17 @@ class KDEIndex:
         cap = max(int(self.max_fraction * n), k)
         count = torch.zeros(b, dtype=torch.long)
         rows, cols = [], []
-        for a in range(0, n, BLOCK):                                          # pass 2: the sets
-            lb = self._lower_bounds(qx, qterm, a, min(a + BLOCK, n))
+        for j, a in enumerate(range(0, n, BLOCK)):                            # pass 2: the sets
+            if bool((block_min[j] > thr).all()):
+                continue                                                      # no row of the block is kept
+            lb = self._lower_bounds(qx, a, min(a + BLOCK, n))
             qi, ri = (lb <= thr[:, None]).nonzero(as_tuple=True)
             count += torch.bincount(qi, minlength=b)
             keep = count[qi] <= cap
             rows.append(ri[keep] + a)
             cols.append(qi[keep])
+            if bool((count > cap).all()):
+                break                                                         # every set is too large: the full pass
         big = count > cap
         rows, cols = torch.cat(rows), torch.cat(cols)
         keep = ~big[cols]
@@ -246,7 +258,6 @@ class KDEIndex:
     def _exact(self, store, q, rows, cols, b):
         """Float64 softmax of each query over its certified rows (direct differences, online
         log-sum-exp over blocks of the union of the rows): (D [B, D], KDEStats)."""
-        from .kde import KDEStats
         dev = q.x64.device
         uniq, inv = torch.unique(rows, return_inverse=True)
         m = torch.full((b,), -math.inf, dtype=torch.float64, device=dev)

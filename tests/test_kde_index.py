@@ -1,0 +1,134 @@
+"""The KDE index: its bound is a true lower bound, indexed results equal the float64 softmax, the
+fallback takes over where sets are large, and the cache never serves another dataset's index."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from geosample.denoisers.kde import KDEDenoiser, Query, reference
+from geosample.denoisers.kde_index import INDEXED, IndexCacheWarning, KDEIndex
+
+
+def clustered(n=3000, d=48, k=12, spread=0.05, offset=0.0, seed=0):
+    """Rows around k centres (a concentrated posterior at small sigma), optionally far from 0."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(k, d, generator=g, dtype=torch.float64)
+    rows = centres[torch.randint(0, k, (n,), generator=g)] + spread * torch.randn(n, d, generator=g, dtype=torch.float64)
+    return (rows + offset).float()
+
+
+def near_data(y, b, sigma, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, len(y), (b,), generator=g)
+    return y[idx].double() + sigma * torch.randn(b, y.shape[1], generator=g, dtype=torch.float64)
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm(dim=1) / b.norm(dim=1).clamp(min=1e-300)).max().item()
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e3])
+@pytest.mark.parametrize("far", [0.0, 50.0])
+def test_lower_bound_holds_for_every_row(offset, far):
+    y = clustered(offset=offset)
+    kd = KDEDenoiser(y, index=dict(cache=False, rank=8))
+    x = near_data(y, 8, 0.1) + far
+    q = Query.prepare(kd.store, x, torch.ones(8, dtype=torch.float64))
+    lb = kd.index._lower_bounds(kd.index._query_cols(kd.store, q), 0, kd.store.n).double()
+    d2 = torch.cdist(x, kd.store.gather64(torch.arange(kd.store.n)), compute_mode="donot_use_mm_for_euclid_dist") ** 2
+    assert bool((lb <= d2).all()), (lb - d2).max().item()
+    assert (lb / d2).median() > 0.5        # and a useful one: most of the distance is seen
+
+
+@pytest.mark.parametrize("storage", ["float32", "uint8"])
+@pytest.mark.parametrize("sigma", [1e-4, 0.003, 0.02])
+def test_indexed_equals_float64_softmax(storage, sigma):
+    y = clustered(spread=0.05)
+    if storage == "uint8":
+        y = ((y.clamp(-3, 3) + 3) * 40).round().to(torch.uint8)
+    kd = KDEDenoiser(y, index=dict(cache=False), scale=None if storage == "float32" else 1 / 40,
+                     offset=None if storage == "float32" else -3.0)
+    x = near_data(kd.store.gather64(torch.arange(kd.store.n)), 16, sigma)
+    out, st = kd(x, sigma, return_stats=True)
+    ref, _ = reference(kd.store, x, torch.full((16,), sigma ** -2, dtype=torch.float64))
+    assert bool((st.path == INDEXED).all())
+    assert rel(out, ref) < 1e-12
+
+
+def test_large_sets_take_the_full_pass_and_stay_exact():
+    y = clustered()
+    kd = KDEDenoiser(y, index=dict(cache=False, max_fraction=0.05))
+    x = near_data(y, 6, 0.0)
+    sigma = torch.tensor([0.01, 0.01, 0.01, 30.0, 30.0, 30.0], dtype=torch.float64)
+    out, st = kd(x, sigma, return_stats=True)
+    assert st.path[:3].tolist() == [INDEXED] * 3
+    assert INDEXED not in st.path[3:].tolist()
+    ref, _ = reference(kd.store, x, sigma ** -2)
+    assert rel(out, ref) < 1e-6
+    plain = KDEDenoiser(y)(x, sigma)
+    assert rel(out, plain) < 1e-6          # the full pass of a sub-batch: within its own bound
+
+
+def test_index_matches_the_unindexed_denoiser_along_a_schedule():
+    y = clustered(n=2000, d=32)
+    with_index, without = KDEDenoiser(y, index=dict(cache=False)), KDEDenoiser(y)
+    x = near_data(y, 8, 0.0)
+    for sigma in [80.0, 5.0, 1.0, 0.3, 0.05, 0.002]:
+        xs = x + sigma * torch.randn(x.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+        ref, _ = reference(with_index.store, xs, torch.full((8,), sigma ** -2, dtype=torch.float64))
+        assert rel(with_index(xs, sigma), ref) < 1e-6, sigma
+        assert rel(with_index(xs, sigma), without(xs, sigma)) < 1e-6, sigma
+
+
+def test_cache_hits_misses_and_corruption(tmp_path, monkeypatch):
+    y = clustered(n=1500, d=16)
+    kd = KDEDenoiser(y)
+    first = KDEIndex.build(kd.store, cache=tmp_path)
+    files = list(tmp_path.glob("*.npz"))
+    assert len(files) == 1
+    monkeypatch.setattr(KDEIndex, "_compute", staticmethod(lambda *a: pytest.fail("rebuilt on a hit")))
+    hit = KDEIndex.build(kd.store, cache=tmp_path)
+    assert torch.equal(hit.vecs, first.vecs) and torch.equal(hit.basis, first.basis)
+    monkeypatch.undo()
+
+    y2 = y.clone()
+    y2[0] += 1.0                                                         # another dataset, same shape
+    assert KDEIndex.key(KDEDenoiser(y2).store, 32, 4096, 0) != KDEIndex.key(kd.store, 32, 4096, 0)
+    assert KDEIndex.key(kd.store, 16, 4096, 0) != KDEIndex.key(kd.store, 32, 4096, 0)
+
+    raw = bytearray(files[0].read_bytes())
+    raw[len(raw) // 2] ^= 0xFF                                           # a flipped byte
+    files[0].write_bytes(bytes(raw))
+    with pytest.warns(IndexCacheWarning):
+        rebuilt = KDEIndex.build(kd.store, cache=tmp_path)
+    assert torch.equal(rebuilt.vecs, first.vecs)
+    KDEIndex.build(kd.store, cache=tmp_path)                            # the rewritten file is valid again
+
+
+def test_memmap_data(tmp_path):
+    y = ((clustered(n=2000, d=24).clamp(-3, 3) + 3) * 40).round().to(torch.uint8).numpy()
+    path = tmp_path / "rows.npy"
+    np.save(path, y)
+    mm = np.load(path, mmap_mode="r")
+    kd = KDEDenoiser(mm, index=dict(cache=False), scale=1 / 40, offset=-3.0)
+    x = near_data(kd.store.gather64(torch.arange(kd.store.n)), 4, 0.01)
+    out, st = kd(x, 0.01, return_stats=True)
+    ref, _ = reference(kd.store, x, torch.full((4,), 1e4, dtype=torch.float64))
+    assert bool((st.path == INDEXED).all()) and rel(out, ref) < 1e-12
+
+
+def test_build_is_seeded():
+    kd = KDEDenoiser(clustered(n=1000, d=16))
+    a, b = KDEIndex.build(kd.store, cache=False, seed=3), KDEIndex.build(kd.store, cache=False, seed=3)
+    assert torch.equal(a.vecs, b.vecs)
+    assert torch.allclose(a.basis.T @ a.basis, torch.eye(a.rank, dtype=torch.float64), atol=1e-12)
+
+
+@pytest.mark.parametrize("options, word", [
+    (dict(rank=0), "rank"), (dict(sample=True), "sample"), (dict(tol=0.0), "tol"), (dict(tol=1.5), "tol"),
+    (dict(max_fraction=0.0), "max_fraction"), (dict(max_fraction=math.nan), "max_fraction")])
+def test_bad_options(options, word):
+    with pytest.raises(ValueError, match=word):
+        KDEDenoiser(clustered(n=200, d=8), index=dict(cache=False, **options))
