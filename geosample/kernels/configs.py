@@ -15,7 +15,7 @@ from typing import Callable
 
 __all__ = ["Space", "SPACES", "cdiv", "next_power_of_2", "powers_of_2",
            "STEP_BLOCK", "STEP_WARPS", "STEP_MAX_ORDER", "cost_block_t", "COST_BLOCK_D", "MOMENT_BLOCK_D", "COST_WARPS",
-           "kde_query_block", "kde_options", "fused_max_d", "KDE_BN", "KDE_BD", "KDE_MIN_TOP_K", "KDE_MAX_TOP_K", "top_k_width", "fused_tiles",
+           "kde_query_block", "kde_options", "fused_options", "fused_max_d", "KDE_BN", "KDE_BD", "KDE_MIN_TOP_K", "KDE_MAX_TOP_K", "top_k_width", "fused_tiles",
            "FUSED_MAX_D", "FUSED_BB", "FUSED_BN", "FUSED_BN_WIDE", "FUSED_PROGRAMS", "FUSED_MIN_TILES"]
 
 
@@ -42,8 +42,7 @@ class Space:
     args: Triton types of the kernel's runtime arguments ("arg1 arg2" -> type; ``{name}`` is
     replaced by the variant's choice, unlisted arguments are int32 scalars); constexprs(variant):
     the kernel's constexpr arguments as the launcher passes them; options(variant): its launch
-    options (num_warps, num_stages).  spill_budget: local-memory bytes per thread the compile check
-    tolerates (0 but for known, reported defects: a spill costs speed, never correctness).
+    options (num_warps, num_stages, maxnreg).
     """
     module: str
     kernel: str
@@ -52,7 +51,6 @@ class Space:
     constexprs: Callable[[dict], dict]
     options: Callable[[dict], dict]
     where: Callable[[dict], bool] = lambda variant: True
-    spill_budget: int = 0
 
     def variants(self):
         """Every launchable configuration, as dicts name -> value."""
@@ -88,9 +86,18 @@ def cost_block_t(t: int) -> int:
 KDE_BN = 64             # data rows per tile of the two-phase kernels
 KDE_BD = 64             # columns per block of the two-phase kernels
 KDE_QUERY_BLOCKS = (16, 64)
-# launch options per precision: "exact" dots run on the CUDA cores (ieee float32 FMA), whose
-# operand tiles live in registers: 8 warps and no software pipelining keep them from spilling
-KDE_OPTIONS = {"exact": {"num_warps": 8, "num_stages": 1}, "fast": {"num_warps": 4, "num_stages": 3}}
+# Launch options (no variant spills on sm_80 or sm_90).  "exact" dots run on the CUDA cores (ieee
+# float32 FMA), whose operand tiles live in registers: 8 warps and no software pipelining.  "fast"
+# (bfloat16 tensor cores): 4 warps and 3 stages, 8 warps for the wide tiles (64 queries in the
+# two-phase kernels, [32, 256] rows in the fused one: at 4 warps they hit 255 registers and spilled
+# 8-216 bytes).  maxnreg, the PTX .maxnreg bound: left to its own register target, ptxas held some
+# variants at 80, 128 or 168 registers, far below 255, and spilled 8-32 bytes; with the bound it
+# allocates what they need: 255 at fast precision; the fused kernel at exact precision 128 (two
+# 256-thread blocks per SM), 192 for its [64, 128] tiles.
+KDE_OPTIONS = {"exact": {"num_warps": 8, "num_stages": 1}, "fast": {"num_warps": 4, "num_stages": 3, "maxnreg": 255}}
+KDE_WIDE_WARPS = 8
+FUSED_EXACT_MAXNREG = 128
+FUSED_EXACT_MAXNREG_BD = {128: 192}
 FUSED_MAX_D = 256       # D above this takes the two-phase path ([BN, D] row tiles no longer fit in registers)
 FUSED_MAX_D_DEQUANT_EXACT = 128   # ... for float16 / uint8 rows at exact precision (256 spills ~2 KB)
 FUSED_BB = 16           # queries per program (the smallest tl.dot M)
@@ -101,16 +108,27 @@ FUSED_PROGRAMS = 512    # target programs per launch (~4 per SM on an H100): spl
 FUSED_MIN_TILES = 4     # at least this many tiles per split, so a split's partial write is amortised
 KDE_MIN_TOP_K = 8       # the fused kernel's running top-k width: KDE_MIN_TOP_K to KDE_MAX_TOP_K logits
 KDE_MAX_TOP_K = 64      # (refine_k), powers of two
-# Open defect: at these options 42 of the 544 KDE variants (sm_80 + sm_90) still spill 8-216 bytes
-# per thread (no single num_warps / num_stages fixes all; per-variant options or smaller tiles will).
-KDE_SPILL_BUDGET = 256
 KDE_STORAGE = {"fp32": False, "fp16": True, "u8": True}    # stored row type -> DEQUANT (scale q + shift)
 KDE_PRECISION = {"exact": False, "fast": True}             # precision -> FAST
 
 
-def kde_options(fast: bool) -> dict:
-    """num_warps and num_stages of every KDE kernel launch (fast: precision "fast", else "exact")."""
-    return KDE_OPTIONS["fast" if fast else "exact"]
+def kde_options(fast: bool, bb: int) -> dict:
+    """Launch options (num_warps, num_stages, maxnreg) of the two-phase KDE kernels for blocks of bb
+    queries (fast: precision "fast", else "exact")."""
+    options = dict(KDE_OPTIONS["fast" if fast else "exact"])
+    if fast and bb > KDE_QUERY_BLOCKS[0]:
+        options["num_warps"] = KDE_WIDE_WARPS
+    return options
+
+
+def fused_options(fast: bool, bd: int) -> dict:
+    """Launch options of the fused KDE kernel for the D block bd."""
+    if not fast:
+        return {**KDE_OPTIONS["exact"], "maxnreg": FUSED_EXACT_MAXNREG_BD.get(bd, FUSED_EXACT_MAXNREG)}
+    options = dict(KDE_OPTIONS["fast"])
+    if bd > 128:                                  # [FUSED_BN_WIDE, 256] row tiles
+        options["num_warps"] = KDE_WIDE_WARPS
+    return options
 
 
 def fused_max_d(dequant: bool, fast: bool) -> int:
@@ -165,16 +183,16 @@ SPACES = (
     Space("geosample.kernels.kde_triton", "_logits_kernel", _KDE_TWO_PHASE,
           {"Y": "*{storage}", "X HY2 INV L TMAX SHIFT": "*fp32", "scale": "fp32"},
           lambda v: {"BB": v["BB"], "BN": KDE_BN, "BD": KDE_BD, **{k.upper(): f for k, f in _kde_flags(v).items()}},
-          lambda v: kde_options(KDE_PRECISION[v["precision"]]), spill_budget=KDE_SPILL_BUDGET),
+          lambda v: kde_options(KDE_PRECISION[v["precision"]], v["BB"])),
     Space("geosample.kernels.kde_triton", "_wsum_kernel", _KDE_TWO_PHASE,
           {"Y": "*{storage}", "L M TMAX OUT SHIFT": "*fp32", "scale": "fp32"},
           lambda v: {"BB": v["BB"], "BN": KDE_BN, "BD": KDE_BD, **{k.upper(): f for k, f in _kde_flags(v).items()}},
-          lambda v: kde_options(KDE_PRECISION[v["precision"]]), spill_budget=KDE_SPILL_BUDGET),
+          lambda v: kde_options(KDE_PRECISION[v["precision"]], v["BB"])),
     Space("geosample.kernels.kde_triton", "_fused_kernel",
           {"storage": tuple(KDE_STORAGE), "precision": tuple(KDE_PRECISION), "BD": FUSED_BD,
            "KP": powers_of_2(KDE_MIN_TOP_K, KDE_MAX_TOP_K)},
           {"Y": "*{storage}", "X HY2 INV M S SHIFT": "*fp32", "Z Z2": "*fp64", "TOP": "*i64", "scale": "fp32"},
           lambda v: {"BB": FUSED_BB, "BN": fused_tiles(v["BD"])[1], "BD": v["BD"], "KP": v["KP"], **{k.upper(): f for k, f in _kde_flags(v).items()}},
-          lambda v: kde_options(KDE_PRECISION[v["precision"]]),
-          where=lambda v: v["BD"] <= fused_max_d(**_kde_flags(v)), spill_budget=KDE_SPILL_BUDGET),
+          lambda v: fused_options(KDE_PRECISION[v["precision"]], v["BD"]),
+          where=lambda v: v["BD"] <= fused_max_d(**_kde_flags(v))),
 )

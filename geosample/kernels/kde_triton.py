@@ -37,7 +37,7 @@ import triton.language as tl
 
 from . import run_with_fallback
 from .configs import (FUSED_BB, FUSED_MAX_D, FUSED_MIN_TILES, FUSED_PROGRAMS, KDE_BD, KDE_BN, fused_max_d,
-                      fused_tiles, kde_options, kde_query_block, top_k_width)
+                      fused_options, fused_tiles, kde_options, kde_query_block, top_k_width)
 from .online_softmax import SKIP as _SKIP
 from .online_softmax import WEIGHT_FLOOR as _FLOOR
 from .online_softmax import Partial, exp_weights, merge
@@ -124,14 +124,14 @@ def _range_partial(q, hy2, xs, inv, k, fast, scale, shift):
     tmax = torch.empty(b, tiles, device=xs.device)
     dequant = q.dtype != torch.float32
     _logits_kernel[(triton.cdiv(b, bb), tiles)](xs, q, hy2, inv, logits, tmax, b, n, d, tiles, scale, shift,
-                                                BB=bb, BN=bn, BD=bd, DEQUANT=dequant, FAST=fast, **kde_options(fast))
+                                                BB=bb, BN=bn, BD=bd, DEQUANT=dequant, FAST=fast, **kde_options(fast, bb))
     m = tmax.amax(1)
     splits = max(1, min(tiles, 128 // max(1, triton.cdiv(b, bb) * triton.cdiv(d, bd))))
     per = triton.cdiv(tiles, splits)
     out = torch.empty(splits, b, d, device=xs.device)
     _wsum_kernel[(triton.cdiv(b, bb), triton.cdiv(d, bd), splits)](logits, q, m, tmax, out, b, n, d, tiles, per,
                                                                  scale, shift, BB=bb, BN=bn, BD=bd,
-                                                                 DEQUANT=dequant, FAST=fast, **kde_options(fast))
+                                                                 DEQUANT=dequant, FAST=fast, **kde_options(fast, bb))
     p = exp_weights(logits - m[:, None])
     top_v, top_i = logits.topk(min(k, n), dim=1)
     return Partial(m, p.sum(1, dtype=torch.float64), (p * p).sum(1, dtype=torch.float64), out.sum(0), top_v, top_i)
@@ -231,7 +231,7 @@ def _fused_partial(q, hy2, xs, inv, k, fast, scale, shift):
     top = torch.empty(splits, b, kp, dtype=torch.int64, device=dev)
     _fused_kernel[(blocks, splits)](xs, q, hy2, inv, m, z, z2, s, top, b, n, d, tiles, per, scale, shift,
                                     BB=FUSED_BB, BN=bn, BD=bd, KP=kp, DEQUANT=q.dtype != torch.float32, FAST=fast,
-                                    **kde_options(fast))
+                                    **fused_options(fast, bd))
     return _merge_splits(m, z, z2, s, top, min(k, n))
 
 
