@@ -87,6 +87,22 @@ def test_dpmpp_equals_dpmsolver_multistep_flow(flow, noise):
     assert 1e-5 < diff < 1e-2
 
 
+@pytest.mark.parametrize("source,mu", [(dict(shift=3.0), 0.9), (dict(use_dynamic_shifting=True), 0.8)])
+def test_pipeline_default_sigmas_with_mu_are_the_configured_schedule(flow, noise, source, mu):
+    """FluxImg2Img, Kontext, Qwen-Image, LTX, Lumina2, ... pass sigmas = linspace(1, 1 / N, N) with mu
+    for the scheduler to shift: that is N steps of the configured schedule, so Euler still equals
+    FlowMatchEuler given the same call (a static-shift config ignores mu, as FlowMatchEuler does).
+    The same flow times without mu are used as given."""
+    theirs = FlowMatchEulerDiscreteScheduler(**source)
+    ours = GITSScheduler.from_config(theirs.config, solver="euler")
+    theirs.set_timesteps(sigmas=np.linspace(1.0, 1 / STEPS, STEPS), mu=mu)
+    ours.set_timesteps(sigmas=np.linspace(1.0, 1 / STEPS, STEPS), mu=mu)
+    torch.testing.assert_close(ours.timesteps, theirs.timesteps, rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(_run(ours, flow, noise), _run(theirs, flow, noise), rtol=0, atol=1e-6)
+    ours.set_timesteps(sigmas=np.linspace(1.0, 1 / STEPS, STEPS))
+    torch.testing.assert_close(ours.timesteps, torch.linspace(1000, 1000 / STEPS, STEPS))
+
+
 def test_dynamic_shifting_from_dpm_config_uses_mu(flow, noise):
     theirs = DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction",
                                          use_dynamic_shifting=True)

@@ -9,8 +9,8 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import (AutoencoderKL, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler,  # noqa: E402
-                       FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Img2ImgPipeline,
-                       StableDiffusion3Pipeline)
+                       FluxImg2ImgPipeline, FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel,
+                       StableDiffusion3Img2ImgPipeline, StableDiffusion3Pipeline)
 
 from geosample import schedules  # noqa: E402
 from geosample.integrations.diffusers import GITSScheduler  # noqa: E402
@@ -114,6 +114,26 @@ def test_sd3_img2img_euler_equals_flow_match_euler(sd3):
     got = _latents(pipe, ours, image=image, strength=0.6, height=size, width=size, sigmas=theirs.sigmas[:-1].tolist())
     torch.testing.assert_close(got, want, rtol=0, atol=2e-6)
     assert ours.begin_index == 2 and float((want - image).abs().max()) > 0.1
+
+
+def test_flux_img2img_euler_equals_flow_match_euler(flux):
+    """FluxImg2ImgPipeline passes sigmas = linspace(1, 1 / N, N) and mu (it has no use_flow_sigmas
+    check): GITSScheduler runs its own shifted schedule on them, equal to FlowMatchEuler's."""
+    vae = AutoencoderKL(block_out_channels=(4, 8), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=2).eval()
+    pipe = FluxImg2ImgPipeline(transformer=flux.transformer, scheduler=flux.scheduler, vae=vae, text_encoder=None,
+                               tokenizer=None, text_encoder_2=None, tokenizer_2=None)
+    pipe.set_progress_bar_config(disable=True)
+    image = torch.randn(1, 4, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(3))
+    size = SIZE // 8 * pipe.vae_scale_factor
+    theirs = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+    want = _latents(pipe, theirs, image=image, strength=0.6, height=size, width=size, num_inference_steps=STEPS)
+    ours = GITSScheduler.from_config(theirs.config, solver="euler")
+    got = _latents(pipe, ours, image=image, strength=0.6, height=size, width=size, num_inference_steps=STEPS)
+    torch.testing.assert_close(ours.timesteps, theirs.timesteps, rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-6)
+    assert ours.begin_index == 2 and float(want.std()) > 0.1
 
 
 def test_sd3_gits_searched_on_the_transformer(sd3):
