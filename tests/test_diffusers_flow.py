@@ -159,6 +159,23 @@ def test_flow_config_errors():
         GITSScheduler(use_flow_sigmas=True, prediction_type="flow_prediction").set_timesteps(sigmas=[1.5, 0.5])
 
 
+@pytest.mark.parametrize("source", [dict(shift_terminal=0.1), dict(use_karras_sigmas=True),
+                                    dict(use_dynamic_shifting=True, time_shift_type="linear")])
+def test_flow_config_with_an_unreproduced_schedule_takes_another(source):
+    """The source's own schedule options are refused for schedule='flow' only: with sigmas= or
+    another schedule (as the error says) the config is usable; a step option stays refused."""
+    config = FlowMatchEulerDiscreteScheduler(**source).config
+    with pytest.raises(ValueError, match="another schedule"):
+        GITSScheduler.from_config(config)
+    ours = GITSScheduler.from_config(config, sigmas=[1.0, 0.6, 0.3])
+    ours.set_timesteps()
+    torch.testing.assert_close(ours.timesteps, torch.tensor([1000.0, 600.0, 300.0]))
+    assert GITSScheduler.from_config(config, schedule="gits").config.schedule == "gits"
+    with pytest.raises(ValueError, match="stochastic_sampling"):
+        GITSScheduler.from_config(FlowMatchEulerDiscreteScheduler(stochastic_sampling=True, **source).config,
+                                  schedule="gits")
+
+
 def test_use_gits_on_a_flow_model_and_save_load(flow, noise, tmp_path):
     """GITS on a flow model: inf, then the searched schedule over the finite range, then 0; the
     searched sigmas travel with save_pretrained, flow mode too."""

@@ -54,9 +54,10 @@ __all__ = ["GITSScheduler", "GITSSchedulerOutput"]
 FAMILIES = ("polynomial", "logsnr", "time_uniform", "discrete", "gits", "flow")
 SPACINGS = ("linspace", "leading", "trailing")
 FLOW = "flow_prediction"  # diffusers' name for velocity (v = noise - x0) prediction
-# source-config options whose schedules or steps GITSScheduler does not reproduce (from_config refuses them)
-_FLOW_UNSUPPORTED = ("shift_terminal", "invert_sigmas", "stochastic_sampling", "use_karras_sigmas",
-                     "use_exponential_sigmas", "use_beta_sigmas")
+# source-config options whose steps GITSScheduler does not reproduce, and those of the source's schedule
+# (refused only when that schedule is asked for: schedule="flow" without sigmas); from_config refuses them
+_FLOW_UNSUPPORTED = ("invert_sigmas", "stochastic_sampling")
+_FLOW_SCHEDULE_UNSUPPORTED = ("shift_terminal", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
 
 
 @dataclass
@@ -175,15 +176,19 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
         """diffusers' ``from_config``; a flow-matching config (FlowMatchEulerDiscreteScheduler's, or
         DPM-Solver's with ``use_flow_sigmas``) gives a flow scheduler: ``use_flow_sigmas=True``,
         ``prediction_type="flow_prediction"``, ``schedule="flow"`` and ``shift`` (DPM's ``flow_shift``)
-        unless ``kwargs`` say otherwise.  Options whose schedules it does not reproduce
-        (``shift_terminal``, ``invert_sigmas``, ``stochastic_sampling``, Karras / exponential / beta
-        sigmas) raise ValueError."""
+        unless ``kwargs`` say otherwise.  Options whose steps it does not reproduce (``invert_sigmas``,
+        ``stochastic_sampling``) raise ValueError, and so do those of the source's schedule
+        (``shift_terminal``, Karras / exponential / beta sigmas, ``time_shift_type="linear"``) unless
+        ``kwargs`` give ``sigmas`` or another ``schedule``."""
         own = isinstance(config, dict) and (config.get("_class_name") == cls.__name__ or "gits_sigmas" in config)
         if isinstance(config, dict) and not own and _is_flow_config(config):
-            used = [k for k in _FLOW_UNSUPPORTED if config.get(k)]
-            if used or config.get("time_shift_type", "exponential") != "exponential":
-                raise ValueError(f"GITSScheduler does not reproduce {used or ['time_shift_type=linear']} of this "
-                                 "flow scheduler; pass sigmas= or another schedule")
+            own_schedule = kwargs.get("schedule", "flow") == "flow" and kwargs.get("sigmas") is None
+            used = [k for k in _FLOW_UNSUPPORTED + (_FLOW_SCHEDULE_UNSUPPORTED if own_schedule else ()) if config.get(k)]
+            if own_schedule and config.get("time_shift_type", "exponential") != "exponential":
+                used.append("time_shift_type='linear'")
+            if used:
+                raise ValueError(f"GITSScheduler does not reproduce {used} of this flow scheduler; "
+                                 "pass sigmas= or another schedule (e.g. schedule='gits') to from_config")
             flow = {"use_flow_sigmas": True, "prediction_type": FLOW, "schedule": "flow"}
             if "flow_shift" in config:
                 flow["shift"] = config["flow_shift"]
