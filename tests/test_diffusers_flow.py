@@ -142,6 +142,23 @@ def test_flow_sigmas_timesteps_and_noise(noise):
     torch.testing.assert_close(ours.add_noise(x0, noise, t), 0.1 * x0 + 0.9 * noise)
 
 
+def test_step_and_noise_input_errors(noise):
+    """Non-tensor inputs and a timestep count that fits no batch are TypeError / ValueError, not
+    AttributeError or a broadcasting RuntimeError."""
+    ours = GITSScheduler.from_config(FlowMatchEulerDiscreteScheduler(shift=3.0).config)
+    ours.set_timesteps(4)
+    t = ours.timesteps[0]
+    with pytest.raises(TypeError, match=r"model_output must be a torch.Tensor, got tuple.*\.sample or \[0\]"):
+        ours.step((noise,), t, noise)
+    with pytest.raises(TypeError, match="sample must be a torch.Tensor, got NoneType"):
+        ours.step(noise, t, None)
+    with pytest.raises(TypeError, match="noise must be a torch.Tensor"):
+        ours.scale_noise(noise, ours.timesteps[:1], None)
+    with pytest.raises(ValueError, match="timesteps has 3 entries; expected 1 or one per sample"):
+        ours.scale_noise(noise, ours.timesteps[:3], noise)
+    assert ours.scale_noise(noise, ours.timesteps[1:2].repeat(2), noise).shape == noise.shape
+
+
 def test_flow_config_errors():
     with pytest.raises(ValueError, match="go together"):
         GITSScheduler(use_flow_sigmas=True)

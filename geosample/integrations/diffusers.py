@@ -84,6 +84,14 @@ def _pipeline_steps(sigmas) -> int:
     return n if n and bool(torch.allclose(t, torch.linspace(1, 1 / n, n, dtype=torch.float64), rtol=0, atol=1e-6)) else 0
 
 
+def _check_tensors(**tensors) -> None:
+    """TypeError unless each keyword is a tensor."""
+    for name, v in tensors.items():
+        if not isinstance(v, torch.Tensor):
+            hint = " (a model's output: take .sample or [0])" if name == "model_output" else ""
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(v).__name__}{hint}")
+
+
 def _is_flow_config(config: dict) -> bool:
     """A flow-matching source config: a FlowMatch* scheduler's (named so once saved; else a ``shift``
     and no betas), or one with ``use_flow_sigmas`` (DPM-Solver's)."""
@@ -437,6 +445,7 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
         nothing): accepted for pipelines that pass them (DDIM's); the solvers are deterministic.
         After the last evaluation, prev_sample is the solver's result.
         """
+        _check_tensors(model_output=model_output, sample=sample)
         if eta != 0:
             raise ValueError(f"GITSScheduler's solvers are deterministic (the probability-flow ODE): eta must be 0, "
                              f"got {eta}")
@@ -481,7 +490,11 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         """x_vp = (x0 + sigma n) / sqrt(1 + sigma^2) per sample, sigma the timestep's (= noise at inf),
         or for a flow model x_t = (1 - t) x0 + t n; a timestep of this schedule uses its exact sigma."""
+        _check_tensors(original_samples=original_samples, noise=noise)
         t = torch.as_tensor(timesteps, dtype=torch.float64).cpu().flatten()
+        if t.numel() not in (1, original_samples.shape[0]):
+            raise ValueError(f"timesteps has {t.numel()} entries; expected 1 or one per sample "
+                             f"({original_samples.shape[0]})")
         s = self._t_to_sigma(t)
         if self.timesteps is not None:
             exact = (t[:, None] == self.timesteps.cpu().double()[None, :])
