@@ -78,3 +78,5 @@ def test_partial_range_extra_args_and_callback(flow, noise):
 def test_flow_times_outside_unit_interval_raise(flow, noise):
     with pytest.raises(ValueError, match="flow times"):
         kd.flow_sampler(kd.sample_euler)(comfy_model(flow), noise, torch.tensor([14.6, 1.0, 0.0]))
+    with pytest.raises(TypeError, match="sampler must be"):
+        kd.flow_sampler("sample_euler")

@@ -138,6 +138,9 @@ def flow_sampler(sampler: Callable) -> Callable:
 
         x0 = flow_sampler(sample_dpmpp_2m)(model, noise, torch.tensor([1.0, 0.8, 0.5, 0.2, 0.0]))
     """
+    if not callable(sampler):
+        raise TypeError(f"sampler must be a k-diffusion-signature function such as sample_euler, got "
+                        f"{type(sampler).__name__}")
     @functools.wraps(sampler)
     def fn(model, x, sigmas, extra_args=None, callback=None, disable=None, **options):
         _check_x(x, sigmas)
