@@ -174,6 +174,12 @@ def test_flow_config_errors():
         GITSScheduler().set_timesteps(4, mu=0.5)
     with pytest.raises(ValueError, match="flow times"):
         GITSScheduler(use_flow_sigmas=True, prediction_type="flow_prediction").set_timesteps(sigmas=[1.5, 0.5])
+    ours = GITSScheduler(use_flow_sigmas=True, prediction_type="flow_prediction")
+    with pytest.raises(ValueError, match="sigmas give 2 steps, got num_inference_steps=5"):  # FlowMatchEuler's check
+        ours.set_timesteps(5, sigmas=[1.0, 0.5])
+    with pytest.raises(ValueError, match="timesteps give 2 steps, got num_inference_steps=3"):
+        ours.set_timesteps(3, timesteps=[1000.0, 500.0])
+    ours.set_timesteps(2, sigmas=[1.0, 0.5])
 
 
 @pytest.mark.parametrize("source", [dict(shift_terminal=0.1), dict(use_karras_sigmas=True),

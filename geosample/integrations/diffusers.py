@@ -353,15 +353,16 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
         zero = torch.zeros(1, dtype=torch.float64)
         if sigmas is not None and self.flow and self._mu is not None and _pipeline_steps(sigmas):
             num_inference_steps, sigmas = _pipeline_steps(sigmas), None  # a pipeline's "N steps" (see set_timesteps)
+        grid = None
         if sigmas is not None:
-            return self._given(sigmas)
-        if timesteps is not None:
-            return check_grid(torch.cat([self._t_to_sigma(timesteps), zero]))
-        if self.config.sigmas is not None:
-            grid = self._given(self.config.sigmas)
+            grid, given = self._given(sigmas), "sigmas"
+        elif timesteps is not None:
+            grid, given = check_grid(torch.cat([self._t_to_sigma(timesteps), zero])), "timesteps"
+        elif self.config.sigmas is not None:
+            grid, given = self._given(self.config.sigmas), "the config's sigmas"
+        if grid is not None:
             if num_inference_steps not in (None, grid.numel() - 1):
-                raise ValueError(f"the config's sigmas have {grid.numel() - 1} steps, "
-                                 f"got num_inference_steps={num_inference_steps}")
+                raise ValueError(f"{given} give {grid.numel() - 1} steps, got num_inference_steps={num_inference_steps}")
             return grid
         if num_inference_steps is None:
             raise ValueError("set_timesteps needs num_inference_steps, sigmas or timesteps")
