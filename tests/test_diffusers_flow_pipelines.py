@@ -2,6 +2,7 @@
 in StableDiffusion3Pipeline (with CFG) and FluxTransformer2DModel in FluxPipeline (guidance-distilled,
 dynamic shifting), prompt embeddings passed directly (no text encoders, no VAE: output_type="latent"),
 against FlowMatchEulerDiscreteScheduler and DPMSolverMultistepScheduler on the same sigmas."""
+import copy
 import math
 
 import pytest
@@ -149,6 +150,20 @@ def test_sd3_gits_searched_on_the_transformer(sd3):
     t = schedules.sigma_to_flow_t(ours.sigmas[:-1]).tolist()
     want = _latents(sd3, FlowMatchEulerDiscreteScheduler(shift=1.0), sigmas=t)
     torch.testing.assert_close(got, want, rtol=0, atol=ATOL_NEAR_ONE)
+
+
+def test_gits_searched_on_a_bfloat16_transformer(sd3):
+    """Transformers are loaded in bf16: use_gits calls one with bf16 samples (the search itself runs
+    in float32); a float32 sample raised "Input type (float) and bias type (BFloat16)"."""
+    e = _embeddings(1, negative=False)
+    transformer = copy.deepcopy(sd3.transformer).to(torch.bfloat16)
+    ours = GITSScheduler.from_config(FlowMatchEulerDiscreteScheduler(shift=3.0).config, solver="euler")
+    ours.use_gits(transformer, (4, SIZE // 8, SIZE // 8), **{**GITS, "num_warmup": 4, "batch_size": 4},
+                  use_cache=False, model_kwargs={"encoder_hidden_states": e["prompt_embeds"].bfloat16(),
+                                                 "pooled_projections": e["pooled_prompt_embeds"].bfloat16()})
+    ours.set_timesteps(STEPS)
+    assert math.isinf(float(ours.sigmas[0])) and ours.sigmas.numel() == STEPS + 1
+    assert bool((ours.sigmas[1:-1].diff() < 0).all()) and float(ours.sigmas[-1]) == 0.0
 
 
 def test_flux_euler_equals_flow_match_euler(flux):

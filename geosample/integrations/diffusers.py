@@ -256,14 +256,18 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
         sigma_min / sigma_max default to the scheduler's finite range, device to the model's); each
         result is added to ``gits_sigmas``.  Sets ``schedule="gits"``.  A flow model is called as
         ``model(x_t, timestep=t * timestep_scale, **model_kwargs)``; ``timestep_scale`` defaults to
-        ``num_train_timesteps`` (SD3); Flux's transformer takes 1."""
+        ``num_train_timesteps`` (SD3); Flux's transformer takes 1.  A model with a ``dtype`` (diffusers'
+        models; bf16 / fp16 checkpoints) gets its samples in that dtype; the search runs in float32."""
+        dtype = getattr(model, "dtype", None)  # a diffusers model's weights: bf16 / fp16 take inputs in kind
+        cast = (lambda x: x) if dtype is None else (lambda x: x.to(dtype))
         if self.flow:
             scale = self.config.num_train_timesteps if timestep_scale is None else timestep_scale
-            denoiser = FlowDenoiser(lambda x_t, t, **kw: model(x_t, timestep=t, **kw), scale, model_kwargs)
+            denoiser = FlowDenoiser(lambda x_t, t, **kw: model(cast(x_t), timestep=t, **kw), scale, model_kwargs)
         elif timestep_scale is not None:
             raise ValueError("timestep_scale applies to flow-matching models (use_flow_sigmas=True)")
         else:
-            denoiser = EpsDenoiser(model, self._finite_ac, self.config.prediction_type, model_kwargs)
+            denoiser = EpsDenoiser(lambda x, t, **kw: model(cast(x), t, **kw), self._finite_ac,
+                                   self.config.prediction_type, model_kwargs)
         self._gits = (denoiser, shape, {"device": getattr(model, "device", "cpu"), **search_options})
         self._set_config(schedule="gits")
 
