@@ -87,20 +87,24 @@ def test_dpmpp_equals_dpmsolver_multistep_flow(flow, noise):
     assert 1e-5 < diff < 1e-2
 
 
-@pytest.mark.parametrize("source,mu", [(dict(shift=3.0), 0.9), (dict(use_dynamic_shifting=True), 0.8)])
-def test_pipeline_default_sigmas_with_mu_are_the_configured_schedule(flow, noise, source, mu):
-    """FluxImg2Img, Kontext, Qwen-Image, LTX, Lumina2, ... pass sigmas = linspace(1, 1 / N, N) with mu
-    for the scheduler to shift: that is N steps of the configured schedule, so Euler still equals
-    FlowMatchEuler given the same call (a static-shift config ignores mu, as FlowMatchEuler does).
-    The same flow times without mu are used as given."""
+@pytest.mark.parametrize("source,mu", [(dict(shift=3.0), 0.9), (dict(shift=7.0), None),
+                                       (dict(use_dynamic_shifting=True), 0.8)])
+def test_pipeline_default_sigmas_are_the_configured_schedule(flow, noise, source, mu):
+    """FluxImg2Img, Kontext, Qwen-Image, LTX, Lumina2 (with mu), HunyuanVideo, OmniGen (without) pass
+    sigmas = linspace(1, 1 / N, N) for the scheduler to shift: that is N steps of the configured
+    schedule, so Euler still equals FlowMatchEuler given the same call (a static-shift config ignores
+    mu, as FlowMatchEuler does); with shift 1 they are the times themselves; other sigmas are used as given."""
     theirs = FlowMatchEulerDiscreteScheduler(**source)
     ours = GITSScheduler.from_config(theirs.config, solver="euler")
     theirs.set_timesteps(sigmas=np.linspace(1.0, 1 / STEPS, STEPS), mu=mu)
     ours.set_timesteps(sigmas=np.linspace(1.0, 1 / STEPS, STEPS), mu=mu)
     torch.testing.assert_close(ours.timesteps, theirs.timesteps, rtol=1e-6, atol=1e-4)
     torch.testing.assert_close(_run(ours, flow, noise), _run(theirs, flow, noise), rtol=0, atol=1e-6)
+    ours = GITSScheduler.from_config(theirs.config, shift=1.0, use_dynamic_shifting=False)
     ours.set_timesteps(sigmas=np.linspace(1.0, 1 / STEPS, STEPS))
     torch.testing.assert_close(ours.timesteps, torch.linspace(1000, 1000 / STEPS, STEPS))
+    ours.set_timesteps(sigmas=[1.0, 0.8, 0.5])
+    torch.testing.assert_close(ours.timesteps, torch.tensor([1000.0, 800.0, 500.0]))
 
 
 def test_dynamic_shifting_from_dpm_config_uses_mu(flow, noise):
@@ -128,10 +132,10 @@ def test_every_solver_equals_gs_sample_through_flow_denoiser(flow, noise, solver
 
 def test_flow_sigmas_timesteps_and_noise(noise):
     ours = GITSScheduler(use_flow_sigmas=True, prediction_type="flow_prediction")
-    ours.set_timesteps(sigmas=[1.0, 0.75, 0.5, 0.25])  # flow times, used as given, then a final 0
-    torch.testing.assert_close(ours.timesteps, torch.tensor([1000.0, 750.0, 500.0, 250.0]))
-    torch.testing.assert_close(schedules.sigma_to_flow_t(ours.sigmas), torch.tensor([1, 0.75, 0.5, 0.25, 0],
-                                                                                     dtype=torch.float64))
+    ours.set_timesteps(sigmas=[1.0, 0.8, 0.5, 0.25])  # flow times, used as given, then a final 0
+    torch.testing.assert_close(ours.timesteps, torch.tensor([1000.0, 800.0, 500.0, 250.0]))
+    torch.testing.assert_close(schedules.sigma_to_flow_t(ours.sigmas), torch.tensor([1, 0.8, 0.5, 0.25, 0],
+                                                                                    dtype=torch.float64))
     ours.set_timesteps(timesteps=[900.0, 300.0])
     torch.testing.assert_close(schedules.sigma_to_flow_t(ours.sigmas), torch.tensor([0.9, 0.3, 0], dtype=torch.float64))
     theirs = FlowMatchEulerDiscreteScheduler()
@@ -177,6 +181,8 @@ def test_flow_config_errors():
     ours = GITSScheduler(use_flow_sigmas=True, prediction_type="flow_prediction")
     with pytest.raises(ValueError, match="sigmas give 2 steps, got num_inference_steps=5"):  # FlowMatchEuler's check
         ours.set_timesteps(5, sigmas=[1.0, 0.5])
+    with pytest.raises(ValueError, match="sigmas give 2 steps, got num_inference_steps=5"):
+        ours.set_timesteps(5, sigmas=[1.0, 0.6])
     with pytest.raises(ValueError, match="timesteps give 2 steps, got num_inference_steps=3"):
         ours.set_timesteps(3, timesteps=[1000.0, 500.0])
     ours.set_timesteps(2, sigmas=[1.0, 0.5])

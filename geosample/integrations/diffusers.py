@@ -77,8 +77,9 @@ def _scale(sigma: float, flow: bool) -> float:
 
 def _pipeline_steps(sigmas) -> int:
     """N when ``sigmas`` are ``np.linspace(1, 1 / N, N)`` (to 1e-6), the flow times that most diffusers
-    flow pipelines (FluxImg2Img, Kontext, Fill, Control, Chroma, Qwen-Image, LTX, Lumina2, ...) pass with
-    ``mu`` for the scheduler to shift, i.e. their stand-in for "N steps"; else 0."""
+    flow pipelines (FluxImg2Img, Kontext, Fill, Control, Chroma, Qwen-Image, LTX, Lumina2 with ``mu``;
+    HunyuanVideo, HunyuanImage, OmniGen without) pass for the scheduler to shift, i.e. their stand-in
+    for "N steps"; else 0."""
     t = torch.as_tensor(sigmas, dtype=torch.float64).cpu().flatten()
     n = t.numel()
     return n if n and bool(torch.allclose(t, torch.linspace(1, 1 / n, n, dtype=torch.float64), rtol=0, atol=1e-6)) else 0
@@ -355,8 +356,9 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
         if sigmas is not None and timesteps is not None:
             raise ValueError("pass sigmas or timesteps, not both")
         zero = torch.zeros(1, dtype=torch.float64)
-        if sigmas is not None and self.flow and self._mu is not None and _pipeline_steps(sigmas):
-            num_inference_steps, sigmas = _pipeline_steps(sigmas), None  # a pipeline's "N steps" (see set_timesteps)
+        n = _pipeline_steps(sigmas) if sigmas is not None and self.flow else 0
+        if n and num_inference_steps in (None, n):
+            num_inference_steps, sigmas = n, None  # a pipeline's "N steps" (see set_timesteps)
         grid = None
         if sigmas is not None:
             grid, given = self._given(sigmas), "sigmas"
@@ -384,9 +386,10 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
 
         sigmas: an explicit EDM schedule (decreasing, optionally ending in 0, optionally starting
         at inf), or for a flow model the flow times (decreasing in [0, 1], used as given, a final 0
-        added unless present), except ``np.linspace(1, 1 / N, N)`` with ``mu``: most flow pipelines
-        pass that for the scheduler to shift, and it means N steps of the configured schedule (what
-        FluxPipeline asks by passing no sigmas); timesteps: model timesteps (decreasing), mapped to sigmas by
+        added unless present), except ``np.linspace(1, 1 / N, N)``: most flow pipelines pass that for
+        the scheduler to shift, and it means N steps of the configured schedule (what FluxPipeline asks
+        by passing no sigmas; ``schedule="flow"`` with shift 1 runs those times); timesteps: model
+        timesteps (decreasing), mapped to sigmas by
         log-sigma interpolation (flow: t = timestep / num_train_timesteps), then a final 0.
         mu: the flow shift exponent (Flux), used by ``schedule="flow"`` with ``use_dynamic_shifting``.
         Sets ``self.sigmas`` (EDM sigmas, float64, CPU), ``self.eval_sigmas`` and ``self.timesteps``
