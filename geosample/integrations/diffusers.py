@@ -372,8 +372,9 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
             return grid
         if num_inference_steps is None:
             raise ValueError("set_timesteps needs num_inference_steps, sigmas or timesteps")
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)):
             raise TypeError(f"num_inference_steps must be an int, got {type(num_inference_steps).__name__}")
+        num_inference_steps = int(num_inference_steps)
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         if not self.config.denoise_to_zero:
