@@ -389,7 +389,7 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
         at inf), or for a flow model the flow times (decreasing in [0, 1], used as given, a final 0
         added unless present), except ``np.linspace(1, 1 / N, N)``: most flow pipelines pass that for
         the scheduler to shift, and it means N steps of the configured schedule (what FluxPipeline asks
-        by passing no sigmas; ``schedule="flow"`` with shift 1 runs those times); timesteps: model
+        by passing no sigmas; ``schedule="flow"`` with shift 1, no dynamic shifting, runs those times); timesteps: model
         timesteps (decreasing), mapped to sigmas by
         log-sigma interpolation (flow: t = timestep / num_train_timesteps), then a final 0.
         mu: the flow shift exponent (Flux), used by ``schedule="flow"`` with ``use_dynamic_shifting``.
