@@ -82,7 +82,8 @@ def _pipeline_steps(sigmas) -> int:
     for "N steps"; else 0."""
     t = torch.as_tensor(sigmas, dtype=torch.float64).cpu().flatten()
     n = t.numel()
-    return n if n and bool(torch.allclose(t, torch.linspace(1, 1 / n, n, dtype=torch.float64), rtol=0, atol=1e-6)) else 0
+    uniform = n and torch.allclose(t, torch.linspace(1, 1 / n, n, dtype=torch.float64), rtol=0, atol=1e-6)
+    return n if uniform else 0
 
 
 def _check_tensors(**tensors) -> None:
@@ -192,7 +193,8 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
         own = isinstance(config, dict) and (config.get("_class_name") == cls.__name__ or "gits_sigmas" in config)
         if isinstance(config, dict) and not own and _is_flow_config(config):
             own_schedule = kwargs.get("schedule", "flow") == "flow" and kwargs.get("sigmas") is None
-            used = [k for k in _FLOW_UNSUPPORTED + (_FLOW_SCHEDULE_UNSUPPORTED if own_schedule else ()) if config.get(k)]
+            options = _FLOW_UNSUPPORTED + (_FLOW_SCHEDULE_UNSUPPORTED if own_schedule else ())
+            used = [k for k in options if config.get(k)]
             if own_schedule and config.get("time_shift_type", "exponential") != "exponential":
                 used.append("time_shift_type='linear'")
             if used:
@@ -368,7 +370,8 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
             grid, given = self._given(self.config.sigmas), "the config's sigmas"
         if grid is not None:
             if num_inference_steps not in (None, grid.numel() - 1):
-                raise ValueError(f"{given} give {grid.numel() - 1} steps, got num_inference_steps={num_inference_steps}")
+                raise ValueError(f"{given} give {grid.numel() - 1} steps, "
+                                 f"got num_inference_steps={num_inference_steps}")
             return grid
         if num_inference_steps is None:
             raise ValueError("set_timesteps needs num_inference_steps, sigmas or timesteps")
@@ -388,9 +391,9 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
         sigmas: an explicit EDM schedule (decreasing, optionally ending in 0, optionally starting
         at inf), or for a flow model the flow times (decreasing in [0, 1], used as given, a final 0
         added unless present), except ``np.linspace(1, 1 / N, N)``: most flow pipelines pass that for
-        the scheduler to shift, and it means N steps of the configured schedule (what FluxPipeline asks
-        by passing no sigmas; ``schedule="flow"`` with shift 1, no dynamic shifting, runs those times); timesteps: model
-        timesteps (decreasing), mapped to sigmas by
+        the scheduler to shift, and it means N steps of the configured schedule (what FluxPipeline
+        asks by passing no sigmas; ``schedule="flow"`` with shift 1 and no dynamic shifting runs
+        those times); timesteps: model timesteps (decreasing), mapped to sigmas by
         log-sigma interpolation (flow: t = timestep / num_train_timesteps), then a final 0.
         mu: the flow shift exponent (Flux), used by ``schedule="flow"`` with ``use_dynamic_shifting``.
         Sets ``self.sigmas`` (EDM sigmas, float64, CPU), ``self.eval_sigmas`` and ``self.timesteps``
