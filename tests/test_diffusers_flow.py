@@ -186,6 +186,8 @@ def test_flow_config_errors():
     with pytest.raises(ValueError, match="timesteps give 2 steps, got num_inference_steps=3"):
         ours.set_timesteps(3, timesteps=[1000.0, 500.0])
     ours.set_timesteps(2, sigmas=[1.0, 0.5])
+    with pytest.raises(ValueError, match="only sigmas.0. may be inf"):
+        ours.set_timesteps(timesteps=[1000.0, 1000.0])
     ours.set_timesteps(np.int64(4))  # numpy ints, as diffusers' schedulers take them
     assert ours.timesteps.numel() == 4
 

@@ -80,3 +80,5 @@ def test_flow_times_outside_unit_interval_raise(flow, noise):
         kd.flow_sampler(kd.sample_euler)(comfy_model(flow), noise, torch.tensor([14.6, 1.0, 0.0]))
     with pytest.raises(TypeError, match="sampler must be"):
         kd.flow_sampler("sample_euler")
+    with pytest.raises(ValueError, match="only sigmas.0. may be inf"):  # t = 1 twice (was "must be finite ... sigma[0]")
+        kd.flow_sampler(kd.sample_euler)(comfy_model(flow), noise, torch.tensor([1.0, 1.0, 0.0]))

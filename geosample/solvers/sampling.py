@@ -82,6 +82,8 @@ def check_grid(sigmas) -> torch.Tensor:
     if not infinite_start:
         return check_sigmas(sigmas)
     rest = s[1:].detach().to("cpu", torch.float64)
+    if bool(torch.isinf(rest).any()):
+        raise ValueError(f"only sigmas[0] may be inf (a start at flow time 1 or zero SNR), got {s.tolist()[:8]}")
     check_sigmas(torch.cat([rest[:1] * 2 + 1, rest]))  # the finite part, with a finite stand-in for inf
     return torch.cat([rest.new_full((1,), math.inf), rest])
 
