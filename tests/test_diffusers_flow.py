@@ -229,6 +229,18 @@ def test_use_gits_on_a_flow_model_and_save_load(flow, noise, tmp_path):
     torch.testing.assert_close(loaded.sigmas, ours.sigmas)
 
 
+def test_config_sigmas_as_a_tensor_save_and_load(tmp_path):
+    """sigmas= given as a tensor (FlowMatchEuler's own .sigmas) is kept as a list, so save_pretrained
+    writes it (a tensor raised "Object of type Tensor is not JSON serializable")."""
+    theirs = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    theirs.set_timesteps(STEPS)
+    ours = GITSScheduler.from_config(theirs.config, solver="euler", sigmas=theirs.sigmas)
+    ours.save_pretrained(tmp_path)
+    loaded = GITSScheduler.from_pretrained(tmp_path)
+    loaded.set_timesteps(STEPS)
+    torch.testing.assert_close(loaded.timesteps, theirs.timesteps, rtol=1e-6, atol=1e-4)
+
+
 def test_wan_style_unipc_config_and_video_latents():
     """UniPCMultistep with use_flow_sigmas / flow_shift (Wan's) gives a flow scheduler; 5-D bf16
     latents step in a float32 state and come back in bf16."""

@@ -151,6 +151,8 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
         if not (math.isfinite(shift) and shift > 0):
             raise ValueError(f"shift must be a finite number > 0, got {shift}")
         _check_options(get_solver(solver), dict(solver_options or {}))
+        if sigmas is not None and not isinstance(sigmas, list):  # a tensor or array: as the list save_pretrained writes
+            self._set_config(sigmas=torch.as_tensor(sigmas, dtype=torch.float64).flatten().tolist())
         if schedule not in FAMILIES:
             raise ValueError(f"schedule must be one of {FAMILIES}, got {schedule!r}")
         if timestep_spacing not in SPACINGS:
