@@ -231,7 +231,7 @@ def test_use_gits_on_a_flow_model_and_save_load(flow, noise, tmp_path):
 
 def test_config_sigmas_as_a_tensor_save_and_load(tmp_path):
     """sigmas= given as a tensor (FlowMatchEuler's own .sigmas) is kept as a list, so save_pretrained
-    writes it (a tensor raised "Object of type Tensor is not JSON serializable")."""
+    writes it (a tensor raised "Object of type Tensor is not JSON serializable"); likewise gits_sigmas."""
     theirs = FlowMatchEulerDiscreteScheduler(shift=3.0)
     theirs.set_timesteps(STEPS)
     ours = GITSScheduler.from_config(theirs.config, solver="euler", sigmas=theirs.sigmas)
@@ -239,6 +239,12 @@ def test_config_sigmas_as_a_tensor_save_and_load(tmp_path):
     loaded = GITSScheduler.from_pretrained(tmp_path)
     loaded.set_timesteps(STEPS)
     torch.testing.assert_close(loaded.timesteps, theirs.timesteps, rtol=1e-6, atol=1e-4)
+    # gits_sigmas keyed by int steps with tensor values (a step count said "no 3-step schedule ... found: [3]")
+    ours = GITSScheduler.from_config(theirs.config, schedule="gits", gits_sigmas={3: torch.tensor([998.0, 10.0, 0.5])})
+    ours.set_timesteps(5)
+    torch.testing.assert_close(ours.sigmas, torch.tensor([math.inf, 998.0, 10.0, 0.5, 0.0], dtype=torch.float64))
+    ours.save_pretrained(tmp_path)
+    assert GITSScheduler.from_pretrained(tmp_path).config.gits_sigmas == {"3": [998.0, 10.0, 0.5]}
 
 
 def test_wan_style_unipc_config_and_video_latents():

@@ -153,6 +153,9 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
         _check_options(get_solver(solver), dict(solver_options or {}))
         if sigmas is not None and not isinstance(sigmas, list):  # a tensor or array: as the list save_pretrained writes
             self._set_config(sigmas=torch.as_tensor(sigmas, dtype=torch.float64).flatten().tolist())
+        if gits_sigmas is not None:  # keyed by str(steps) with lists, as save_pretrained writes them
+            self._set_config(gits_sigmas={str(k): torch.as_tensor(v, dtype=torch.float64).flatten().tolist()
+                                          for k, v in gits_sigmas.items()})
         if schedule not in FAMILIES:
             raise ValueError(f"schedule must be one of {FAMILIES}, got {schedule!r}")
         if timestep_spacing not in SPACINGS:
