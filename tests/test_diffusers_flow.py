@@ -174,6 +174,8 @@ def test_flow_config_errors():
         GITSScheduler(use_flow_sigmas=True, prediction_type="flow_prediction", schedule="discrete")
     with pytest.raises(ValueError, match="shift_terminal"):
         GITSScheduler.from_config(FlowMatchEulerDiscreteScheduler(shift_terminal=0.1).config)
+    with pytest.raises(ValueError, match="num_train_timesteps >= 2"):  # was a ZeroDivisionError
+        GITSScheduler.from_config(FlowMatchEulerDiscreteScheduler(num_train_timesteps=1).config)
     with pytest.raises(ValueError, match="mu"):
         GITSScheduler().set_timesteps(4, mu=0.5)
     with pytest.raises(ValueError, match="flow times"):

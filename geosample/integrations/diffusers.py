@@ -150,6 +150,8 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError("schedule='discrete' follows alphas_cumprod, which a flow-matching model has not")
         if not (math.isfinite(shift) and shift > 0):
             raise ValueError(f"shift must be a finite number > 0, got {shift}")
+        if use_flow_sigmas and not num_train_timesteps >= 2:  # training times 1 / T .. 1 need two
+            raise ValueError(f"a flow-matching model needs num_train_timesteps >= 2, got {num_train_timesteps}")
         _check_options(get_solver(solver), dict(solver_options or {}))
         if sigmas is not None and not isinstance(sigmas, list):  # a tensor or array: as the list save_pretrained writes
             self._set_config(sigmas=torch.as_tensor(sigmas, dtype=torch.float64).flatten().tolist())
