@@ -141,6 +141,7 @@ def flow_sampler(sampler: Callable) -> Callable:
     if not callable(sampler):
         raise TypeError(f"sampler must be a k-diffusion-signature function such as sample_euler, got "
                         f"{type(sampler).__name__}")
+
     @functools.wraps(sampler)
     def fn(model, x, sigmas, extra_args=None, callback=None, disable=None, **options):
         _check_x(x, sigmas)
