@@ -56,7 +56,7 @@ def test_euler_equals_flow_match_euler(flow, noise, source, mu):
     theirs.set_timesteps(sigmas=np.linspace(1.0, 1 / STEPS, STEPS), mu=mu)  # as FluxPipeline calls it
     ours.set_timesteps(STEPS, mu=mu)  # a pipeline seeing use_flow_sigmas passes no sigmas
     torch.testing.assert_close(ours.timesteps, theirs.timesteps, rtol=1e-6, atol=1e-4)
-    assert math.isinf(float(ours.sigmas[0])) and float(ours.sigmas[-1]) == 0.0
+    assert math.isinf(float(ours._edm_sigmas[0])) and float(ours.sigmas[0]) == 1.0 and float(ours.sigmas[-1]) == 0.0
     torch.testing.assert_close(_run(ours, flow, noise), _run(theirs, flow, noise), rtol=0, atol=1e-6)
 
 
@@ -69,6 +69,35 @@ def test_euler_equals_flow_match_euler_on_its_own_sigmas(flow, noise):
     torch.testing.assert_close(ours.timesteps, theirs.timesteps, rtol=1e-6, atol=1e-4)
     torch.testing.assert_close(_run(ours, flow, noise), _run(theirs, flow, noise), rtol=0, atol=1e-6)
 
+
+
+@pytest.mark.parametrize("source,mu", [(dict(shift=3.0), None), (dict(use_dynamic_shifting=True), 0.8)])
+def test_sigmas_are_flow_times_as_flow_match_euler(flow, noise, source, mu, tmp_path):
+    """In flow mode ``sigmas`` are FlowMatchEuler's (flow times, float32, then 0; the EDM sigmas the
+    solver runs on, from inf, are internal); pipelines read them: LTX2's x0 = x_t - v * sigmas[i]
+    (inf / NaN with the EDM sigmas) is finite and the step's D.  sigmas[i] is timesteps[i]'s time
+    (Heun too); save_pretrained / from_pretrained give the same sigmas."""
+    theirs = FlowMatchEulerDiscreteScheduler(**source)
+    theirs.set_timesteps(sigmas=np.linspace(1.0, 1 / STEPS, STEPS), mu=mu)
+    for solver in ("ipndm", "heun"):
+        ours = GITSScheduler.from_config(theirs.config, solver=solver)
+        ours.set_timesteps(STEPS, mu=mu)
+        assert ours.sigmas.dtype == theirs.sigmas.dtype and ours.sigmas.device == theirs.sigmas.device
+        assert math.isinf(float(ours._edm_sigmas[0])) and float(ours.sigmas[-1]) == 0.0
+        torch.testing.assert_close(ours.sigmas[:-1] * 1000, ours.timesteps)
+        x = noise
+        for i, t in enumerate(ours.timesteps):
+            v = flow(x, t)
+            out = ours.step(v, t, x)
+            torch.testing.assert_close(x - v * ours.sigmas[i], out.pred_original_sample, rtol=0, atol=1e-5)
+            x = out.prev_sample
+    ours = GITSScheduler.from_config(theirs.config, solver="ipndm")
+    ours.set_timesteps(STEPS, mu=mu)
+    torch.testing.assert_close(ours.sigmas, theirs.sigmas, rtol=0, atol=1.2e-7)  # float32 rounding
+    ours.save_pretrained(tmp_path)
+    loaded = GITSScheduler.from_pretrained(tmp_path)
+    loaded.set_timesteps(STEPS, mu=mu)
+    assert torch.equal(loaded.sigmas, ours.sigmas) and torch.equal(loaded._edm_sigmas, ours._edm_sigmas)
 
 def test_dpmpp_equals_dpmsolver_multistep_flow(flow, noise):
     """DPM-Solver++(2M) on DPMSolverMultistep's flow sigmas.  At the same model times the two agree to
@@ -112,7 +141,7 @@ def test_dynamic_shifting_from_dpm_config_uses_mu(flow, noise):
                                          use_dynamic_shifting=True)
     ours = GITSScheduler.from_config(theirs.config)
     ours.set_timesteps(STEPS, mu=0.7)
-    t = schedules.sigma_to_flow_t(ours.sigmas[:-1])
+    t = schedules.sigma_to_flow_t(ours._edm_sigmas[:-1])
     torch.testing.assert_close(t, schedules.flow_time_shift(torch.linspace(1, 1 / STEPS, STEPS, dtype=torch.float64),
                                                             0.7))
     with pytest.raises(ValueError, match="mu"):
@@ -125,7 +154,7 @@ def test_every_solver_equals_gs_sample_through_flow_denoiser(flow, noise, solver
     ours = GITSScheduler(use_flow_sigmas=True, prediction_type="flow_prediction", schedule="flow", shift=3.0,
                          solver=solver)
     ours.set_timesteps(STEPS)
-    want = gs.sample(FlowDenoiser(flow), noise.double(), ours.sigmas, solver)
+    want = gs.sample(FlowDenoiser(flow), noise.double(), ours._edm_sigmas, solver)
     exact = schedules.sigma_to_flow_t(ours.eval_sigmas) * 1000  # the float32 timesteps round t
     torch.testing.assert_close(_run(ours, flow, noise.double(), lambda i: exact[i]), want, rtol=0, atol=1e-10)
 
@@ -134,10 +163,9 @@ def test_flow_sigmas_timesteps_and_noise(noise):
     ours = GITSScheduler(use_flow_sigmas=True, prediction_type="flow_prediction")
     ours.set_timesteps(sigmas=[1.0, 0.8, 0.5, 0.25])  # flow times, used as given, then a final 0
     torch.testing.assert_close(ours.timesteps, torch.tensor([1000.0, 800.0, 500.0, 250.0]))
-    torch.testing.assert_close(schedules.sigma_to_flow_t(ours.sigmas), torch.tensor([1, 0.8, 0.5, 0.25, 0],
-                                                                                    dtype=torch.float64))
+    torch.testing.assert_close(ours.sigmas, torch.tensor([1, 0.8, 0.5, 0.25, 0]))
     ours.set_timesteps(timesteps=[900.0, 300.0])
-    torch.testing.assert_close(schedules.sigma_to_flow_t(ours.sigmas), torch.tensor([0.9, 0.3, 0], dtype=torch.float64))
+    torch.testing.assert_close(ours.sigmas, torch.tensor([0.9, 0.3, 0]))
     theirs = FlowMatchEulerDiscreteScheduler()
     theirs.set_timesteps(sigmas=[0.9, 0.3])
     x0 = torch.randn(noise.shape, generator=torch.Generator().manual_seed(2))
@@ -217,7 +245,8 @@ def test_use_gits_on_a_flow_model_and_save_load(flow, noise, tmp_path):
     ours = GITSScheduler.from_config(FlowMatchEulerDiscreteScheduler(shift=3.0).config, solver="ipndm")
     ours.use_gits(flow, (4, 4, 4), teacher_steps=12, num_warmup=8, batch_size=8)
     ours.set_timesteps(5)
-    assert math.isinf(float(ours.sigmas[0])) and float(ours.sigmas[-1]) == 0.0 and ours.sigmas.numel() == 6
+    assert math.isinf(float(ours._edm_sigmas[0])) and float(ours.sigmas[0]) == 1.0 and float(ours.sigmas[-1]) == 0.0
+    assert ours.sigmas.numel() == 6
     x = _run(ours, flow, noise.double())
     ref = gs.sample(FlowDenoiser(flow), noise.double(), torch.cat([schedules.flow_shifted(400, shift=3.0),
                                                                    torch.zeros(1, dtype=torch.float64)]), "ipndm")
@@ -244,7 +273,7 @@ def test_config_sigmas_as_a_tensor_save_and_load(tmp_path):
     # gits_sigmas keyed by int steps with tensor values (a step count said "no 3-step schedule ... found: [3]")
     ours = GITSScheduler.from_config(theirs.config, schedule="gits", gits_sigmas={3: torch.tensor([998.0, 10.0, 0.5])})
     ours.set_timesteps(5)
-    torch.testing.assert_close(ours.sigmas, torch.tensor([math.inf, 998.0, 10.0, 0.5, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(ours._edm_sigmas, torch.tensor([math.inf, 998.0, 10.0, 0.5, 0.0], dtype=torch.float64))
     ours.save_pretrained(tmp_path)
     assert GITSScheduler.from_pretrained(tmp_path).config.gits_sigmas == {"3": [998.0, 10.0, 0.5]}
 
@@ -260,6 +289,6 @@ def test_wan_style_unipc_config_and_video_latents():
     means = torch.randn(2, 2, 3, 4, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     video = GaussianMixtureFlow(GaussianMixtureDenoiser(means, [0.4, 0.6]))
     x = torch.randn(2, 2, 3, 4, 4, generator=torch.Generator().manual_seed(4))
-    want = gs.sample(FlowDenoiser(video), x.double(), ours.sigmas, "unipc")
+    want = gs.sample(FlowDenoiser(video), x.double(), ours._edm_sigmas, "unipc")
     got = _run(ours, video, x.bfloat16())
     assert got.dtype == torch.bfloat16 and (got.double() - want).abs().max().item() < 0.02  # bf16 output rounding

@@ -3,7 +3,6 @@ in StableDiffusion3Pipeline (with CFG) and FluxTransformer2DModel in FluxPipelin
 dynamic shifting), prompt embeddings passed directly (no text encoders, no VAE: output_type="latent"),
 against FlowMatchEulerDiscreteScheduler and DPMSolverMultistepScheduler on the same sigmas."""
 import copy
-import math
 
 import pytest
 import torch
@@ -13,7 +12,6 @@ from diffusers import (AutoencoderKL, DPMSolverMultistepScheduler, FlowMatchEule
                        FluxImg2ImgPipeline, FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel,
                        StableDiffusion3Img2ImgPipeline, StableDiffusion3Pipeline)
 
-from geosample import schedules  # noqa: E402
 from geosample.integrations.diffusers import GITSScheduler  # noqa: E402
 from tiny_diffusers import one_thread  # noqa: E402,F401  (fixtures)
 
@@ -146,8 +144,8 @@ def test_sd3_gits_searched_on_the_transformer(sd3):
                   model_kwargs={"encoder_hidden_states": e["prompt_embeds"],
                                 "pooled_projections": e["pooled_prompt_embeds"]})
     got = _latents(sd3, ours, num_inference_steps=STEPS)
-    assert math.isinf(float(ours.sigmas[0])) and ours.sigmas.numel() == STEPS + 1
-    t = schedules.sigma_to_flow_t(ours.sigmas[:-1]).tolist()
+    assert float(ours.sigmas[0]) == 1.0 and ours.sigmas.numel() == STEPS + 1
+    t = ours.sigmas[:-1].tolist()  # flow times, as FlowMatchEuler's sigmas
     want = _latents(sd3, FlowMatchEulerDiscreteScheduler(shift=1.0), sigmas=t)
     torch.testing.assert_close(got, want, rtol=0, atol=ATOL_NEAR_ONE)
 
@@ -162,7 +160,7 @@ def test_gits_searched_on_a_bfloat16_transformer(sd3):
                   use_cache=False, model_kwargs={"encoder_hidden_states": e["prompt_embeds"].bfloat16(),
                                                  "pooled_projections": e["pooled_prompt_embeds"].bfloat16()})
     ours.set_timesteps(STEPS)
-    assert math.isinf(float(ours.sigmas[0])) and ours.sigmas.numel() == STEPS + 1
+    assert float(ours.sigmas[0]) == 1.0 and ours.sigmas.numel() == STEPS + 1
     assert bool((ours.sigmas[1:-1].diff() < 0).all()) and float(ours.sigmas[-1]) == 0.0
 
 
@@ -185,9 +183,9 @@ def test_flux_gits_searched_on_the_transformer(flux):
     ours = GITSScheduler.from_config(FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True).config, solver="ipndm")
     ours.use_gits(flux.transformer, (n * n, 16), model_kwargs=kwargs, timestep_scale=1.0, **GITS)
     got = _latents(flux, ours, num_inference_steps=STEPS)
-    assert math.isinf(float(ours.sigmas[0])) and bool(torch.isfinite(got).all()) and float(got.std()) > 0.1
+    assert float(ours.sigmas[0]) == 1.0 and bool(torch.isfinite(got).all()) and float(got.std()) > 0.1
     # the same schedule with Euler equals FlowMatchEuler on its flow times
     euler = GITSScheduler.from_config(ours.config, solver="euler")
-    t = schedules.sigma_to_flow_t(ours.sigmas[:-1]).tolist()
+    t = ours.sigmas[:-1].tolist()
     want = _latents(flux, FlowMatchEulerDiscreteScheduler(), sigmas=t)
     torch.testing.assert_close(_latents(flux, euler, num_inference_steps=STEPS), want, rtol=0, atol=ATOL_NEAR_ONE)

@@ -26,7 +26,8 @@ Flow matching (``use_flow_sigmas=True``, ``prediction_type="flow_prediction"``; 
 ``FlowMatchEulerDiscreteScheduler`` or flow DPM-Solver config sets both): the samples are
 x_t = (1 - t) x0 + t noise, the model predicts v = noise - x0 at timestep t * num_train_timesteps,
 and the solver runs on the same ODE in EDM form, sigma = t / (1 - t), x = x_t / (1 - t), starting at
-sigma = inf when t = 1.  ``sigmas=`` are then flow times in [0, 1], used as given.
+sigma = inf when t = 1.  ``sigmas=`` are then flow times in [0, 1], used as given, and the
+``sigmas`` attribute holds flow times too, as FlowMatchEulerDiscreteScheduler's (pipelines read it).
 """
 from __future__ import annotations
 
@@ -183,7 +184,7 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
         self.init_noise_sigma = 1.0
         self._mu = None
         self.num_inference_steps = None
-        self.sigmas = self.eval_sigmas = self.timesteps = None
+        self.sigmas = self._edm_sigmas = self.eval_sigmas = self.timesteps = None
         self._gits = None
         self._step_index = self._begin_index = None
         self._run = None
@@ -403,8 +404,11 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
         those times); timesteps: model timesteps (decreasing), mapped to sigmas by
         log-sigma interpolation (flow: t = timestep / num_train_timesteps), then a final 0.
         mu: the flow shift exponent (Flux), used by ``schedule="flow"`` with ``use_dynamic_shifting``.
-        Sets ``self.sigmas`` (EDM sigmas, float64, CPU), ``self.eval_sigmas`` and ``self.timesteps``
-        (continuous, float32, on ``device``): one entry per model call.
+        Sets ``self.eval_sigmas`` (EDM, float64, CPU) and ``self.timesteps`` (continuous, float32, on
+        ``device``): one entry per model call; and ``self.sigmas``: the schedule's EDM sigmas (float64,
+        CPU), or for a flow model flow times as FlowMatchEulerDiscreteScheduler exposes them (float32,
+        on ``device``; ``sigmas[i]`` is the time of ``timesteps[i]``, then the last time, e.g. 0), which
+        pipelines read (LTX2: ``x0 = x_t - v * sigmas[i]``).
         """
         if mu is not None and not self.flow:
             raise ValueError("mu (the flow shift exponent) applies to flow-matching models (use_flow_sigmas=True)")
@@ -416,11 +420,13 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
                              "set a finite sigma_max to run an epsilon model")
         ops, _ = self._plan(grid)
         evals = [op for op in ops if op.eval_sigma is not None]
-        self.sigmas = grid
+        self._edm_sigmas = grid  # what the solver runs on
         self.num_inference_steps = grid.numel() - 1
         self.eval_sigmas = torch.tensor([op.eval_sigma for op in evals], dtype=torch.float64)
         self._eval_interval = [op.step for op in evals]  # the interval an evaluation starts, else None
         self.timesteps = self._sigma_to_t(self.eval_sigmas).to(device, torch.float32)
+        self.sigmas = grid if not self.flow else \
+            schedules.sigma_to_flow_t(torch.cat([self.eval_sigmas, grid[-1:]])).to(device, torch.float32)
         self._step_index = self._begin_index = None
         self._run = None
 
@@ -450,8 +456,8 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"begin index {k} is not the first evaluation of an interval of this schedule "
                              f"({len(self.timesteps)} evaluations, order {self.order})")
         interval = self._eval_interval[k]
-        ops, size = self._plan(self.sigmas[interval:])
-        sigma = float(self.sigmas[interval])
+        ops, size = self._plan(self._edm_sigmas[interval:])
+        sigma = float(self._edm_sigmas[interval])
         x = sample.to(state_dtype(sample.dtype)) * (1.0 / _scale(sigma, self.flow))
         self._run, self._step_index, self._prev = Run(ops, size, x), k, None
 
@@ -489,7 +495,7 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
         self._run.send(denoised, at=x)
         self._step_index = k + 1
         nxt = self._run.request()
-        x_next, sigma_next = (self._run.x, float(self.sigmas[-1])) if nxt is None else nxt
+        x_next, sigma_next = (self._run.x, float(self._edm_sigmas[-1])) if nxt is None else nxt
         prev_sample = (x_next * _scale(sigma_next, self.flow)).to(sample.dtype)
         self._prev = prev_sample
         denoised = denoised.to(sample.dtype)
