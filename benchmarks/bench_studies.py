@@ -50,3 +50,15 @@ def test_nfe_quality_runs(tmp_path, monkeypatch, model):
     assert all(math.isfinite(r["rmse"]) and r["rmse"] > 0 for r in report["results"])
     assert (tmp_path / "out" / f"nfe_quality_{model}.md").read_text().startswith(f"### {model}")
     assert (tmp_path / "out" / f"nfe_quality_{model}.png").stat().st_size > 0
+
+
+def test_nfe_quality_flow_row(tmp_path, monkeypatch):
+    monkeypatch.setenv("GEOSAMPLE_CACHE", str(tmp_path / "cache"))
+    data = tiny_image_tar(tmp_path / "tiny.tar")
+    assert nfe_quality.main(["--model", "flow", "--data", str(data), "--resolution", "8", "--rank", "4",
+                             "--batch", "4", "--solvers", "euler", "--nfes", "3,5", "--num-warmup", "4",
+                             "--kid-real", "0", "--out", str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / "nfe_quality_flow.json").read_text())
+    assert {(r["schedule"], r["nfe"]) for r in report["results"]} == {(s, n) for s in ("sd3", "gits") for n in (3, 5)}
+    for r in report["results"]:
+        assert r["sigmas"][0] == math.inf and r["sigmas"][-1] == 0.0 and math.isfinite(r["rmse"])

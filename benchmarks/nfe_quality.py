@@ -5,11 +5,14 @@ Model kinds (``--model``):
   gaussian  the Gaussian fitted to them (full covariance, or ``--rank``): the probability-flow
             ODE has a closed form, so the reference is exact (GaussianDenoiser.flow);
   mog       one low-rank Gaussian per class (LowRankMixtureDenoiser, ``--rank``, default 32);
-  network   the trained network ``geosample.models.load("cifar10-tiny")``.
+  network   the trained network ``geosample.models.load("cifar10-tiny")``;
+  flow      the ``mog`` model as a flow-matching velocity model (FlowDenoiser over its exact
+            velocity), sampled from t = 1 (sigma = inf) to a final denoise: GITS against SD3's
+            shifted flow schedule (``sd3``: shift 3, flow times 1 .. 1e-3), one-call solvers.
 
 For every solver x schedule x NFE the same seeded noise is solved and compared with the reference
 (exact for ``gaussian``; RK4 in log sigma, 400 steps, for ``mog``; Heun 100 steps = 199 NFE on
-EDM's rho=7 schedule otherwise).  RMSE is the root of the mean squared error over every sample and
+EDM's rho=7 schedule otherwise, for ``flow`` from sigma = inf and ending with the same final denoise).  RMSE is the root of the mean squared error over every sample and
 pixel; PSNR = 20 log10(2 / RMSE) is computed from that same mean (never a mean of per-sample
 PSNRs).  KID (unbiased MMD^2 of 4x4-pooled pixel features, :func:`geosample.metrics.kid`) against
 ``--kid-real`` data images.  GITS uses ``geosample.gits.search`` with ``--gamma`` (1.15: the
@@ -43,11 +46,15 @@ from geosample._io import atomic_write, atomic_write_text
 from geosample.solvers import steps_for_nfe
 from geosample.data import load_images, resolve
 from geosample.denoisers import GaussianDenoiser, KDEDenoiser, LowRankMixtureDenoiser
+from geosample.denoisers.adapters import FlowDenoiser
 from geosample.denoisers.gaussian import solve_flow
+from geosample.denoisers.gaussian_flow import GaussianMixtureFlow
 
-MODELS = ("kde", "gaussian", "mog", "network")
+MODELS = ("kde", "gaussian", "mog", "network", "flow")
 SOLVERS = ("euler", "ipndm", "dpmpp", "unipc", "deis", "heun")
 SCHEDULES = ("polynomial", "logsnr", "gits")
+FLOW_SCHEDULES = ("sd3", "gits")          # --model flow: SD3's shifted flow times, GITS after the t = 1 start
+FLOW_T_MIN, FLOW_SHIFT, FLOW_SIGMA_MAX = 1e-3, 3.0, 999.0
 NFES = tuple(range(3, 11))
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 DATA_RANGE = 2.0  # images in [-1, 1]
@@ -64,8 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=None, help="covariance rank (gaussian: default full; mog: 32)")
     p.add_argument("--batch", type=int, default=32, help="samples per configuration (default 32)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--solvers", default=",".join(SOLVERS))
-    p.add_argument("--schedules", default=",".join(SCHEDULES))
+    p.add_argument("--solvers", default=None, help=f"default {','.join(SOLVERS)} (flow: without heun)")
+    p.add_argument("--schedules", default=None, help=f"default {','.join(SCHEDULES)} (flow: {','.join(FLOW_SCHEDULES)})")
     p.add_argument("--nfes", default=",".join(map(str, NFES)))
     p.add_argument("--num-warmup", type=int, default=64, help="GITS teacher samples (default 64)")
     p.add_argument("--gamma", default="1.15", help="GITS discount: one value, a comma list or 'sweep'")
@@ -119,8 +126,29 @@ def build_model(args, data: torch.Tensor, labels: torch.Tensor):
         return g, lambda noise: g.flow(SIGMA_MAX * noise, SIGMA_MAX, SIGMA_MIN).to(noise.dtype), \
             "exact (closed-form flow)"
     mog = LowRankMixtureDenoiser.fit(data, labels, rank=args.rank or 32)
+    if args.model == "flow":
+        mean = sum(w.exp() * c.mean for w, c in zip(mog.log_weights, mog.components))
+        flow = FlowDenoiser(GaussianMixtureFlow(mog, mean=mean))
+        ref = torch.cat([torch.tensor([math.inf]), gs.schedules.polynomial(99, flow_last_sigma(), FLOW_SIGMA_MAX),
+                         torch.zeros(1, dtype=torch.float64)])
+        return flow, lambda noise: gs.sample(flow, noise, ref, solver="heun"), \
+            "Heun, 101 steps from sigma = inf (polynomial 999 .. the last flow sigma, then a final denoise)"
     return mog, lambda noise: solve_flow(mog, SIGMA_MAX * noise, SIGMA_MAX, SIGMA_MIN, 400).to(noise.dtype), \
         "RK4 in log sigma, 400 steps (1600 NFE)"
+
+
+def flow_last_sigma() -> float:
+    """The last nonzero sigma of the ``sd3`` schedule (flow time FLOW_T_MIN shifted)."""
+    return float(gs.schedules.flow_t_to_sigma(gs.schedules.flow_shift(FLOW_T_MIN, FLOW_SHIFT)))
+
+
+def flow_schedule(name: str, steps: int, search) -> torch.Tensor:
+    """``steps`` intervals from sigma = inf to a final denoise (trailing 0): SD3's shifted flow
+    times, or inf + a GITS schedule over [last flow sigma, FLOW_SIGMA_MAX] (``search(steps - 2)``) + 0."""
+    zero = torch.zeros(1, dtype=torch.float64)
+    if name == "sd3":
+        return torch.cat([gs.schedules.flow_shifted(steps - 1, t_min=FLOW_T_MIN, shift=FLOW_SHIFT), zero])
+    return torch.cat([torch.tensor([math.inf], dtype=torch.float64), search(steps - 2), zero])
 
 
 def heun_reference(denoiser):
@@ -151,15 +179,15 @@ def table(results: list[dict], key: str, fmt: str, nfes) -> str:
     return "\n".join(lines)
 
 
-def gits_gain(results: list[dict], nfes) -> str:
-    """Per solver and NFE: RMSE(polynomial) / RMSE(gits) - 1, in percent (> 0: GITS better)."""
+def gits_gain(results: list[dict], nfes, baseline: str) -> str:
+    """Per solver and NFE: RMSE(baseline) / RMSE(gits) - 1, in percent (> 0: GITS better)."""
     by = {(r["solver"], r["schedule"], r["nfe"]): r["rmse"] for r in results}
     solvers = list(dict.fromkeys(r["solver"] for r in results))
     lines = ["| solver | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|" + "---|" * (len(nfes) + 1)]
     for s in solvers:
         cells = []
         for n in nfes:
-            a, b = by.get((s, "polynomial", n)), by.get((s, "gits", n))
+            a, b = by.get((s, baseline, n)), by.get((s, "gits", n))
             cells.append(f"{100 * (a / b - 1):+.0f}%" if a and b else "")
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -191,7 +219,9 @@ def plot(results: list[dict], solvers, schedules, title: str, path: Path) -> Non
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    solvers, schedules = args.solvers.split(","), args.schedules.split(",")
+    flow = args.model == "flow"
+    solvers = (args.solvers or ",".join(s for s in SOLVERS if not (flow and s == "heun"))).split(",")
+    schedules = (args.schedules or ",".join(FLOW_SCHEDULES if flow else SCHEDULES)).split(",")
     nfes = [int(n) for n in args.nfes.split(",")]
     gamma = parse_gamma(args.gamma)
     out = Path(args.out)
@@ -226,20 +256,30 @@ def main(argv=None) -> int:
         report["network"] = {"name": "cifar10-tiny", **denoiser.meta}
 
     found = {}  # GITS schedules by steps (one gamma: solver-independent) or by (solver, steps) (a sweep)
-    todo = [(s, n, sc) for s in solvers for n in nfes for sc in schedules if _reachable(s, n)]
+    span = {"sigma_min": flow_last_sigma(), "sigma_max": FLOW_SIGMA_MAX} if flow else {}
+
+    def gits_sigmas(solver: str, steps: int) -> torch.Tensor:
+        key = steps if isinstance(gamma, float) else (solver, steps)
+        if key not in found:
+            t0 = time.perf_counter()
+            found[key] = gs.gits.search(denoiser, shape, steps, gamma=gamma, num_warmup=args.num_warmup,
+                                        seed=args.seed, solver=solver, use_cache=False, **span)
+            report["gits"]["search_s"][f"{solver}/{steps}"] = time.perf_counter() - t0
+            report["gits"]["selected_gamma"][f"{solver}/{steps}"] = found[key].gamma
+        return found[key].sigmas
+
+    todo = [(s, n, sc) for s in solvers for n in nfes for sc in schedules if _reachable(s, n) and (n >= 3 or not flow)]
     for solver, nfe, sched in tqdm(todo, desc=f"study[{args.model}]"):
         steps = steps_for_nfe(solver, nfe)
-        if sched == "gits":
-            key = steps if isinstance(gamma, float) else (solver, steps)
-            if key not in found:
-                t0 = time.perf_counter()
-                found[key] = gs.gits.search(denoiser, shape, steps, gamma=gamma, num_warmup=args.num_warmup,
-                                            seed=args.seed, solver=solver, use_cache=False)
-                report["gits"]["search_s"][f"{solver}/{steps}"] = time.perf_counter() - t0
-                report["gits"]["selected_gamma"][f"{solver}/{steps}"] = found[key].gamma
-            sigmas = found[key].sigmas
+        if flow:
+            sigmas = flow_schedule(sched, steps, lambda k: gits_sigmas(solver, k))
+        elif sched == "gits":
+            sigmas = gits_sigmas(solver, steps)
         else:
             sigmas = gs.schedules.by_name(sched, steps)
+        calls = gs.solvers.nfe(solver, len(sigmas) - 1, denoise_to_zero=bool(sigmas[-1] == 0))
+        if calls != nfe:
+            raise ValueError(f"{solver} on {sched} spends {calls} denoiser calls, not {nfe}")
         t0 = time.perf_counter()
         x = gs.sample(denoiser, noise, sigmas, solver=solver)
         elapsed = time.perf_counter() - t0
@@ -251,6 +291,7 @@ def main(argv=None) -> int:
         atomic_write_text(stem.with_suffix(".json"), json.dumps(report, indent=1))
 
     res = report["results"]
+    baseline, base_name = ("sd3", "SD3's shifted flow schedule") if flow else ("polynomial", "EDM's polynomial schedule")
     title = (f"{args.model} on CIFAR-10 {args.resolution}x{args.resolution} (N={len(data)}, "
              f"{report['subset']}), {args.batch} samples")
     md = [f"### {title}", "",
@@ -260,8 +301,8 @@ def main(argv=None) -> int:
           "RMSE to the reference (root of the mean squared error over samples and pixels):", "",
           table(res, "rmse", ".4f", nfes), "",
           "PSNR (dB) from that mean squared error, range 2:", "", table(res, "psnr", ".2f", nfes), "",
-          "GITS against EDM's polynomial schedule, RMSE(polynomial) / RMSE(gits) - 1 (positive: GITS better):", "",
-          gits_gain(res, nfes), ""]
+          f"GITS against {base_name}, RMSE({baseline}) / RMSE(gits) - 1 (positive: GITS better):", "",
+          gits_gain(res, nfes, baseline), ""]
     if args.kid_real:
         md += [f"KID x 1e3 (4x4-pooled pixels, unbiased MMD^2, {args.batch} samples vs {args.kid_real} data images; "
                f"the reference scores {1e3 * report['reference']['kid']:.2f}):", "",

@@ -16,11 +16,17 @@ __all__ = ["GaussianMixtureFlow"]
 class GaussianMixtureFlow:
     """Velocity model ``v(x_t, timestep)`` of a :class:`GaussianMixtureDenoiser`'s data, with
     t = timestep / timestep_scale in (0, 1] per sample ([B] tensor or float).  Float64 inside; returns
-    x_t's dtype.  ``calls`` counts evaluations."""
+    x_t's dtype.  ``calls`` counts evaluations.  Any other analytic EDM denoiser (e.g. a
+    :class:`~geosample.denoisers.gaussian.LowRankMixtureDenoiser`) serves with its data ``mean``
+    (the posterior mean at t = 1) given."""
 
-    def __init__(self, mixture: GaussianMixtureDenoiser, timestep_scale: float = 1000.0):
+    def __init__(self, mixture, timestep_scale: float = 1000.0, mean: torch.Tensor | None = None):
         self.mixture, self.timestep_scale = mixture, float(timestep_scale)
-        self.mean = (mixture.log_weights.exp()[:, None] * mixture.means.reshape(mixture.means.shape[0], -1)).sum(0)
+        if mean is None:
+            if not isinstance(mixture, GaussianMixtureDenoiser):
+                raise TypeError(f"mean is needed for a {type(mixture).__name__} (only a GaussianMixtureDenoiser's is known)")
+            mean = (mixture.log_weights.exp()[:, None] * mixture.means.reshape(mixture.means.shape[0], -1)).sum(0)
+        self.mean = torch.as_tensor(mean, dtype=torch.float64).reshape(-1)
         self.calls = 0
 
     def __call__(self, x_t: torch.Tensor, timestep, **kwargs) -> torch.Tensor:
