@@ -302,14 +302,14 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
 
     def _finite_family(self, steps: int, lo: float, hi: float) -> torch.Tensor:
         cfg = self.config
-        rho = {} if cfg.rho is None else {"rho": cfg.rho}
         if cfg.schedule == "gits":
             return self._gits_schedule(steps, lo, hi)
+        params = {"sigma_min": lo, "sigma_max": hi}
+        if cfg.rho is not None and cfg.schedule != "logsnr":   # logsnr has no rho
+            params["rho"] = cfg.rho
         if cfg.schedule == "discrete":
-            return schedules.discrete(steps, self._finite_ac, sigma_min=lo, sigma_max=hi, **rho)
-        if cfg.schedule == "logsnr":
-            return schedules.logsnr(steps, lo, hi)
-        return getattr(schedules, cfg.schedule)(steps, lo, hi, **rho)
+            params["alphas_cumprod"] = self._finite_ac
+        return schedules.by_name(cfg.schedule, steps, **params)
 
     def _spaced_timesteps(self, points: int) -> torch.Tensor:
         """diffusers' "leading" / "trailing" integer timesteps, ``points`` of them, decreasing."""
