@@ -75,6 +75,9 @@ COST_BLOCK_D = 32       # pair kernel: columns of D per step (128 bytes of float
 COST_MAX_BLOCK_T = 32   # pair kernel: later points j per program, so the tile is at most [32, 32]
 MOMENT_BLOCK_D = 512    # moment kernel: columns per step, 4 per thread at 4 warps
 COST_WARPS = 4
+# pair kernel launch options: maxnreg lifts ptxas's own register target (on sm_100 it held the
+# float64 [32, 32] tile at 80 registers and spilled 8 bytes); 128 keeps every variant spill-free
+COST_PAIR_OPTIONS = {"num_warps": COST_WARPS, "maxnreg": 128}
 
 
 def cost_block_t(t: int) -> int:
@@ -177,7 +180,7 @@ SPACES = (
     Space("geosample.kernels.gits_cost", "_pair_kernel",
           {"dtype": ("fp32", "fp64"), "SQUARE": (False, True), "BLOCK_T": powers_of_2(2, COST_MAX_BLOCK_T)},
           _COST_ARGS, lambda v: {"SQUARE": v["SQUARE"], "BLOCK_T": v["BLOCK_T"], "BLOCK_D": COST_BLOCK_D},
-          _warps(COST_WARPS)),
+          lambda v: COST_PAIR_OPTIONS),
     Space("geosample.kernels.gits_cost", "_moment_kernel", {"dtype": ("fp32", "fp64")},
           _COST_ARGS, lambda v: {"BLOCK_D": MOMENT_BLOCK_D}, _warps(COST_WARPS)),
     Space("geosample.kernels.kde_triton", "_logits_kernel", _KDE_TWO_PHASE,

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import COST_BLOCK_D, COST_WARPS, MOMENT_BLOCK_D, cost_block_t
+from .configs import COST_BLOCK_D, COST_PAIR_OPTIONS, COST_WARPS, MOMENT_BLOCK_D, cost_block_t
 
 __all__ = ["pair_sums", "dev_moments"]
 
@@ -63,7 +63,7 @@ def pair_sums(x: torch.Tensor, den: torch.Tensor, grid: torch.Tensor, square: bo
     out = torch.zeros(b, t, t, dtype=torch.float64, device=x.device)
     block_t = cost_block_t(t)
     _pair_kernel[(b, t - 1, triton.cdiv(t, block_t))](x, den, grid, out, b, d, t, SQUARE=square, BLOCK_T=block_t,
-                                                      BLOCK_D=COST_BLOCK_D, num_warps=COST_WARPS)
+                                                      BLOCK_D=COST_BLOCK_D, **COST_PAIR_OPTIONS)
     return out
 
 
