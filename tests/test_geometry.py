@@ -241,6 +241,17 @@ def test_analyze_cli_writes_figures_and_json(tmp_path):
     assert read_run(out)["run"] == d["run"]
 
 
+def test_analyze_cli_on_the_trained_network(tmp_path):
+    from geosample.cli import main
+
+    out = tmp_path / "net"
+    assert main(["analyze", "--model", "cifar10-tiny", "--num", "4", "--steps", "8", "--dtype", "float32",
+                 "--out", str(out)]) == 0
+    d = json.loads((out / "analysis.json").read_text())
+    assert d["model"] == "cifar10-tiny" and d["data"] is None and len(d["sigmas"]) == 9
+    assert 0.5 < d["explained_variance_top2_chord_removed"]["min"] <= 1.0
+
+
 def test_measure_report_consistent():
     traj = _gmm_traj(num=4, steps=20)
     m = gs.geometry.measure(traj)

@@ -1,7 +1,8 @@
-"""``geosample analyze``: the papers' trajectory geometry on a dataset's closed-form denoiser.
+"""``geosample analyze``: the papers' trajectory geometry on a dataset's closed-form denoiser or a
+shipped trained network.
 
 Solves ``--num`` seeded trajectories with ``--solver`` on ``--steps`` polynomial (rho=7) steps
-from sigma_max = 80 to sigma_min = 0.002 with ``KDEDenoiser(data)``, measures them with
+from sigma_max = 80 to sigma_min = 0.002 with ``KDEDenoiser(data)`` (or ``--model``), measures them with
 :mod:`geosample.geometry` and publishes into ``--out`` as one set with a ``manifest.json`` naming
 the run (:func:`geosample._io.publish_run`; ``--out`` is checked before any work starts):
 
@@ -19,12 +20,14 @@ from __future__ import annotations
 import argparse
 import time
 
-HELP = "trajectory geometry on a dataset's closed-form denoiser: boomerang, PCA, 3-D projections (PNGs + analysis.json)"
+HELP = "trajectory geometry on a closed-form denoiser or a trained network: boomerang, PCA, 3-D projections (PNGs + analysis.json)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
     a("--data", default="digits", help="dataset name (digits, cifar10) or path (default digits, bundled)")
+    a("--model", default=None, help="a shipped trained denoiser (e.g. cifar10-tiny; see geosample.models.available()) "
+      "instead of --data's closed form")
     a("--limit", type=int, default=None, help="use a seeded random subset of LIMIT images (the same for every run; image sets are often sorted by class)")
     a("--steps", type=int, default=100, help="solver steps on the polynomial rho=7 grid (default 100)")
     a("--solver", default="euler", help="solver (default euler); see geosample.SOLVERS")
@@ -57,12 +60,15 @@ def run(args: argparse.Namespace) -> int:
     if args.window < 2:
         raise ValueError(f"--window must be >= 2, got {args.window}")
     out = check_out_dir(args.out)
-    data = torch.as_tensor(load_dataset(args.data, limit=args.limit)).to(args.device)
-    denoiser = KDEDenoiser(data)
-    shape = tuple(data.shape[1:])
-    print(f"geosample analyze: data={args.data} {tuple(data.shape)}, solver={solver}, steps={args.steps}, "
-          f"num={args.num}, device={args.device}")
     dtype = getattr(torch, args.dtype)
+    if args.model:
+        from ..models import load
+        denoiser = load(args.model, device=args.device, dtype=dtype)
+        shape, source = tuple(denoiser.shape), f"model={args.model}"
+    else:
+        data = torch.as_tensor(load_dataset(args.data, limit=args.limit)).to(args.device)
+        denoiser, shape, source = KDEDenoiser(data), tuple(data.shape[1:]), f"data={args.data} {tuple(data.shape)}"
+    print(f"geosample analyze: {source}, solver={solver}, steps={args.steps}, num={args.num}, device={args.device}")
     noise = torch.randn((args.num, *shape), generator=torch.Generator().manual_seed(args.seed), dtype=dtype)
     noise = noise.to(args.device)
     t0 = time.perf_counter()
@@ -73,10 +79,11 @@ def run(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     m = measure(traj, window=args.window)
-    numbers = {"data": args.data, "data_shape": list(data.shape), "solver": solver, "steps": args.steps,
+    numbers = {"data": None if args.model else args.data, "model": args.model,
+               "data_shape": None if args.model else list(data.shape), "solver": solver, "steps": args.steps,
                "schedule": "polynomial rho=7", "num": args.num, "seed": args.seed, "window": args.window, "dtype": args.dtype,
                **report(m), "sample_s": sample_s, "measure_s": time.perf_counter() - t0}
-    title = f"{args.data} ({solver}, {args.steps} steps, {args.num} samples)"
+    title = f"{args.model or args.data} ({solver}, {args.steps} steps, {args.num} samples)"
     files = {f"{name}.png": blob for name, blob in geometry_figures(m, title).items()}
     run = run_id()
     numbers.update(run=run, total_s=time.perf_counter() - t_start, versions=versions())
