@@ -13,6 +13,8 @@ import numbers
 
 import torch
 
+from .denoisers.vp import alpha_to_sigma, discrete_sigmas, sigma_to_alpha, sigma_to_timestep, timestep_to_sigma
+
 __all__ = [
     "polynomial", "logsnr", "time_uniform", "discrete", "by_name", "FAMILIES", "check_sigmas", "check_steps",
     "vp_params", "vp_sigma", "vp_sigma_inv", "alpha_to_sigma", "sigma_to_alpha",
@@ -126,18 +128,6 @@ def vp_sigma_inv(sigma, beta_d: float, beta_min: float):
     return (torch.sqrt(beta_min ** 2 + 2 * beta_d * torch.log1p(sigma ** 2)) - beta_min) / beta_d
 
 
-def sigma_to_alpha(sigma):
-    """alpha = 1 / (1 + sigma^2): the VP signal level (alphas_cumprod) at noise level sigma."""
-    sigma = torch.as_tensor(sigma, dtype=torch.float64)
-    return 1.0 / (1.0 + sigma ** 2)
-
-
-def alpha_to_sigma(alpha):
-    """sigma = sqrt((1 - alpha) / alpha)."""
-    alpha = torch.as_tensor(alpha, dtype=torch.float64)
-    return torch.sqrt((1.0 - alpha) / alpha)
-
-
 def time_uniform(steps: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX,
                  rho: float = 1.0) -> torch.Tensor:
     """Uniform (rho=1) or polynomial (rho) steps in the VP time t in [eps, 1], mapped to sigma.
@@ -151,37 +141,6 @@ def time_uniform(steps: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SI
     beta_d, beta_min = vp_params(sigma_min, sigma_max)
     t = (1 + _ramp(steps) * (VP_EPS ** (1 / rho) - 1)) ** rho
     return _pin_ends(vp_sigma(t, beta_d, beta_min), sigma_max, sigma_min)
-
-
-def discrete_sigmas(alphas_cumprod) -> torch.Tensor:
-    """The model's sigma at each integer timestep k: sqrt((1 - a_k) / a_k), increasing in k."""
-    ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64).flatten()
-    if ac.numel() < 2:
-        raise ValueError(f"alphas_cumprod needs at least 2 entries, got {ac.numel()}")
-    if not bool(torch.all((ac > 0) & (ac < 1))):
-        raise ValueError("alphas_cumprod must lie strictly inside (0, 1)")
-    if not bool(torch.all(ac[1:] < ac[:-1])):
-        raise ValueError("alphas_cumprod must be strictly decreasing")
-    return alpha_to_sigma(ac)
-
-
-def timestep_to_sigma(t, alphas_cumprod) -> torch.Tensor:
-    """Continuous timestep -> sigma, by linear interpolation of log sigma between integer steps."""
-    log_s = discrete_sigmas(alphas_cumprod).log()
-    t = torch.as_tensor(t, dtype=torch.float64).clamp(0, log_s.numel() - 1)
-    lo = t.floor().long().clamp(max=log_s.numel() - 2)
-    w = t - lo
-    return torch.exp((1 - w) * log_s[lo] + w * log_s[lo + 1])
-
-
-def sigma_to_timestep(sigma, alphas_cumprod) -> torch.Tensor:
-    """sigma -> continuous timestep, the inverse of :func:`timestep_to_sigma` (clamped to the range)."""
-    log_s = discrete_sigmas(alphas_cumprod).log()
-    ls = torch.as_tensor(sigma, dtype=torch.float64).log().clamp(log_s[0], log_s[-1])
-    hi = torch.searchsorted(log_s, ls.contiguous()).clamp(1, log_s.numel() - 1)
-    lo = hi - 1
-    w = (ls - log_s[lo]) / (log_s[hi] - log_s[lo])
-    return lo.to(torch.float64) + w
 
 
 def discrete(steps: int, alphas_cumprod, rho: float = 1.0, sigma_min: float | None = None,

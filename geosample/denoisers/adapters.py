@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from ..schedules import discrete_sigmas, sigma_to_timestep
+from .vp import discrete_sigmas, sigma_to_timestep
 
 __all__ = ["EDMDenoiser", "EpsDenoiser", "FlowDenoiser", "CFGDenoiser", "vp_to_denoised", "flow_to_denoised",
            "PREDICTION_TYPES"]
