@@ -44,7 +44,7 @@ import geosample as gs
 from geosample import metrics
 from geosample._io import atomic_write, atomic_write_text
 from geosample.solvers import steps_for_nfe
-from geosample.data import load_images, resolve
+from geosample.data import load_images, resolve, subset_rows
 from geosample.denoisers import GaussianDenoiser, KDEDenoiser, LowRankMixtureDenoiser
 from geosample.denoisers.adapters import FlowDenoiser
 from geosample.denoisers.gaussian import solve_flow
@@ -95,13 +95,14 @@ def class_labels(path: Path) -> np.ndarray:
     return np.array([classes.index(f) for f in folders])
 
 
-def draw_subset(labels: np.ndarray, size: int | None, how: str, gen: torch.Generator) -> torch.Tensor:
-    """Indices of ``size`` images (all when None): a seeded uniform draw, or size/K per class."""
+def draw_subset(labels: np.ndarray, size: int | None, how: str, gen: torch.Generator, seed: int) -> torch.Tensor:
+    """Indices of ``size`` images (all when None): a seeded uniform draw (geosample.data.subset_rows,
+    as ``load_dataset(limit=)`` draws), or size/K per class."""
     n = len(labels)
     if size is None or size >= n:
         return torch.arange(n)
     if how == "random":
-        return torch.randperm(n, generator=gen)[:size].sort().values
+        return torch.as_tensor(subset_rows(n, size, "random", seed))
     classes = np.unique(labels)
     if size % len(classes):
         raise ValueError(f"--data-size {size} must be a multiple of the {len(classes)} classes for a balanced subset")
@@ -233,7 +234,7 @@ def main(argv=None) -> int:
     images = F.avg_pool2d(images, images.shape[-1] // args.resolution) if args.resolution != images.shape[-1] else images
     labels = class_labels(path)
     gen = torch.Generator().manual_seed(args.seed)
-    idx = draw_subset(labels, args.data_size, args.subset, gen)
+    idx = draw_subset(labels, args.data_size, args.subset, gen, args.seed)
     data, data_labels = images[idx].contiguous(), torch.from_numpy(labels)[idx]
     shape = tuple(data.shape[1:])
     denoiser, reference, ref_name = build_model(args, data, data_labels)
