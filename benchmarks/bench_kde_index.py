@@ -3,7 +3,7 @@
 ``pytest benchmarks/bench_kde_index.py`` (CI): a tiny problem.  ``python benchmarks/bench_kde_index.py
 [--n 50000,200000,1000000]`` measures on CIFAR-10 x 20 seeded shifts/flips (N up to 1,000,000,
 D = 3072, uint8 memmap built by benchmarks/make_cifar_x20.py outside the repo), B = 16 queries
-= data rows plus sigma-scaled noise, at the sigmas of a 10-step EDM schedule plus 0.01 and 0.05:
+= data rows plus sigma-scaled noise, at the sigmas of a 10-step EDM schedule plus 0.5, 0.2, 0.05, 0.01:
 
 - per sigma, the indexed call's time over the same call without the index (the full streaming
   pass, in the same process), the paths taken and the certified set sizes;
@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 import geosample as gs
+from geosample import schedules
 from geosample._io import atomic_write_text
 from geosample.denoisers.kde import KDEDenoiser, Query
 from geosample.denoisers.kde_index import INDEXED, KDEIndex
@@ -38,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from make_cifar_x20 import build as build_dataset, default_path  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-SIGMAS = sorted(set(gs.schedules.polynomial(10).tolist()) | {0.01, 0.05}, reverse=True)
+SIGMAS = sorted(set(schedules.polynomial(10).tolist()) | {0.5, 0.2, 0.05, 0.01}, reverse=True)
 B = 16
 
 
@@ -110,7 +111,7 @@ def run_n(data, n: int, exact_q: int) -> dict:
 def write(results: list[dict]):
     RESULTS.mkdir(exist_ok=True)
     meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                machine=f"{platform.machine()}, {os.cpu_count()} cores shared with other engineers' jobs",
+                machine=f"{platform.machine()}, {os.cpu_count()} cores (a shared VM)",
                 torch=torch.__version__, threads=torch.get_num_threads(), batch=B)
     atomic_write_text(RESULTS / "kde_index.json", json.dumps(dict(meta=meta, runs=results), indent=1))
     lines = ["# KDE index: certified sets vs the full streaming pass", "",
@@ -118,8 +119,8 @@ def write(results: list[dict]):
              "noise; ratio = indexed call / the same call without the index (the full pass) on the same "
              "queries, interleaved, best of two each, same process; full pass = the median over the sigmas; "
              "index work = the certification alone (both passes over the index and the probe re-scoring: "
-             "the whole overhead of a query that then takes the full pass).  The machine (2 cores) was shared with other engineers' jobs: "
-             "times are noisy, ratios less so.  "
+             "the whole overhead of a query that then takes the full pass).  Machine: "
+             f"{meta['machine']}; times are noisy, ratios (interleaved) less so.  "
              f"{meta['date']}, torch {meta['torch']}, {meta['threads']} threads.", ""]
     for r in results:
         lines += [f"## N = {r['n']:,}", "",
@@ -168,7 +169,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", default="50000,200000,1000000")
     ap.add_argument("--exact-queries", default="4,2,1", help="queries checked against float64, per N")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     ns = [int(v) for v in a.n.split(",")]
     eq = [int(v) for v in a.exact_queries.split(",")]
     data = np.load(build_dataset(default_path()), mmap_mode="r")

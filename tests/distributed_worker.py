@@ -33,10 +33,10 @@ def dataset(n: int) -> torch.Tensor:
     return (torch.rand((n, *SHAPE), generator=g) * 2 - 1).round(decimals=1)   # with near-duplicates
 
 
-def kde_checks(data, cut, tag, out):
+def kde_checks(data, cut, tag, out, **options):
     """Replicated calls at sigma in {80, 1, 0.05} and a per-sample sigma, and sharded_call."""
     local = data[:cut] if dist.get_rank() == 0 else data[cut:]
-    sharded = gd.ShardedKDEDenoiser(local, chunk_size=64, check_inputs=True)
+    sharded = gd.ShardedKDEDenoiser(local, chunk_size=64, check_inputs=True, **options)
     one, ref = gs.KDEDenoiser(data, chunk_size=64), gs.KDEDenoiser(data, backend="reference")
     x = torch.randn((6, *SHAPE), generator=torch.Generator().manual_seed(2))
     sigmas = {"80": 80.0, "1": 1.0, "0.05": 0.05, "per_sample": torch.tensor([80, 5, 1, 0.3, 0.05, 0.01])}
@@ -51,6 +51,27 @@ def kde_checks(data, cut, tag, out):
     d = gd.gather_rows(sharded.sharded_call(rows, 1.0))
     out[f"kde_{tag}_sharded_call_vs_one"] = rel(d, one(x * 1.0 + data[:6], 1.0))
     return sharded, one
+
+
+def index_checks(out):
+    """Per-shard pruning: clustered rows split so that at small sigma one shard holds every row
+    that matters (the other's certified sets are empty), against one process and float64."""
+    g = torch.Generator().manual_seed(6)
+    centres = torch.randn(8, 16, generator=g, dtype=torch.float64)
+    data = (centres[torch.arange(400) % 8] + 0.05 * torch.randn(400, 16, generator=g, dtype=torch.float64)).float()
+    local = data[dist.get_rank()::2]                     # rank 0: centres 0, 2, 4, 6; rank 1: 1, 3, 5, 7
+    ref = gs.KDEDenoiser(data, backend="reference")
+    for tag, opts in (("indexed", dict(cache=False, rank=8)), ("indexed_empty", dict(cache=False, rank=8))):
+        part = local if tag == "indexed" else (data if dist.get_rank() == 1 else data[:0])
+        sharded = gd.ShardedKDEDenoiser(part, index=opts)
+        for s in (80.0, 0.3, 0.01, 1e-4):
+            x = data[:6].double() + s * torch.randn(6, 16, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+            d = sharded(x, s)
+            out[f"kde_{tag}_{s}_vs_ref64"] = rel(d, ref(x, s))
+            out[f"kde_{tag}_{s}_identical"] = same_on_all_ranks(d)
+        if tag == "indexed" and sharded.local is not None:
+            _, st = sharded.local(x, 1e-4, return_stats=True)   # each query's rows sit on one shard only
+            out[f"kde_empty_sets_rank{dist.get_rank()}"] = int(torch.isinf(st.log_mass).sum())
 
 
 def sample_checks(sharded, one, out):
@@ -105,6 +126,8 @@ def main(path: str) -> None:
     data = dataset(301)
     kde_checks(data, 0, "empty", out)                           # rank 0 holds nothing
     sharded, one = kde_checks(data, 190, "uneven", out)         # 190 + 111 rows
+    kde_checks(data, 190, "uneven_indexed", out, index=dict(cache=False, rank=4))
+    index_checks(out)
     sample_checks(sharded, one, out)
     gits_checks(sharded, one, out)
     misc_checks(out)

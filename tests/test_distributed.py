@@ -49,6 +49,27 @@ def test_sharded_kde_equals_one_process(two_ranks, shards, sigma):
     assert two_ranks[f"{key}_finite"] and two_ranks[f"{key}_identical"]
 
 
+@pytest.mark.parametrize("sigma", ["80", "1", "0.05", "per_sample"])
+def test_sharded_index_equals_one_process(two_ranks, sigma):
+    """index=...: every shard certifies against the whole dataset's nearest row."""
+    key = f"kde_uneven_indexed_{sigma}"
+    assert two_ranks[f"{key}_vs_one"] < TOL and two_ranks[f"{key}_vs_ref64"] < TOL
+    assert two_ranks[f"{key}_finite"] and two_ranks[f"{key}_identical"]
+
+
+@pytest.mark.parametrize("tag", ["indexed", "indexed_empty"])
+@pytest.mark.parametrize("sigma", ["80.0", "0.3", "0.01", "0.0001"])
+def test_sharded_index_prunes_whole_shards(two_ranks, tag, sigma):
+    exact = float(sigma) <= 0.01                      # certified sets (else sets over the cap take the full pass)
+    assert two_ranks[f"kde_{tag}_{sigma}_vs_ref64"] < (1e-12 if exact else TOL)
+    assert two_ranks[f"kde_{tag}_{sigma}_identical"]
+
+
+def test_sharded_index_leaves_shards_without_work(two_ranks):
+    """At sigma 1e-4 each query's rows sit on one shard: the other's certified sets are empty."""
+    assert two_ranks["kde_empty_sets_rank0"] == 3
+
+
 @pytest.mark.parametrize("shards", ["empty", "uneven"])
 def test_sharded_call_on_split_batch(two_ranks, shards):
     assert two_ranks[f"kde_{shards}_sharded_call_vs_one"] < TOL

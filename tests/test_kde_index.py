@@ -31,15 +31,46 @@ def rel(a, b):
 
 @pytest.mark.parametrize("offset", [0.0, 1e3])
 @pytest.mark.parametrize("far", [0.0, 50.0])
-def test_lower_bound_holds_for_every_row(offset, far):
-    y = clustered(offset=offset)
-    kd = KDEDenoiser(y, index=dict(cache=False, rank=8))
+@pytest.mark.parametrize("rank", [8, 48])
+def test_lower_bound_holds_for_every_row(offset, far, rank):
+    y = clustered(offset=offset)                                  # D = 48: rank 48 spans every direction
+    kd = KDEDenoiser(y, index=dict(cache=False, rank=rank))
     x = near_data(y, 8, 0.1) + far
     q = Query.prepare(kd.store, x, torch.ones(8, dtype=torch.float64))
     lb = kd.index._lower_bounds(kd.index._query_cols(kd.store, q), 0, kd.store.n).double()
     d2 = torch.cdist(x, kd.store.gather64(torch.arange(kd.store.n)), compute_mode="donot_use_mm_for_euclid_dist") ** 2
     assert bool((lb <= d2).all()), (lb - d2).max().item()
     assert (lb / d2).median() > 0.5        # and a useful one: most of the distance is seen
+
+
+@pytest.mark.parametrize("storage", ["float16", "uint8"])
+def test_lower_bound_holds_with_reduced_precision_matmuls(storage):
+    """float16 / uint8 rows, and float32 matmuls allowed to round (the bound then takes float64)."""
+    y = clustered(d=64, spread=0.3)
+    kw = dict(storage="uint8", scale=6 / 255, offset=-3.0) if storage == "uint8" else dict(storage="float16")
+    kd = KDEDenoiser(y.clamp(-3, 3), index=dict(cache=False, rank=16), **kw)
+    x = near_data(kd.store.gather64(torch.arange(kd.store.n)), 8, 0.5)
+    q = Query.prepare(kd.store, x, torch.ones(8, dtype=torch.float64))
+    d2 = torch.cdist(x, kd.store.gather64(torch.arange(kd.store.n)), compute_mode="donot_use_mm_for_euclid_dist") ** 2
+    before = torch.get_float32_matmul_precision()
+    try:
+        for precision in ("highest", "medium"):
+            torch.set_float32_matmul_precision(precision)
+            lb = kd.index._lower_bounds(kd.index._query_cols(kd.store, q), 0, kd.store.n).double()
+            assert bool((lb <= d2).all()), (precision, (lb - d2).max().item())
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_global_threshold_from_other_shards():
+    """reduce_min (a shard's collective) that reports a nearer row elsewhere: at small sigma every
+    local row is negligible, so no row is evaluated: D = 0, log_mass = -inf, path INDEXED."""
+    y = clustered(n=500, d=16)
+    kd = KDEDenoiser(y, index=dict(cache=False, rank=8, n_total=1000, reduce_min=torch.zeros_like))
+    x = near_data(y, 4, 0.01) + 0.5
+    out, st = kd(x, 0.01, return_stats=True)
+    assert bool((st.path == INDEXED).all()) and bool(torch.isneginf(st.log_mass).all())
+    assert bool((out == 0).all())
 
 
 @pytest.mark.parametrize("storage", ["float32", "uint8"])
@@ -128,7 +159,8 @@ def test_build_is_seeded():
 
 @pytest.mark.parametrize("options, word", [
     (dict(rank=0), "rank"), (dict(sample=True), "sample"), (dict(tol=0.0), "tol"), (dict(tol=1.5), "tol"),
-    (dict(max_fraction=0.0), "max_fraction"), (dict(max_fraction=math.nan), "max_fraction")])
+    (dict(max_fraction=0.0), "max_fraction"), (dict(max_fraction=math.nan), "max_fraction"),
+    (dict(n_total=10), "n_total"), (dict(n_total=1e6), "n_total")])
 def test_bad_options(options, word):
     with pytest.raises(ValueError, match=word):
         KDEDenoiser(clustered(n=200, d=8), index=dict(cache=False, **options))

@@ -1,5 +1,6 @@
 """The Triton kernels against the float64 reference (small sizes), in a subprocess
 (:mod:`triton_script`): compiled on a CUDA machine, under TRITON_INTERPRET=1 on CPU.
+With ``index``, the certified sets run on the same device in front of the kernels.
 The fused small-D kernel is checked at D in {16, 64} (N = 300: splits of several tiles, one or two
 query blocks, ranges of 128 rows), the two-phase kernels at D = 48 by setting FUSED_MAX_D = 0.
 """
@@ -58,6 +59,20 @@ SCRIPT = textwrap.dedent("""
             assert err <= 1e-5, (tuple(data.shape), shift, sigma, err)
 
     hostile(dataset(16))
+
+    def indexed(y):
+        # the index in front of the Triton pass: certified sets (on dev) at small sigma, the kernels at large
+        tri = KDEDenoiser(y, backend="triton", index=dict(cache=False, rank=8))
+        ref = KDEDenoiser(y, backend="reference")
+        for sigma in (80.0, 1.0, 0.05, 0.002):
+            x = y[:5] + sigma * torch.randn(5, *y.shape[1:], generator=g)
+            out, st = tri(x.to(dev), sigma, return_stats=True)
+            r = ref(x.double(), sigma)
+            err = ((out.cpu().double() - r).flatten(1).norm(dim=1) / r.flatten(1).norm(dim=1)).max().item()
+            assert err <= (1e-4 if sigma >= 1 else 1e-12), (sigma, err)
+            assert bool((st.path.cpu() == 4).all()) == (sigma < 0.1), (sigma, st.path)
+
+    indexed(dataset(16))
     kde_triton.FUSED_MAX_D = 0                        # two-phase kernels
     y = dataset(3, 4, 4)
     for kw in ({}, {"chunk_size": 128}, {"storage": "float16"}, {"storage": "uint8"}):

@@ -4,33 +4,44 @@ For a query x at noise level sigma only the rows with |x - y_i|^2 within 2 sigma
 of the nearest one can carry weight above tol / N of the largest.  The index proves which rows
 cannot, without touching them, from a lower bound on their distance.
 
-Bound.  P [D, r] an orthonormal basis (the top-r principal directions of a seeded subsample, in
-float64), c the data mean, v_i = (P^T (y_i - c), rho_i) in R^{r+1} with
+Bound.  P [D, r] an orthonormal basis (float64; the top-r principal directions of a seeded
+subsample), c the data mean, v_i = (P^T (y_i - c), rho_i) in R^{r+1} with
 rho_i = |(I - P P^T)(y_i - c)|, and v_x likewise for the query.  Pythagoras on the span of P plus
 the reverse triangle inequality on its complement give
 
     |x - y_i|^2 >= |P^T (x - y_i)|^2 + (|r_x| - rho_i)^2 = |v_x - v_i|^2 =: L_i.
 
-The index keeps v_i in float32 ([N, r + 1] plus five columns: 4 (r + 6) bytes a row), and
-L_i for a block of rows is one float32 GEMM of inner size r + 6, whose extra columns add the
-squared norms and subtract a rounding margin  c_r (|v_x| + |v_i|)^2 + 2 (|r_x| + rho_i)(e_x + e_i), c_r = (r + 32) 2^-24
-(the float32 GEMM, the float32 rounding of the stored v_i and of v_x, and the float64 error
-e_i / e_x of rho computed as sqrt(|y - c|^2 - |P^T (y - c)|^2)), so that the computed L_i is a
-lower bound on |x - y_i|^2 as the float64 softmax sees it.
+With |v_i| = |y_i - c| and |v_x| = |x - c| exact (float64 norms), only the cross term
+v_x . v_i = z_x . z_i + |r_x| rho_i depends on the computed projections.  If the stored z_i, rho_i are
+within ez_i, er_i of the true ones and z_x, |r_x| within e_x, then
+
+    L_i >= |v_x|^2 + |v_i|^2 - 2 (z_x . z_i + |r_x| rho_i) - 2 |z_x| ez_i - 2 |r_x| er_i
+           - 2 e_x (|v_i| + ez_i + er_i) - c_r (|v_x| + |v_i|)^2,    c_r = (r + 32) 2^-24
+
+(the last term: the float32 GEMM below and the float32 rounding of the stored and query
+vectors).  The index keeps per row (z_i, rho_i, |v_i|, ez_i, er_i, |v_i| + ez_i + er_i, -t_i / 2,
+-1 / 2) in float32 (4 (r + 7) bytes), t_i = (1 - c_r) |v_i|^2, so that the right-hand side for a
+block of rows is one float32 GEMM of inner size r + 7 against the query's matching row: a
+certified lower bound on |x - y_i|^2 as the float64 softmax sees it.
 
 Certified set, per query.  Pass 1 over the index: the ``probe`` rows of smallest L_i; their exact
 float64 distances give d_up >= min_i |x - y_i|^2.  Pass 2: S = {i : L_i <= T},
 T = d_up + 2 sigma^2 log(N / tol).  Every row outside S has |x - y_i|^2 > T >= d_min + 2 sigma^2
 log(N / tol), so its weight is below tol / N of the largest: the rows left out carry less than
 ``tol`` (default 1e-12, the exact path's REST_TOL) of the total weight.  The rows of S are then
-evaluated exactly (float64 direct differences |x - y_i|^2, the reference backend's arithmetic).
+evaluated exactly, each query on its own set only (float64 direct differences |x - y_i|^2, the
+reference backend's arithmetic, an online log-sum-exp over chunks of (query, row) pairs).
 A query whose S would exceed ``max_fraction`` of N (large sigma, where the Cauchy-Schwarz slack
 2 |r_x| rho_i of the bound swamps the softmax width) is handed back to the full streaming pass;
 so are queries for which 2 sigma^2 log(N / tol) >= (|x - c| + max_i |y_i - c|)^2 (every row would
 be kept), before any index work.
 
 Build: one seeded random subsample (``sample`` rows, random access) for P (a randomized SVD), then one streaming pass
-over the data for v_i.  Memory: the index plus one chunk.  Cached on disk under
+over the data for v_i, from the rows as stored: z_i = P^T (y_i - c) = scale P^T q_i + P^T (offset - c), the
+first term a float32 GEMM accumulated in float64 over blocks of BUILD_BLOCK coordinates, with the
+rigorous bound ez_i = scale |q_i| sqrt(r) (gamma_BUILD_BLOCK + 2^-23) (P rounded to float32) on
+its error, and rho_i the midpoint of the interval sqrt(|y_i - c|^2 - |z*|^2), |z*| in
+[|z_i| - ez_i, |z_i| + ez_i], er_i its half-width.  Memory: the index plus one chunk.  Cached on disk under
 ``cache_root()/kde_index`` keyed by the data's content (shape, dtype, affine map and a hash of
 seeded sample rows) and the build options; the file carries a checksum, and a file that does not
 load or check is a miss, rebuilt with a :class:`IndexCacheWarning`.
@@ -53,9 +64,11 @@ __all__ = ["KDEIndex", "IndexCacheWarning", "INDEXED"]
 
 U32 = 2.0 ** -24
 U64 = 2.0 ** -53
-FORMAT = 2                       # cache file layout version
+FORMAT = 3                       # cache file layout version
 BLOCK = 1 << 15                  # index rows per GEMM block of a pass
-EXACT_CHUNK = 2048               # rows per float64 block of the exact evaluation
+KEEP_BOUNDS = 1 << 28            # bytes of pass-1 bounds [B, N] kept for pass 2 (else recomputed)
+EXACT_CHUNK = 1024               # (query, row) pairs per float64 block of the exact evaluation
+BUILD_BLOCK = 512                # coordinates per float32 partial product of the build
 
 
 class IndexCacheWarning(UserWarning):
@@ -71,43 +84,67 @@ def _rho(norm2: torch.Tensor, proj2: torch.Tensor, dim: int, rank: int):
     return rho, err * (1 + 1e-6) + 4 * U32 * rho          # + the float32 rounding of the stored rho
 
 
+def _rho_interval(norm2: torch.Tensor, z: torch.Tensor, ez: torch.Tensor):
+    """(rho, e) for rows whose z = P^T v is known to |dz| <= ez: rho^2 = |v|^2 - |z*|^2 with
+    |z*| in [|z| - ez, |z| + ez]; rho the interval's midpoint, e its half-width (float64)."""
+    zn = z.norm(dim=1)
+    slack = 8 * U64 * norm2 + 1e-300                                          # float64 rounding of the norms
+    hi = (norm2 - (zn - ez).clamp(min=0).square() + slack).clamp(min=0).sqrt()
+    lo = (norm2 - (zn + ez).square() - slack).clamp(min=0).sqrt()
+    return 0.5 * (hi + lo), 0.5 * (hi - lo) * (1 + 1e-6)
+
+
+def _blocked_mm(q: torch.Tensor, p32: torch.Tensor) -> torch.Tensor:
+    """q [C, D] @ p32 [D, r] (float32) summed in float64 over blocks of BUILD_BLOCK coordinates:
+    each entry within gamma_BUILD_BLOCK sum_j |q_j p_j| of the exact product."""
+    return sum(torch.mm(q[:, a:a + BUILD_BLOCK], p32[a:a + BUILD_BLOCK]).double()
+               for a in range(0, q.shape[1], BUILD_BLOCK))
+
+
 def _top_directions(ys: torch.Tensor, r: int, gen: torch.Generator, oversample: int = 16, power: int = 2):
-    """[D, r] float64: the top-r right singular vectors of ys [m, D], by a seeded randomized range
-    finder with ``power`` subspace iterations (Halko, Martinsson and Tropp 2011): O(m D (r + p))
-    instead of the O(m D min(m, D)) of a full SVD.  Any basis keeps the bound valid; a good one
-    keeps it tight."""
+    """[D, r]: the top-r right singular vectors of ys [m, D], by a seeded randomized range finder
+    with ``power`` subspace iterations (Halko, Martinsson and Tropp 2011), in float32:
+    O(m D (r + p)) instead of the O(m D min(m, D)) of a full SVD.  Any basis keeps the bound
+    valid (the caller orthonormalises it in float64); a good one keeps it tight."""
     k = min(r + oversample, *ys.shape)
-    basis = torch.linalg.qr(ys @ torch.randn(ys.shape[1], k, generator=gen, dtype=ys.dtype)).Q    # [m, k]
+    y32 = ys.float()
+    basis = torch.linalg.qr(y32 @ torch.randn(ys.shape[1], k, generator=gen)).Q                # [m, k]
     for _ in range(power):
-        basis = torch.linalg.qr(ys @ (ys.T @ basis)).Q
-    _, _, vh = torch.linalg.svd(basis.T @ ys, full_matrices=False)                              # [k, D]
-    return vh[:r].T
+        basis = torch.linalg.qr(y32 @ (y32.T @ basis)).Q
+    _, _, vh = torch.linalg.svd(basis.T @ y32, full_matrices=False)                              # [k, D]
+    return vh[:r].T.double()
 
 
 class KDEIndex:
     """Projection index of a :class:`~geosample.denoisers.kde.Store` (see the module docstring).
 
-    basis [D, r] float64 (orthonormal), vecs [N, r + 6] float32: per row the GEMM columns
-    (z_i [r], rho_i, |v_i|, e_i, rho_i, -t_i / 2, -1 / 2) with z_i = P^T (y_i - c) and the row
-    term t_i = (1 - c_r) |v_i|^2 - 2 rho_i e_i.  ``tol``: the weight a certified set may leave out, relative to
+    basis [D, r] float64 (orthonormal), vecs [N, r + 7] float32: per row the GEMM columns
+    (z_i [r], rho_i, |v_i|, ez_i, er_i, |v_i| + ez_i + er_i, -t_i / 2, -1 / 2).  ``tol``: the weight a certified set may leave out, relative to
     the total; ``max_fraction``: the largest certified set, as a fraction of N, evaluated through
     the index (larger ones take the full streaming pass); ``probe``: rows re-scored in float64 to
-    set the threshold."""
+    set the threshold.  One shard of a dataset split across processes: ``n_total`` rows in all and
+    ``reduce_min(t [B] float64) -> [B]``, the elementwise minimum over the shards (a collective,
+    called once per :meth:`solve` on every shard), so that every shard certifies against the
+    nearest row of the whole dataset and a shard none of whose rows can matter does no exact work."""
 
     def __init__(self, basis: torch.Tensor, vecs: torch.Tensor, tol: float = 1e-12,
-                 max_fraction: float = 0.05, probe: int = 4):
+                 max_fraction: float = 0.05, probe: int = 4, n_total: int | None = None, reduce_min=None):
         if not 0 < tol < 1:
             raise ValueError(f"tol must be in (0, 1), got {tol!r}")
         if not 0 < max_fraction <= 1:
             raise ValueError(f"max_fraction must be in (0, 1], got {max_fraction!r}")
+        if n_total is not None and (isinstance(n_total, bool) or not isinstance(n_total, int) or n_total < vecs.shape[0]):
+            raise ValueError(f"n_total must be an int >= this index's {vecs.shape[0]} rows, got {n_total!r}")
         self.basis, self.vecs = basis, vecs
         self.rank = basis.shape[1]
         self.tol, self.max_fraction, self.probe = tol, max_fraction, probe
+        self.n_total, self.reduce_min = n_total, reduce_min
         self.c_r = (self.rank + 32) * U32
+        self._copies = {vecs.device: vecs}
 
     # ---------------------------------------------------------------- build and cache
     @classmethod
-    def build(cls, store, rank: int = 32, sample: int = 4096, seed: int = 0, cache: bool | str | Path = True,
+    def build(cls, store, rank: int = 128, sample: int = 4096, seed: int = 0, cache: bool | str | Path = True,
               **options) -> "KDEIndex":
         """The index of ``store``: loaded from the cache when a valid entry exists (``cache``: True for
         ``cache_root()/kde_index``, a folder, or False), else built (one subsample, one pass) and saved."""
@@ -145,13 +182,22 @@ class KDEIndex:
         r = min(rank, m, store.dim)
         basis = torch.linalg.qr(_top_directions(ys, r, g)).Q.contiguous()   # orthonormal to float64 rounding
         c_r = (r + 32) * U32
-        vecs = torch.empty(store.n, r + 6)
-        for a, b in store.ranges(chunk=max(store.chunk, 4096)):
-            z = (store.rows64(a, b) - store.center) @ basis
-            rho, err = _rho(2 * store.hy2[a:b], z.square().sum(1), store.dim, r)    # hy2 = |y_i - c|^2 / 2
-            vn2 = z.square().sum(1) + rho.square()
-            t = vn2 * (1 - c_r) - 2 * rho * err
-            vecs[a:b] = torch.cat([z, torch.stack([rho, vn2.sqrt(), err, rho, -0.5 * t, torch.full_like(t, -0.5)], 1)], 1)
+        vecs = torch.empty(store.n, r + 7)
+        w = torch.full((store.dim,), store.offset, dtype=torch.float64) - store.center    # y - c = scale q + w
+        shift, p32, wn = w @ basis, basis.float(), float(w.norm())
+        blk = min(BUILD_BLOCK, store.dim)
+        rate = math.sqrt(r) * (blk * U32 / (1 - blk * U32) + 2 * U32) * (1 + 1e-6)
+        chunk = max(store.chunk, 4096)
+        buf = torch.empty(chunk, store.dim)                                  # reused: no page faults per chunk
+        for a, b in store.ranges(chunk=chunk):
+            q = buf[: b - a].copy_(store._raw(a, b))                         # exact: uint8 / float16 / float32
+            norm2 = 2 * store.hy2[a:b]                                         # hy2 = |y_i - c|^2 / 2
+            vn, qn = norm2.sqrt(), norm2.sqrt() + wn                           # qn >= |scale q_i|
+            z = _blocked_mm(q, p32).mul_(store.scale).add_(shift)              # P^T (y_i - c)
+            ez = rate * qn + 8 * U64 * math.sqrt(r) * (qn + wn)                # + the float64 scaling and shift
+            rho, er = _rho_interval(norm2, z, ez)
+            vecs[a:b] = torch.cat([z, torch.stack([rho, vn, ez, er, vn + ez + er, -0.5 * (1 - c_r) * norm2,
+                                                   torch.full_like(vn, -0.5)], 1)], 1)
         return basis, vecs
 
     @staticmethod
@@ -174,7 +220,7 @@ class KDEIndex:
         r = basis.shape[1]
         if basis.dtype != torch.float64 or basis.shape[0] != store.dim or not 1 <= r <= rank:
             raise ValueError(f"basis {tuple(basis.shape)} {basis.dtype} does not fit D = {store.dim}")
-        if vecs.dtype != torch.float32 or tuple(vecs.shape) != (store.n, r + 6):
+        if vecs.dtype != torch.float32 or tuple(vecs.shape) != (store.n, r + 7):
             raise ValueError(f"vectors {tuple(vecs.shape)} {vecs.dtype} do not fit N = {store.n}, r = {r}")
         if checksum != cls._checksum(basis, vecs):
             raise ValueError("checksum mismatch")
@@ -182,110 +228,142 @@ class KDEIndex:
 
     # ---------------------------------------------------------------- queries
     def _lower_bounds(self, qx: torch.Tensor, a: int, b: int) -> torch.Tensor:
-        """float32 [B, b - a]: certified lower bounds L_i on |x - y_i|^2 for rows a..b (one GEMM)."""
-        return torch.mm(qx, self.vecs[a:b].T)
+        """[B, b - a]: certified lower bounds L_i on |x - y_i|^2 for rows a..b (one GEMM; float64
+        where float32 matmuls may be rounded to TF32 / bfloat16)."""
+        vecs = self._vecs_on(qx.device)
+        ieee = torch.get_float32_matmul_precision() == "highest" and not (
+            qx.is_cuda and torch.backends.cuda.matmul.allow_tf32)
+        return torch.mm(qx, vecs[a:b].T) if ieee else torch.mm(qx.double(), vecs[a:b].T.double())
+
+    def _vecs_on(self, device) -> torch.Tensor:
+        """The index rows on ``device`` (copied once)."""
+        if device not in self._copies:
+            self._copies[device] = self.vecs.to(device)
+        return self._copies[device]
 
     def _query_cols(self, store, q):
-        """Per query the GEMM row -2 [z_x, |r_x|, c_r |v_x|, |r_x|, e_x, 1, t_x] (float32) with
-        t_x = (1 - c_r) |v_x|^2 - 2 |r_x| e_x, so that L_i = t_x + t_i - 2 (v_x.v_i + margin terms)."""
+        """Per query the GEMM row -2 [z_x, |r_x|, c_r |v_x|, |z_x|, |r_x|, e_x, 1, t_x] (float32),
+        t_x = (1 - c_r) |v_x|^2, against the rows' columns (module docstring)."""
         zx = q.xc @ self.basis.to(q.xc.device)
-        rx, ex = _rho(q.xc.square().sum(1), zx.square().sum(1), store.dim, self.rank)
-        ex = ex + 4 * U32 * (rx + zx.norm(dim=1))             # float32 rounding of z_x and |r_x|
-        vn = (zx.square().sum(1) + rx.square()).sqrt()
-        tx = vn.square() * (1 - self.c_r) - 2 * rx * ex
-        # against rows [z_i, rho_i, |v_i|, e_i, rho_i, -t_i / 2, -1 / 2]
-        return (-2.0 * torch.cat([zx, torch.stack([rx, self.c_r * vn, rx, ex, torch.ones_like(rx), tx], 1)], 1)).float()
+        xn2 = q.xc.square().sum(1)
+        rx, ex = _rho(xn2, zx.square().sum(1), store.dim, self.rank)
+        zn = zx.norm(dim=1)
+        ex = ex + 4 * (store.dim + self.rank) * math.sqrt(self.rank) * U64 * xn2.sqrt()   # + z_x's float64 error
+        vn = xn2.sqrt()
+        cols = [rx, self.c_r * vn, zn, rx, ex, torch.ones_like(rx), (1 - self.c_r) * xn2]
+        return (-2.0 * torch.cat([zx, torch.stack(cols, 1)], 1)).float()
 
     def solve(self, store, q, full):
         """(D [B, D] float64, KDEStats) for the prepared queries ``q``: each query on its certified
         set (path INDEXED), or by ``full(q_subset) -> (D, KDEStats)`` when its set is too large."""
-        b, n, dev = q.xc.shape[0], store.n, q.xc.device
-        gap = 2.0 * math.log(n / self.tol) / q.inv_s2                        # [B] in |x - y|^2 units
-        todo = gap >= (q.xc.norm(dim=1) + store.radius) ** 2                 # every row would be kept
-        live = (~todo).nonzero()[:, 0]
+        b, dev = q.xc.shape[0], q.xc.device
+        gap = 2.0 * math.log((self.n_total or store.n) / self.tol) / q.inv_s2       # [B] in |x - y|^2 units
+        live = gap < (q.xc.norm(dim=1) + store.radius) ** 2                  # else every row would be kept
+        rows, cols, big = self.certify(store, q, gap, live)
         out = torch.zeros_like(q.x64)
         stats = KDEStats(*(torch.zeros(b, dtype=torch.float64, device=dev) for _ in range(2)),
                          torch.zeros(b, dtype=torch.long, device=dev), torch.zeros(b, dtype=torch.float64, device=dev),
                          torch.full((b,), INDEXED, dtype=torch.int8, device=dev))
-        if len(live):
-            sub = q.select(live)
-            rows, cols, big = self.certify(store, sub, gap[live])
-            res, st = self._exact(store, sub, rows, cols, len(live))
-            ok = ~big
-            put_rows(out, stats, live[ok], res[ok], st.select(ok))
-            todo[live[big]] = True
-        idx = todo.nonzero()[:, 0]
+        ok = (live & ~big).nonzero()[:, 0]
+        if len(ok):
+            res, st = self._exact(store, q, rows, cols, b)
+            put_rows(out, stats, ok, res[ok], st.select(ok))
+        idx = (~live | big).nonzero()[:, 0]
         if len(idx):
             put_rows(out, stats, idx, *full(q.select(idx)))
         return out, stats
 
-    def certify(self, store, q, gap):
-        """(row ids, query ids) of every (query, row) pair in the certified sets, and the mask of the
-        queries whose set exceeds max_fraction N."""
-        b, n = q.xc.shape[0], store.n
-        qx = self._query_cols(store, q)
-        k = min(self.probe, n)
-        best_v = torch.full((b, k), math.inf)
-        best_i = torch.zeros(b, k, dtype=torch.long)
-        block_min = []
-        for a in range(0, n, BLOCK):                                          # pass 1: probe rows
-            lb = self._lower_bounds(qx, a, min(a + BLOCK, n))
-            v, i = lb.topk(min(k, lb.shape[1]), dim=1, largest=False)
-            block_min.append(v[:, 0])
-            best_v, j = torch.cat([best_v, v], 1).topk(k, dim=1, largest=False)
-            best_i = torch.cat([best_i, i + a], 1).gather(1, j)
-        d_up = _sq_dist(q.x64, store.gather64(best_i)).amin(1)
-        thr = ((d_up + gap) * (1 + 1e-9)).float() * (1 + 4 * U32)             # float32, rounded up
-        cap = max(int(self.max_fraction * n), k)
-        count = torch.zeros(b, dtype=torch.long)
+    def certify(self, store, q, gap, live=None):
+        """(row ids, query ids) of every (query, row) pair in the certified sets of the ``live``
+        queries (default all), and the mask of the queries whose set exceeds max_fraction N."""
+        b, n, dev = q.xc.shape[0], store.n, q.xc.device
+        live = torch.ones(b, dtype=torch.bool, device=dev) if live is None else live
+        idx = live.nonzero()[:, 0]
+        d_up = torch.full((b,), math.inf, dtype=torch.float64, device=dev)
+        sub = q.select(idx)
+        qx = self._query_cols(store, sub)
+        blocks = []
+        if len(idx):
+            d_up[idx], blocks = self._probe(store, sub, qx)
+        if self.reduce_min is not None:
+            d_up = self.reduce_min(d_up)                                      # the whole dataset's nearest row
+        thr = ((d_up[idx] + gap[idx]) * (1 + 1e-9)).float() * (1 + 4 * U32)  # float32, rounded up
+        cap = max(int(self.max_fraction * n), min(self.probe, n))
+        count = torch.zeros(len(idx), dtype=torch.long, device=dev)
         rows, cols = [], []
-        for j, a in enumerate(range(0, n, BLOCK)):                            # pass 2: the sets
-            if bool((block_min[j] > thr).all()):
+        for a, low, lb in blocks:                                             # pass 2: the sets
+            if bool((low > thr).all()):
                 continue                                                      # no row of the block is kept
-            lb = self._lower_bounds(qx, a, min(a + BLOCK, n))
+            lb = self._lower_bounds(qx, a, min(a + BLOCK, n)) if lb is None else lb
             qi, ri = (lb <= thr[:, None]).nonzero(as_tuple=True)
-            count += torch.bincount(qi, minlength=b)
+            count += torch.bincount(qi, minlength=len(idx))
             keep = count[qi] <= cap
             rows.append(ri[keep] + a)
             cols.append(qi[keep])
             if bool((count > cap).all()):
                 break                                                         # every set is too large: the full pass
-        big = count > cap
-        rows, cols = torch.cat(rows), torch.cat(cols)
+        big = torch.zeros(b, dtype=torch.bool, device=dev)
+        big[idx] = count > cap
+        empty = torch.zeros(0, dtype=torch.long, device=dev)
+        rows, cols = (torch.cat(rows), idx[torch.cat(cols)]) if rows else (empty, empty)
         keep = ~big[cols]
         return rows[keep], cols[keep], big
 
+    def _probe(self, store, q, qx):
+        """Pass 1 over the index: d_up [B] float64, the exact distance to the nearest of the ``probe``
+        rows of smallest L_i, and per block of rows (first row, smallest L_i [B], the bounds
+        [B, rows] when they fit in KEEP_BOUNDS bytes, else None)."""
+        b, n, dev = q.xc.shape[0], store.n, q.xc.device
+        k = min(self.probe, n)
+        best_v = torch.full((b, k), math.inf, device=dev)
+        best_i = torch.zeros(b, k, dtype=torch.long, device=dev)
+        blocks = []
+        for a in range(0, n, BLOCK):
+            lb = self._lower_bounds(qx, a, min(a + BLOCK, n))
+            v, i = lb.topk(min(k, lb.shape[1]), dim=1, largest=False)
+            blocks.append((a, v[:, 0], lb if lb.element_size() * b * n <= KEEP_BOUNDS else None))
+            best_v, j = torch.cat([best_v.to(v.dtype), v], 1).topk(k, dim=1, largest=False)
+            best_i = torch.cat([best_i, i + a], 1).gather(1, j)
+        return _sq_dist(q.x64, store.gather64(best_i)).amin(1), blocks
+
     def _exact(self, store, q, rows, cols, b):
-        """Float64 softmax of each query over its certified rows (direct differences, online
-        log-sum-exp over blocks of the union of the rows): (D [B, D], KDEStats)."""
+        """Float64 softmax of each query over its certified rows, pair by pair (direct differences,
+        online log-sum-exp over chunks of (query, row) pairs in query order); a query with no row
+        (a shard none of whose rows matter) gets D = 0 and log_mass = -inf."""
         dev = q.x64.device
-        uniq, inv = torch.unique(rows, return_inverse=True)
+        order = torch.argsort(cols * store.n + rows)
+        rows, cols = rows[order], cols[order]
         m = torch.full((b,), -math.inf, dtype=torch.float64, device=dev)
         z, z2 = torch.zeros_like(m), torch.zeros_like(m)
         s = torch.zeros_like(q.x64)
         arg = torch.zeros(b, dtype=torch.long, device=dev)
-        for a in range(0, len(uniq), EXACT_CHUNK):
-            e = min(a + EXACT_CHUNK, len(uniq))
-            y = store.gather64(uniq[a:e]).to(dev)
-            sel = (inv >= a) & (inv < e)
-            mask = torch.zeros(b, e - a, dtype=torch.bool, device=dev)
-            mask[cols[sel], inv[sel] - a] = True
-            l = torch.full((b, e - a), -math.inf, dtype=torch.float64, device=dev)
-            qs = mask.any(1).nonzero()[:, 0]
-            d2 = torch.cdist(q.x64[qs], y, compute_mode="donot_use_mm_for_euclid_dist").square_()
-            l[qs] = (d2 * (-0.5 * q.inv_s2[qs, None])).masked_fill_(~mask[qs], -math.inf)
-            cm, ci = l.max(1)
-            arg = torch.where(cm > m, uniq[a:e].to(dev)[ci], arg)
+        for a in range(0, len(rows), EXACT_CHUNK):
+            r, c = rows[a:a + EXACT_CHUNK], cols[a:a + EXACT_CHUNK]
+            diff = store.gather64(r)                                          # [P, D] rows y_i, then y_i - x
+            qs, counts = torch.unique_consecutive(c, return_counts=True)
+            segs = list(zip(qs.tolist(), diff.split(counts.tolist())))
+            for qi, seg in segs:
+                seg.sub_(q.x64[qi])
+            l = torch.linalg.vector_norm(diff, dim=1).square_().mul_(-0.5 * q.inv_s2[c])   # -|x - y_i|^2 / (2 sigma^2)
+            cm = torch.full_like(m, -math.inf).scatter_reduce_(0, c, l, "amax")
+            top = l == cm[c]
+            ci = torch.full_like(arg, store.n).scatter_reduce_(0, c[top], r[top], "amin")    # first row at the max
+            arg = torch.where(cm > m, ci, arg)
             m_new = torch.maximum(m, cm)
             alpha = torch.exp((m - m_new).nan_to_num_(0.0))
-            p = torch.exp(l - m_new[:, None]).nan_to_num_(0.0)
-            z, z2 = z * alpha + p.sum(1), z2 * alpha ** 2 + (p * p).sum(1)
-            s = s * alpha[:, None] + p @ y
+            p = torch.exp(l - m_new[c])
+            z = z * alpha + torch.zeros_like(z).index_add_(0, c, p)
+            z2 = z2 * alpha ** 2 + torch.zeros_like(z).index_add_(0, c, p * p)
+            s.mul_(alpha[:, None])
+            for (qi, seg), ps in zip(segs, p.split(counts.tolist())):      # sum p_i y_i = sum p_i (y_i - x) + x sum p_i
+                s[qi] += ps @ seg + ps.sum() * q.x64[qi]
             m = m_new
+        has = z > 0
         log_mass = m + z.log()
         path = torch.full((b,), INDEXED, dtype=torch.int8, device=dev)
-        return s / z[:, None], KDEStats(log_mass + 0.5 * q.x64.square().sum(1) * q.inv_s2, z ** 2 / z2, arg,
-                                        log_mass, path)
+        return (torch.where(has[:, None], s / z.clamp(min=1e-300)[:, None], 0.0),
+                KDEStats(log_mass + 0.5 * q.x64.square().sum(1) * q.inv_s2,
+                         torch.where(has, z ** 2 / z2.clamp(min=1e-300), 0.0), arg, log_mass, path))
 
 
 def _sq_dist(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

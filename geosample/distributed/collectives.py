@@ -35,10 +35,10 @@ def _all_gather(t: torch.Tensor, group) -> torch.Tensor:
     return out.view(world_size(group), *t.shape)
 
 
-def _all_reduce(t: torch.Tensor, group) -> torch.Tensor:
-    """Sum of ``t`` over ranks, in place; bitwise identical on every rank."""
+def _all_reduce(t: torch.Tensor, group, op: str = "sum") -> torch.Tensor:
+    """The ``op`` ("sum" | "min") of ``t`` over ranks, in place; bitwise identical on every rank."""
     if world_size(group) > 1:
-        dist.all_reduce(t, group=group)
+        dist.all_reduce(t, op=getattr(dist.ReduceOp, op.upper()), group=group)
     return t
 
 

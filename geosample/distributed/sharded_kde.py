@@ -50,6 +50,13 @@ class ShardedKDEDenoiser:
 
     local_data: this rank's shard [n_r, ...] (trailing shape equal on every rank);
     kde_options: :class:`geosample.KDEDenoiser` options (backend, precision, chunk_size, ...).
+
+    With ``index`` (see :class:`geosample.KDEDenoiser`), each rank indexes its shard and certifies
+    its rows against the nearest row of the whole dataset (one extra all_reduce(MIN) of [B] per
+    call, :class:`~geosample.denoisers.kde_index.KDEIndex`'s ``reduce_min``) with the tolerance
+    spread over all N rows: the rows every shard leaves out carry less than ``tol`` of the total
+    weight, as in one process, and a shard none of whose rows can matter does no exact work
+    (logZ_r = -inf).
     """
 
     def __init__(self, local_data, group=None, check_inputs: bool = False, **kde_options):
@@ -66,6 +73,12 @@ class ShardedKDEDenoiser:
         self.n = int(_all_reduce(torch.tensor([local_data.shape[0]], device=local_data.device), group))
         if self.n == 0:
             raise ValueError("every shard is empty: the dataset needs at least one row")
+        index = kde_options.get("index", False)
+        self.indexed = (index not in (False, None) and kde_options.get("precision", "exact") == "exact"
+                        and kde_options.get("backend", "auto") != "reference")
+        if self.indexed:
+            kde_options["index"] = {**({} if index is True else dict(index)), "n_total": self.n,
+                                    "reduce_min": lambda t: _all_reduce(t, group, "min")}
         self.local = KDEDenoiser(local_data, **kde_options) if local_data.shape[0] else None
 
     def __len__(self) -> int:
@@ -78,6 +91,8 @@ class ShardedKDEDenoiser:
     def _partial(self, x64: torch.Tensor, sig: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(logZ_r [B], D_r [B, ...]) of this shard, float64."""
         if self.local is None:
+            if self.indexed:                                           # the index's collective, on every rank
+                _all_reduce(x64.new_full((x64.shape[0],), torch.inf), self.group, "min")
             return x64.new_full((x64.shape[0],), -torch.inf), torch.zeros_like(x64)
         out, stats = self.local(x64, sig, return_stats=True)
         return stats.log_mass, out
