@@ -64,6 +64,9 @@ class GITSConfig:
     metric: "dev" | "l1" | "l2", the cost of an Euler jump.  gamma: the DP discount (> 0), or a
     tuple of them to pick from by ``solver``'s error to the teacher.  num_warmup teacher samples in
     rounds of batch_size, seeded by seed.  afs: the analytical first step, judged with ``solver``.
+    refine: after the DP (and the gamma pick), move the path's points on the fine grid by
+    coordinate descent on ``solver``'s own error to the teacher (:mod:`geosample.gits.refine`);
+    False (the default) is the reference's search.
     """
     teacher: str = "ipndm"
     teacher_steps: int = 60
@@ -78,6 +81,7 @@ class GITSConfig:
     sigma_min: float = 0.002
     sigma_max: float = 80.0
     rho: float | None = 7.0
+    refine: bool = False
 
     def __post_init__(self):
         put = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen)
@@ -96,6 +100,8 @@ class GITSConfig:
         put("seed", _check_int("seed", self.seed, 0))
         put("batch_size", _check_int("batch_size", self.batch_size, 1))
         put("afs", bool(self.afs))
+        if not isinstance(self.refine, bool):
+            raise TypeError(f"refine must be a bool, got {type(self.refine).__name__}")
         put("sigma_min", float(self.sigma_min))
         put("sigma_max", float(self.sigma_max))
         put("rho", None if self.grid == "logsnr" else float(self.rho))
@@ -121,13 +127,17 @@ class GITSConfig:
 
     def record(self, shape, steps: int) -> dict:
         """Everything but the grid, as ``GITSSchedule.params`` records it before the search adds its
-        results (gamma as a float, or a list for a sweep)."""
+        results (gamma as a float, or a list for a sweep; ``refine`` only when True, so that the
+        reference search keeps the params and cache keys it had before the option existed)."""
         gamma = self.gamma if isinstance(self.gamma, float) else list(self.gamma)
-        return {**self.teacher_record(shape), "steps": steps, "gamma": gamma, "solver": self.solver}
+        refine = {"refine": True} if self.refine else {}
+        return {**self.teacher_record(shape), "steps": steps, "gamma": gamma, "solver": self.solver, **refine}
 
     @classmethod
     def from_record(cls, grid: dict, params: dict) -> "GITSConfig":
-        """The configuration behind a schedule's ``grid`` and ``params``."""
-        names = {f.name for f in dataclasses.fields(cls)} - {"grid", "teacher_steps", "sigma_min", "sigma_max", "rho"}
+        """The configuration behind a schedule's ``grid`` and ``params`` (no "refine": False)."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"grid", "teacher_steps", "sigma_min", "sigma_max", "rho",
+                                                             "refine"}
         return cls(grid=grid["family"], teacher_steps=grid["teacher_steps"], sigma_min=grid["sigma_min"],
-                   sigma_max=grid["sigma_max"], rho=grid["rho"], **{k: params[k] for k in names})
+                   sigma_max=grid["sigma_max"], rho=grid["rho"], refine=params.get("refine", False),
+                   **{k: params[k] for k in names})

@@ -19,6 +19,11 @@ The settings are one :class:`~geosample.gits.GITSConfig`.
    the DP runs once per gamma, and of the distinct paths (each with its AFS point when ``afs``) the
    one whose ``solver`` sample from round 0's noise lands closest (mean L2) to the teacher's is kept
    (ties: the earlier gamma).  The same yardstick as step 4; a single gamma skips it.
+6. Refinement (``refine=True``): the path of steps 3-5 is moved on the fine grid by coordinate
+   descent on that same yardstick, ``solver``'s mean L2 distance to the teacher on round 0
+   (:func:`geosample.gits.refine.coordinate_descent`): the DP's Euler-jump cost is a proxy that a
+   multistep solver does not follow.  Cost: ``nfe`` denoiser calls on round 0 per distinct path
+   tried, recorded in ``params["refinement"]``.
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ from . import cache
 from .config import GITSConfig, _check_int
 from .cost import cost_matrix
 from .dp import path_cost, solve_dp_sweep
+from .refine import coordinate_descent
 from .schedule import GITSSchedule
 
 __all__ = ["search", "fingerprint", "round_cost", "GAMMAS"]
@@ -150,6 +156,17 @@ def _select(denoiser, fine, cost, steps, shape, config, device, backend, key) ->
     return {**best, "selection": records}
 
 
+def _refine(denoiser, fine, indices, shape, config, device, key) -> tuple[list[int], dict]:
+    """Step 6: (refined path, record {from, error_from, error, paths, nfe, samples}): ``paths``
+    distinct paths tried, ``nfe`` denoiser calls per sample on the ``samples`` of round 0."""
+    validation = _validation(denoiser, fine, shape, config, device, key)
+    error = lambda path: _endpoint_error(denoiser, fine, path, validation, config)  # noqa: E731
+    path, seen = coordinate_descent(error, indices)
+    calls = count_nfe(config.solver, len(indices) - 1, afs=config.afs)
+    return path, {"from": list(indices), "error_from": seen[tuple(indices)], "error": seen[tuple(path)],
+                  "paths": len(seen), "nfe": len(seen) * calls, "samples": validation[0].shape[0]}
+
+
 def _config(config, options: dict) -> GITSConfig:
     """``config`` (default :class:`GITSConfig`) with the keyword ``options`` replacing its fields."""
     if config is not None and not isinstance(config, GITSConfig):
@@ -168,10 +185,11 @@ def search(denoiser, shape, steps: int, config: GITSConfig | None = None, *, dev
     denoiser: D(x, sigma) on samples of ``shape`` (one sample, e.g. (3, 32, 32)).
     config: a :class:`GITSConfig` (default: its defaults); keyword ``options`` (teacher,
     teacher_steps, grid, metric, gamma, num_warmup, seed, batch_size, afs, solver, sigma_min,
-    sigma_max, rho) replace its fields, so ``search(D, shape, steps, teacher="euler")`` and
+    sigma_max, rho, refine) replace its fields, so ``search(D, shape, steps, teacher="euler")`` and
     ``search(D, shape, steps, GITSConfig(teacher="euler"))`` are the same search.  With a gamma
     sweep ``params["selection"]`` records each gamma's path and error, ``params["selected_gamma"]``
-    the winner; the result's ``config`` is the configuration used.
+    the winner; with ``refine=True`` ``params["refinement"]`` the path before it, both errors and
+    its cost; the result's ``config`` is the configuration used.
     device: where the teacher runs; backend: DP backend; use_cache: read and write the schedule
     cache (:mod:`geosample.gits.cache`).
     round_cost(denoiser, fine, noise, config) -> n * C: how one warm-up round's summed cost is
@@ -202,6 +220,9 @@ def search(denoiser, shape, steps: int, config: GITSConfig | None = None, *, dev
     indices = best["indices"]
     if len(config.gammas) > 1:
         params.update(selected_gamma=best["gamma"], selection=best["selection"])
+    if config.refine:
+        indices, params["refinement"] = _refine(denoiser, fine, indices, shape, config, device,
+                                                cost_key if use_cache else None)
     total, step_costs = path_cost(cost.numpy(), best["dp_indices"], best["gamma"])
     params["nfe"] = count_nfe(config.solver, len(indices) - 1, afs=config.afs)
     sched = GITSSchedule(sigmas=fine[indices].clone(), indices=indices, grid=grid, cost=total,
