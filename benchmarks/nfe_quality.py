@@ -16,8 +16,9 @@ EDM's rho=7 schedule otherwise, for ``flow`` from sigma = inf and ending with th
 pixel; PSNR = 20 log10(2 / RMSE) is computed from that same mean (never a mean of per-sample
 PSNRs).  KID (unbiased MMD^2 of 4x4-pooled pixel features, :func:`geosample.metrics.kid`) against
 ``--kid-real`` data images.  GITS uses ``geosample.gits.search`` with ``--gamma`` (1.15: the
-reference's; ``sweep``: picked per solver by its own error to the teacher) and ``--num-warmup``
-teacher samples.  Writes ``nfe_quality_<model>[_<tag>].json``, ``.md`` and ``.png`` to ``--out``.
+reference's; ``sweep``: picked per solver by its own error to the teacher), ``--refine`` (the path
+refined by each solver's own error, ``refine=True``) and ``--num-warmup`` teacher samples.
+Writes ``nfe_quality_<model>[_<tag>].json``, ``.md`` and ``.png`` to ``--out``.
 
     python benchmarks/nfe_quality.py --model gaussian --batch 64
     python benchmarks/nfe_quality.py --model network --batch 32 --gamma sweep --tag sweep
@@ -76,6 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--nfes", default=",".join(map(str, NFES)))
     p.add_argument("--num-warmup", type=int, default=64, help="GITS teacher samples (default 64)")
     p.add_argument("--gamma", default="1.15", help="GITS discount: one value, a comma list or 'sweep'")
+    p.add_argument("--refine", action="store_true",
+                   help="GITS refine=True: the path moved by each solver's own error to the teacher "
+                        "(with --gamma sweep: the recommended setting)")
     p.add_argument("--kid-real", type=int, default=1000, help="data images for KID (0: no KID)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--tag", default="", help="output names nfe_quality_<model>_<tag>.*")
@@ -251,20 +255,21 @@ def main(argv=None) -> int:
               "subset": args.subset if args.data_size else "all", "rank": args.rank, "batch": args.batch,
               "seed": args.seed, "reference": {"method": ref_name, "time_s": time.perf_counter() - t0, "kid": kid(ref)},
               "gits": {"teacher": "ipndm", "teacher_steps": 60, "grid": "polynomial", "metric": "dev",
-                       "gamma": args.gamma, "num_warmup": args.num_warmup, "search_s": {}, "selected_gamma": {}},
+                       "gamma": args.gamma, "refine": args.refine, "num_warmup": args.num_warmup, "search_s": {},
+                       "selected_gamma": {}},
               "machine": machine(), "command": "python " + " ".join(sys.argv), "results": []}
     if args.model == "network":
         report["network"] = {"name": "cifar10-tiny", **denoiser.meta}
 
-    found = {}  # GITS schedules by steps (one gamma: solver-independent) or by (solver, steps) (a sweep)
+    found = {}  # GITS schedules by steps (one gamma: solver-independent) or by (solver, steps) (a sweep, refine)
     span = {"sigma_min": flow_last_sigma(), "sigma_max": FLOW_SIGMA_MAX} if flow else {}
 
     def gits_sigmas(solver: str, steps: int) -> torch.Tensor:
-        key = steps if isinstance(gamma, float) else (solver, steps)
+        key = steps if isinstance(gamma, float) and not args.refine else (solver, steps)
         if key not in found:
             t0 = time.perf_counter()
             found[key] = gs.gits.search(denoiser, shape, steps, gamma=gamma, num_warmup=args.num_warmup,
-                                        seed=args.seed, solver=solver, use_cache=False, **span)
+                                        seed=args.seed, solver=solver, refine=args.refine, use_cache=False, **span)
             report["gits"]["search_s"][f"{solver}/{steps}"] = time.perf_counter() - t0
             report["gits"]["selected_gamma"][f"{solver}/{steps}"] = found[key].gamma
         return found[key].sigmas
@@ -297,6 +302,7 @@ def main(argv=None) -> int:
              f"{report['subset']}), {args.batch} samples")
     md = [f"### {title}", "",
           f"Reference: {ref_name}. GITS: iPNDM teacher, 60-step polynomial grid, gamma {args.gamma}, "
+          + ("refined by each solver's own error, " if args.refine else "") +
           f"{args.num_warmup} warm-up samples. Command: `{report['command']}` ({report['machine']['date']}, "
           f"{report['machine']['cpus']} shared CPU cores, {args.threads} torch thread(s)).", "",
           "RMSE to the reference (root of the mean squared error over samples and pixels):", "",

@@ -69,9 +69,14 @@ def test_main_job_end_to_end_small(tmp_path, monkeypatch, capsys):
     assert sched.sigmas.tolist() == report["rows"][0]["sigmas"] and len(sched.sigmas) == 7
     # the default picks gamma from the sweep for the job's solver; --gamma 1.15 is the reference's
     assert sched.params["gamma"] == list(gs.gits.GAMMAS) and report["gits_gamma"] == sched.params["selected_gamma"]
+    # ... then refines the path by the solver's error, on warm-up noise (seed 1) that is not the scored noise (seed 0)
+    assert sched.params["refine"] and report["gits_refinement"] == sched.params["refinement"]
+    assert sched.params["seed"] == 1 and report["seed"] == 0
     assert cli.main(["sample", "--limit", "100", "--batch", "4", "--num-warmup", "16", "--gamma", "1.15",
-                     "--out", str(out)]) == 0
-    assert json.loads((out / "report.json").read_text())["gits_gamma"] == 1.15
+                     "--no-refine", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["gits_gamma"] == 1.15 and report["gits_refinement"] is None
+    assert gs.gits.load(out / "schedule.json").config == gs.gits.GITSConfig(num_warmup=16, seed=1)  # the reference's
     img = Image.open(out / "samples.png")
     assert img.width > 2.5 * img.height   # three panels side by side: gits, polynomial, reference
     table = capsys.readouterr().out

@@ -35,6 +35,13 @@ def test_cli_gits_gamma_sweep(tmp_path, capsys):
     assert [r["gamma"] for r in sched.params["selection"]] == [0.9, 1.15]
 
 
+def test_cli_gits_refine(tmp_path, capsys):
+    printed, sched = run_gits(tmp_path, capsys, "--teacher-steps", "8", "--refine")
+    assert sched.params["refine"] and sched.params["refinement"]["from"][0] == 0
+    assert printed["indices"] == sched.indices and sched.params["refinement"]["error"] <= \
+        sched.params["refinement"]["error_from"]
+
+
 def test_cli_gits_rejects_bad_gamma():
     with pytest.raises(SystemExit):
         main(["gits", "--data", "digits", "--gamma", "a,b"])

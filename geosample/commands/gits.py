@@ -40,6 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--batch-size", type=int, default=64, help="teacher samples per round (default 64)")
     a("--seed", type=int, default=0, help="noise seed (default 0)")
     a("--afs", action="store_true", help="add the analytical first step (one more step, same NFE)")
+    a("--refine", action="store_true",
+      help="refine the path by --solver's own error to the teacher (with --gamma sweep: the recommended search)")
     a("--sigma-min", type=float, default=0.002)
     a("--sigma-max", type=float, default=80.0)
     a("--device", default="cpu", help="torch device (default cpu)")
@@ -60,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
     data = torch.as_tensor(load_dataset(args.data)).to(args.device)
     options = dict(teacher=args.teacher, teacher_steps=args.teacher_steps, grid=args.grid, metric=args.metric,
                    gamma=args.gamma, num_warmup=args.num_warmup, seed=args.seed, batch_size=args.batch_size,
-                   afs=args.afs, solver=args.solver, sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho)
+                   afs=args.afs, refine=args.refine, solver=args.solver, sigma_min=args.sigma_min,
+                   sigma_max=args.sigma_max, rho=args.rho)
     shape = tuple(data.shape[1:])
     if init_from_env():  # under torchrun: dataset sharded, teacher split, rank 0 writes
         from .. import distributed as gd

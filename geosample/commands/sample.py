@@ -2,7 +2,9 @@
 
 1. closed-form (KDE) denoiser of the dataset;
 2. GITS search (iPNDM teacher, 60-step polynomial fine grid, gamma picked from
-   :data:`geosample.gits.GAMMAS` by iPNDM's error to the teacher) for an iPNDM schedule of NFE 6;
+   :data:`geosample.gits.GAMMAS` by iPNDM's error to the teacher, the path then refined by that
+   error, ``refine=True``; warm-up noise seeded ``--seed + 1``, never the noise scored below) for
+   an iPNDM schedule of NFE 6;
 3. iPNDM samples from the same seeded noise on that schedule and on EDM's polynomial rho=7 one;
 4. a reference solve (Heun, 100 steps, polynomial rho=7) from the same noise; per schedule the
    RMSE and PSNR to it (:func:`geosample.metrics.reference_error`) and the wall time;
@@ -53,17 +55,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--gamma", type=gammas, default="sweep",
       help="GITS DP discount: 'sweep' (default: the gamma in 0.8-1.3 whose schedule brings --solver closest "
            "to the teacher), a comma list to pick from, or one value (1.15: the reference's)")
+    a("--refine", action=argparse.BooleanOptionalAction, default=True,
+      help="refine the GITS path by --solver's own error to the teacher (default on; --no-refine with "
+           "--gamma 1.15 is the reference's search)")
     a("--no-cache", action="store_true", help="do not read or write the GITS schedule cache")
 
 
 def make_schedule(name: str, solver: str, nfe: int, denoiser=None, shape=None, *, afs: bool = False,
-                  seed: int = 0, num_warmup: int = 256, gamma=1.15, device="cpu", use_cache: bool = True,
-                  progress: bool = False, distributed: bool = False):
+                  seed: int = 0, num_warmup: int = 256, gamma=1.15, refine: bool = False, device="cpu",
+                  use_cache: bool = True, progress: bool = False, distributed: bool = False):
     """(sigmas, gits_schedule_or_None) for ``name`` with ``nfe`` calls of ``solver``.
 
     gits: :func:`geosample.gits.search` with the defaults (iPNDM teacher, 60-step polynomial
-    grid, dev metric, ``num_warmup`` teacher samples) and ``gamma`` (one value, or a sequence to
-    pick from for ``solver``) for ``denoiser`` on samples of ``shape``;
+    grid, dev metric, ``num_warmup`` teacher samples from ``seed``), ``gamma`` (one value, or a
+    sequence to pick from for ``solver``) and ``refine`` for ``denoiser`` on samples of ``shape``;
     with ``afs`` it searches one step fewer and inserts the free analytical first step.
     ``distributed``: :func:`geosample.distributed.gits_search` (teacher split across ranks, no cache).
     """
@@ -79,7 +84,7 @@ def make_schedule(name: str, solver: str, nfe: int, denoiser=None, shape=None, *
         else:
             search, cache = gits.search, {"use_cache": use_cache}
         found = search(denoiser, shape, steps - int(afs), seed=seed, num_warmup=num_warmup, gamma=gamma, afs=afs,
-                       solver=solver, device=device, progress=progress, **cache)
+                       refine=refine, solver=solver, device=device, progress=progress, **cache)
         return found.sigmas, found
     if name.endswith(".json"):
         return gits.load_sigmas(name), None
@@ -139,8 +144,8 @@ def run(args: argparse.Namespace) -> int:
         f"ranks={ranks}")
 
     t0 = time.perf_counter()
-    sigmas, found = make_schedule(args.schedule, solver, args.nfe, denoiser, shape, afs=args.afs, seed=args.seed,
-                                  num_warmup=args.num_warmup, gamma=args.gamma, device=args.device,
+    sigmas, found = make_schedule(args.schedule, solver, args.nfe, denoiser, shape, afs=args.afs, seed=args.seed + 1,
+                                  num_warmup=args.num_warmup, gamma=args.gamma, refine=args.refine, device=args.device,
                                   use_cache=not args.no_cache, progress=main, distributed=parallel)
     search_s = time.perf_counter() - t0
     grids = {args.schedule: sigmas}
@@ -185,6 +190,7 @@ def run(args: argparse.Namespace) -> int:
               "reference": {**REFERENCE, "nfe": count_nfe(REFERENCE["solver"], REFERENCE["steps"]),
                             "schedule": "polynomial rho=7", "time_s": ref_s},
               "gits_gamma": found.gamma if found is not None else None,
+              "gits_refinement": found.params.get("refinement") if found is not None else None,
               "schedule_search_s": search_s, "rows": rows, "total_s": time.perf_counter() - t_start,
               "versions": versions()}
     files["report.json"] = json_bytes(report)
