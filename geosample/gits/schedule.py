@@ -25,7 +25,8 @@ class GITSSchedule:
     cost: the DP objective sum_k gamma^k step_costs[k] (over the DP path, before any AFS step);
     step_costs: C[i_k, i_{k+1}] along the DP path;
     params: every other search argument (teacher, metric, gamma, num_warmup, seed, batch_size,
-    steps, afs, solver, shape); fingerprint: the model/data fingerprint;
+    steps, afs, solver, shape; refine only when True, then with the record "refinement");
+    fingerprint: the model/data fingerprint;
     cost_matrix: the averaged [T, T] cost (upper triangle; +inf elsewhere), so other step counts
     and gammas can be solved again with :func:`geosample.gits.solve_dp` without the teacher.
     """
