@@ -60,6 +60,13 @@ def test_descent_ends_at_a_local_minimum_never_worse_than_the_start(seed, steps)
     assert len(calls) == len(set(calls)) == len(seen)                # each path evaluated once
 
 
+def test_descent_never_moves_to_a_nan_error():
+    error = lambda p: float("nan") if p[1] != 5 else 1.0  # noqa: E731
+    assert coordinate_descent(error, [0, 5, 9])[0] == [0, 5, 9]
+    path, seen = coordinate_descent(lambda p: float("nan"), [0, 5, 9])
+    assert path == [0, 5, 9] and seen[(0, 5, 9)] == float("inf") and len(seen) == 3
+
+
 @pytest.mark.parametrize("error, indices, err, match", [
     (None, [0, 1, 2], TypeError, "error must be callable"),
     (len, [0, "a", 2], TypeError, "sequence of ints"),

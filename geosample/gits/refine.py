@@ -11,10 +11,12 @@ over integer paths ``0 = i_0 < i_1 < ... < i_K = n - 1`` (the end points stay), 
 the DP's path, by coordinate descent: for k = 1..K-1, move ``i_k`` by -1 while E falls, then by
 +1 while E falls; repeat sweeps until a whole sweep moves nothing.  Every accepted move lowers E
 strictly, so the descent stops, at a path no single +-1 move improves (a local minimum; never
-worse than the start).  Each distinct path is evaluated once.
+worse than the start).  Each distinct path is evaluated once; a NaN error counts as +inf (never
+an improvement).
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 __all__ = ["coordinate_descent"]
@@ -43,7 +45,8 @@ def coordinate_descent(error: Callable[[list[int]], float],
 
     def e(path: list[int]) -> float:
         if tuple(path) not in seen:
-            seen[tuple(path)] = float(error(path))
+            v = float(error(path))
+            seen[tuple(path)] = math.inf if math.isnan(v) else v
         return seen[tuple(path)]
 
     path = _check_path(indices)
