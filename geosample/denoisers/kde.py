@@ -129,14 +129,18 @@ class Store:
         y = q.to(dtype)
         return y.mul_(self.scale).add_(self.offset) if self.storage == "uint8" else y
 
-    def rows64(self, a, b):
-        """Rows a..b as stored, in float64 (not centred) [b - a, D]."""
-        return self._dequant(self._raw(a, b), torch.float64)
+    def rows64(self, a, b, out=None):
+        """Rows a..b as stored, in float64 (not centred) [b - a, D] (into ``out`` [>= b - a, D])."""
+        if out is None:
+            return self._dequant(self._raw(a, b), torch.float64)
+        y = out[: b - a].copy_(self._raw(a, b))
+        return y.mul_(self.scale).add_(self.offset) if self.storage == "uint8" else y
 
     def _mean(self):
         total = torch.zeros(self.dim, dtype=torch.float64)
+        buf = torch.empty(self.chunk, self.dim, dtype=torch.float64)      # reused: no page faults per chunk
         for a, b in self.ranges():
-            y = self.rows64(a, b)
+            y = self.rows64(a, b, buf)
             if not bool(torch.isfinite(y).all()):
                 raise ValueError(f"data contains NaN or inf (rows {a}..{b - 1})")
             total += y.sum(0)
@@ -144,8 +148,9 @@ class Store:
 
     def _centred_norms(self):
         hy2 = torch.empty(self.n, dtype=torch.float64)
+        buf = torch.empty(self.chunk, self.dim, dtype=torch.float64)
         for a, b in self.ranges():
-            hy2[a:b] = 0.5 * (self.rows64(a, b) - self.center).square_().sum(1)
+            hy2[a:b] = 0.5 * self.rows64(a, b, buf).sub_(self.center).square_().sum(1)
         return hy2, math.sqrt(2.0 * float(hy2.max()))
 
     def _centred_copy(self):
