@@ -11,7 +11,8 @@ D = 3072, uint8 memmap built by benchmarks/make_cifar_x20.py outside the repo), 
 - resident memory (RssAnon: the process's own pages; memmapped file pages are the OS's cache);
 - exactness against the float64 reference (backend="reference") on a few queries per sigma.
 
-Writes benchmarks/results/kde_index.{json,md} and kde_index_nsweep.png.
+Writes benchmarks/results/kde_index.{json,md} and kde_index_nsweep.png (kde_index_r<rank>.* with --rank).  ``--ranks 32,64,128,256``
+instead records the certified set sizes by index rank at the first N (kde_index_rank.{json,md}).
 """
 from __future__ import annotations
 
@@ -72,11 +73,11 @@ def rel_err(a, b):
     return ((a - b).norm(dim=1) / b.norm(dim=1)).max().item()
 
 
-def run_n(data, n: int, exact_q: int) -> dict:
+def run_n(data, n: int, exact_q: int, rank: int) -> dict:
     y = data[:n]
     t_setup, kd = timed(lambda: KDEDenoiser(y, chunk_size=4096))
     mem0 = rss_anon_mb()
-    t_build, index = timed(lambda: KDEIndex.build(kd.store, cache=False))
+    t_build, index = timed(lambda: KDEIndex.build(kd.store, rank=rank, cache=False))
     mem_index = rss_anon_mb() - mem0
     ref = KDEDenoiser.__new__(KDEDenoiser)
     ref.__dict__.update(kd.__dict__, backend="reference", index=None)
@@ -108,17 +109,53 @@ def run_n(data, n: int, exact_q: int) -> dict:
                 rank=index.rank, rows=rows)
 
 
-def write(results: list[dict]):
+def rank_sweep(data, n: int, ranks: list[int], sigmas=(0.2, 0.318, 0.5, 0.7)) -> dict:
+    """Certified set sizes (every query certified, no cap) by index rank, and the build time."""
+    kd = KDEDenoiser(data[:n], chunk_size=4096)
+    out = []
+    for r in ranks:
+        t_build, index = timed(lambda: KDEIndex.build(kd.store, rank=r, cache=False, max_fraction=1.0))
+        for s in sigmas:
+            x = queries(kd, s)
+            q = Query.prepare(kd.store, x.reshape(B, -1).double(), torch.full((B,), s, dtype=torch.float64) ** -2)
+            _, cols, _ = index.certify(kd.store, q, 2.0 * np.log(n / index.tol) / q.inv_s2)
+            sizes = torch.bincount(cols, minlength=B).double()
+            out.append(dict(rank=r, sigma=s, build_s=t_build, set_mean=float(sizes.mean()), set_max=int(sizes.max())))
+            print(out[-1], flush=True)
+    return dict(n=n, rows=out)
+
+
+def write_ranks(res: dict, meta: dict):
     RESULTS.mkdir(exist_ok=True)
-    meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    atomic_write_text(RESULTS / "kde_index_rank.json", json.dumps(dict(meta=meta, **res), indent=1))
+    lines = ["# KDE index: certified set size by rank", "",
+             f"N = {res['n']:,} rows of CIFAR-10 x 20 (uint8 memmap), B = {B} queries = data rows + sigma noise, "
+             "every query certified (no cap); mean / max rows per certified set.  "
+             f"{meta['date']}, torch {meta['torch']}, {meta['threads']} threads, {meta['machine']}.", "",
+             "| rank | index bytes / row | build s | " + " | ".join(f"sigma {s:g}" for s in sorted({w['sigma'] for w in res['rows']})) + " |",
+             "|---|---|---|" + "---|" * len({w["sigma"] for w in res["rows"]})]
+    for r in sorted({w["rank"] for w in res["rows"]}):
+        ws = sorted((w for w in res["rows"] if w["rank"] == r), key=lambda w: w["sigma"])
+        lines.append(f"| {r} | {4 * (r + 7)} | {ws[0]['build_s']:.2f} | "
+                     + " | ".join(f"{w['set_mean']:.1f} / {w['set_max']}" for w in ws) + " |")
+    atomic_write_text(RESULTS / "kde_index_rank.md", "\n".join(lines) + "\n")
+
+
+def meta_info() -> dict:
+    return dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 machine=f"{platform.machine()}, {os.cpu_count()} cores (a shared VM)",
                 torch=torch.__version__, threads=torch.get_num_threads(), batch=B)
-    atomic_write_text(RESULTS / "kde_index.json", json.dumps(dict(meta=meta, runs=results), indent=1))
+
+
+def write(results: list[dict], name: str = "kde_index"):
+    RESULTS.mkdir(exist_ok=True)
+    meta = meta_info()
+    atomic_write_text(RESULTS / f"{name}.json", json.dumps(dict(meta=meta, runs=results), indent=1))
     lines = ["# KDE index: certified sets vs the full streaming pass", "",
              f"CIFAR-10 x 20 seeded shifts/flips (uint8 memmap), D = 3072, B = {B} queries = data rows + sigma "
              "noise; ratio = indexed call / the same call without the index (the full pass) on the same "
              "queries, interleaved, best of two each, same process; full pass = the median over the sigmas; "
-             "index work = the certification alone (both passes over the index and the probe re-scoring: "
+             "index work = the certification alone (the pass over the index, the sets from its kept bounds, the probe re-scoring: "
              "the whole overhead of a query that then takes the full pass).  Machine: "
              f"{meta['machine']}; times are noisy, ratios (interleaved) less so.  "
              f"{meta['date']}, torch {meta['torch']}, {meta['threads']} threads.", ""]
@@ -136,7 +173,7 @@ def write(results: list[dict]):
                          f"{fmt(w['set_mean'], '.0f')} | {fmt(w['set_max'], 'd')} | {w['over_cap']} | "
                          f"{fmt(w['err'], '.1e')} |")
         lines.append("")
-    atomic_write_text(RESULTS / "kde_index.md", "\n".join(lines) + "\n")
+    atomic_write_text(RESULTS / f"{name}.md", "\n".join(lines) + "\n")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -153,7 +190,7 @@ def write(results: list[dict]):
     ax[0].set_ylabel("indexed time / full pass")
     ax[1].set_ylabel("indexed time (s), B = 16")
     fig.tight_layout()
-    fig.savefig(RESULTS / "kde_index_nsweep.png", dpi=100)
+    fig.savefig(RESULTS / f"{name}_nsweep.png", dpi=100)
 
 
 def test_index_small(benchmark):
@@ -170,14 +207,19 @@ def main():
     ap.add_argument("--n", default="50000,200000,1000000")
     ap.add_argument("--exact-queries", default="4,2,1", help="queries checked against float64, per N")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--rank", type=int, default=128, help="the index rank (results: kde_index_r<rank>.* unless 128)")
+    ap.add_argument("--ranks", default=None, help="e.g. 32,64,128,256: set sizes by index rank at the first N")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     ns = [int(v) for v in a.n.split(",")]
     eq = [int(v) for v in a.exact_queries.split(",")]
     data = np.load(build_dataset(default_path()), mmap_mode="r")
-    results = [run_n(data, n, eq[min(i, len(eq) - 1)]) for i, n in enumerate(ns)]
-    write(results)
+    if a.ranks:
+        write_ranks(rank_sweep(data, ns[0], [int(v) for v in a.ranks.split(",")]), meta_info())
+        return
+    results = [run_n(data, n, eq[min(i, len(eq) - 1)], a.rank) for i, n in enumerate(ns)]
+    write(results, "kde_index" if a.rank == 128 else f"kde_index_r{a.rank}")
 
 
 if __name__ == "__main__":
