@@ -9,7 +9,9 @@ RK4 400 steps for mog) of ``--batch`` test samples (noise seed ``--seed + 1``) o
   gits         GITS as the reference does it (iPNDM teacher, 61-point rho=7 grid, dev, gamma 1.15);
   gits_refine  the same DP path refined by the solver's own error (``refine=True``);
   sweep        gamma picked from ``gs.gits.GAMMAS`` by the solver's error to the teacher;
-  sweep_refine that path refined (``gamma=GAMMAS, refine=True``: the recommended setting).
+  sweep_refine that path refined (``gamma=GAMMAS, refine=True``: the recommended setting);
+  gits_t120 / gits_w64 / gits_w1024 / gits_l2  the reference search with 120 teacher steps, 64 or
+               1024 warm-up samples, or the l2 metric (``--variants`` picks; not run by default).
 
 GITS searches use ``--num-warmup`` teacher samples from seed ``--seed`` (disjoint from the test
 noise); the gamma pick and the refinement judge on the first 64 of them.  Writes
@@ -41,7 +43,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from nfe_quality import build_model, class_labels, draw_subset, machine  # noqa: E402
 
 VARIANTS = {"edm": None, "gits": dict(gamma=1.15), "gits_refine": dict(gamma=1.15, refine=True),
-            "sweep": dict(gamma=gs.gits.GAMMAS), "sweep_refine": dict(gamma=gs.gits.GAMMAS, refine=True)}
+            "sweep": dict(gamma=gs.gits.GAMMAS), "sweep_refine": dict(gamma=gs.gits.GAMMAS, refine=True),
+            # probes of the reference search: a finer teacher grid, other warm-up counts, another metric
+            "gits_t120": dict(gamma=1.15, teacher_steps=120), "gits_w64": dict(gamma=1.15, num_warmup=64),
+            "gits_w1024": dict(gamma=1.15, num_warmup=1024), "gits_l2": dict(gamma=1.15, metric="l2")}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -49,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--models", default="network,gaussian,mog")
     p.add_argument("--solvers", default="ipndm,euler,dpmpp")
     p.add_argument("--nfes", default="5,6,8")
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default="edm,gits,gits_refine,sweep,sweep_refine")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--num-warmup", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
@@ -111,8 +116,8 @@ def main(argv=None) -> int:
                     if VARIANTS[v] is None:
                         sigmas, record = gs.schedules.polynomial(steps), {}
                     else:
-                        s = gs.gits.search(denoiser, shape, steps, solver=solver, num_warmup=args.num_warmup,
-                                           seed=args.seed, **VARIANTS[v])
+                        s = gs.gits.search(denoiser, shape, steps, solver=solver,
+                                           **{"num_warmup": args.num_warmup, "seed": args.seed, **VARIANTS[v]})
                         sigmas, record = s.sigmas, {"indices": s.indices, "gamma": s.gamma,
                                                     "refinement": s.params.get("refinement")}
                     search_s = time.perf_counter() - t0
