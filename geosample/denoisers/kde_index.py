@@ -84,11 +84,13 @@ def _rho(norm2: torch.Tensor, proj2: torch.Tensor, dim: int, rank: int):
     return rho, err * (1 + 1e-6) + 4 * U32 * rho          # + the float32 rounding of the stored rho
 
 
-def _rho_interval(norm2: torch.Tensor, z: torch.Tensor, ez: torch.Tensor):
+def _rho_interval(norm2: torch.Tensor, z: torch.Tensor, ez: torch.Tensor, dim: int):
     """(rho, e) for rows whose z = P^T v is known to |dz| <= ez: rho^2 = |v|^2 - |z*|^2 with
-    |z*| in [|z| - ez, |z| + ez]; rho the interval's midpoint, e its half-width (float64)."""
+    |z*| in [|z| - ez, |z| + ez] (|v|^2 = norm2, a float64 sum of ``dim`` squares); rho the
+    interval's midpoint, e its half-width (float64)."""
     zn = z.norm(dim=1)
-    slack = 8 * U64 * norm2 + 1e-300                                          # float64 rounding of the norms
+    ez = ez + (z.shape[1] + 2) * U64 * zn                                     # the float64 rounding of |z|
+    slack = 4 * U64 * ((dim + 4) * norm2 + (zn + ez).square()) + 1e-300      # ... of |v|^2, the squares, differences
     hi = (norm2 - (zn - ez).clamp(min=0).square() + slack).clamp(min=0).sqrt()
     lo = (norm2 - (zn + ez).square() - slack).clamp(min=0).sqrt()
     return 0.5 * (hi + lo), 0.5 * (hi - lo) * (1 + 1e-6)
@@ -119,9 +121,10 @@ class KDEIndex:
     """Projection index of a :class:`~geosample.denoisers.kde.Store` (see the module docstring).
 
     basis [D, r] float64 (orthonormal), vecs [N, r + 7] float32: per row the GEMM columns
-    (z_i [r], rho_i, |v_i|, ez_i, er_i, |v_i| + ez_i + er_i, -t_i / 2, -1 / 2).  ``tol``: the weight a certified set may leave out, relative to
-    the total; ``max_fraction``: the largest certified set, as a fraction of N, evaluated through
-    the index (larger ones take the full streaming pass); ``probe``: rows re-scored in float64 to
+    (z_i [r], rho_i, |v_i|, ez_i, er_i, |v_i| + ez_i + er_i, -t_i / 2, -1 / 2).  ``tol``: the
+    weight a certified set may leave out, relative to the total; ``max_fraction``: the largest
+    certified set, as a fraction of N, evaluated through the index (larger ones take the full
+    streaming pass); ``probe``: rows re-scored in float64 to
     set the threshold.  One shard of a dataset split across processes: ``n_total`` rows in all and
     ``reduce_min(t [B] float64) -> [B]``, the elementwise minimum over the shards (a collective,
     called once per :meth:`solve` on every shard), so that every shard certifies against the
@@ -133,7 +136,8 @@ class KDEIndex:
             raise ValueError(f"tol must be in (0, 1), got {tol!r}")
         if not 0 < max_fraction <= 1:
             raise ValueError(f"max_fraction must be in (0, 1], got {max_fraction!r}")
-        if n_total is not None and (isinstance(n_total, bool) or not isinstance(n_total, int) or n_total < vecs.shape[0]):
+        if n_total is not None and (isinstance(n_total, bool) or not isinstance(n_total, int)
+                                    or n_total < vecs.shape[0]):
             raise ValueError(f"n_total must be an int >= this index's {vecs.shape[0]} rows, got {n_total!r}")
         self.basis, self.vecs = basis, vecs
         self.rank = basis.shape[1]
@@ -184,7 +188,7 @@ class KDEIndex:
         c_r = (r + 32) * U32
         vecs = torch.empty(store.n, r + 7)
         w = torch.full((store.dim,), store.offset, dtype=torch.float64) - store.center    # y - c = scale q + w
-        shift, p32, wn = w @ basis, basis.float(), float(w.norm())
+        shift, p32, wn, root_d = w @ basis, basis.float(), float(w.norm()), math.sqrt(store.dim)
         blk = min(BUILD_BLOCK, store.dim)
         rate = math.sqrt(r) * (blk * U32 / (1 - blk * U32) + 2 * U32) * (1 + 1e-6)
         chunk = max(store.chunk, 4096)
@@ -194,8 +198,10 @@ class KDEIndex:
             norm2 = 2 * store.hy2[a:b]                                         # hy2 = |y_i - c|^2 / 2
             vn, qn = norm2.sqrt(), norm2.sqrt() + wn                           # qn >= |scale q_i|
             z = _blocked_mm(q, p32).mul_(store.scale).add_(shift)              # P^T (y_i - c)
-            ez = rate * qn + 8 * U64 * math.sqrt(r) * (qn + wn)                # + the float64 scaling and shift
-            rho, er = _rho_interval(norm2, z, ez)
+            # + the float64 shift P^T w, scaling and sum, and the rounding of y = scale q + offset as stored
+            ez = (rate * qn + (store.dim + 8) * U64 * math.sqrt(r) * (qn + wn)
+                  + 2 * U64 * (qn + root_d * abs(store.offset)))
+            rho, er = _rho_interval(norm2, z, ez, store.dim)
             vecs[a:b] = torch.cat([z, torch.stack([rho, vn, ez, er, vn + ez + er, -0.5 * (1 - c_r) * norm2,
                                                    torch.full_like(vn, -0.5)], 1)], 1)
         return basis, vecs
