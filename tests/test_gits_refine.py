@@ -7,6 +7,7 @@ from hypothesis import given, settings, strategies as st
 
 import geosample as gs
 from geosample.gits.refine import coordinate_descent
+from test_gits import Counting  # tests/ is on sys.path, as for triton_script
 
 SMALL = dict(teacher_steps=20, num_warmup=12, batch_size=6)
 SHAPE = (3, 4, 4)
@@ -16,15 +17,6 @@ SHAPE = (3, 4, 4)
 def mixture():
     g = torch.Generator().manual_seed(0)
     return gs.GaussianMixtureDenoiser(0.5 * torch.randn(5, *SHAPE, generator=g, dtype=torch.float64), 0.3)
-
-
-class Counting:
-    def __init__(self, d):
-        self.d, self.calls = d, 0
-
-    def __call__(self, x, sigma):
-        self.calls += 1
-        return self.d(x, sigma)
 
 
 def _is_local_minimum(error, path) -> bool:
