@@ -164,3 +164,35 @@ def test_build_is_seeded():
 def test_bad_options(options, word):
     with pytest.raises(ValueError, match=word):
         KDEDenoiser(clustered(n=200, d=8), index=dict(cache=False, **options))
+
+
+def test_cache_key_sees_an_edited_row_outside_the_sampled_ones(tmp_path):
+    """Editing one row that the key's 64 seeded rows miss is another dataset: no stale index."""
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(30, 48, generator=g)
+    y = centres[torch.randint(0, 30, (3000,), generator=g)] + 0.05 * torch.randn(3000, 48, generator=g)
+    KDEDenoiser(y, index=dict(cache=tmp_path, rank=48))
+    y2 = y.clone()
+    y2[1] = centres[0] + 0.05 * torch.randn(48, generator=g)              # row 1: not a sampled row
+    kd = KDEDenoiser(y2, index=dict(cache=tmp_path, rank=48))
+    x = y2[1:2].double() + 0.001 * torch.randn(1, 48, generator=g, dtype=torch.float64)
+    out, st = kd(x, 0.003, return_stats=True)
+    assert rel(out, reference(kd.store, x, torch.full((1,), 0.003 ** -2, dtype=torch.float64))[0]) < 1e-12
+    assert st.argmax.tolist() == [1] and len(list(tmp_path.glob("*.npz"))) == 2
+
+
+def test_queries_and_data_outside_float32_range():
+    """|x - c|^2 beyond float32 (the bound's GEMM would overflow to +inf and drop every row: the
+    full pass takes the query), data near 1e18 (the build's float32 sketch), and data near 1e-22
+    (float32 subnormal products and thresholds): all equal the float64 softmax."""
+    y = clustered(n=600, d=48)
+    x = y[:4].double() + 2.2e18
+    kd = KDEDenoiser(y, index=dict(cache=False, rank=8))
+    out, st = kd(x, 1.0, return_stats=True)
+    assert rel(out, KDEDenoiser(y, backend="reference")(x, 1.0)) < 1e-12 and not bool((st.path == INDEXED).any())
+    for scale, sigma in ((1e18, 1e15), (1e-22, 1e-24)):
+        ys = (clustered(n=600, d=48, k=30).double() * scale).float()
+        kd, ref = KDEDenoiser(ys, index=dict(cache=False, rank=8)), KDEDenoiser(ys, backend="reference")
+        x = near_data(ys, 16, sigma)
+        out, st = kd(x, sigma, return_stats=True)
+        assert rel(out, ref(x, sigma)) < 1e-12, scale

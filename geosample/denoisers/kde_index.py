@@ -22,7 +22,8 @@ within ez_i, er_i of the true ones and z_x, |r_x| within e_x, then
 vectors).  The index keeps per row (z_i, rho_i, |v_i|, ez_i, er_i, |v_i| + ez_i + er_i, -t_i / 2,
 -1 / 2) in float32 (4 (r + 7) bytes), t_i = (1 - c_r) |v_i|^2, so that the right-hand side for a
 block of rows is one float32 GEMM of inner size r + 7 against the query's matching row: a
-certified lower bound on |x - y_i|^2 as the float64 softmax sees it.
+certified lower bound on |x - y_i|^2 as the float64 softmax sees it, up to (r + 16) 2^-149 (the
+absolute error of float32 subnormals, added to the threshold below).
 
 Certified set, per query.  Pass 1 over the index: the ``probe`` rows of smallest L_i; their exact
 float64 distances give d_up >= min_i |x - y_i|^2.  Pass 2: S = {i : L_i <= T},
@@ -34,7 +35,7 @@ reference backend's arithmetic, an online log-sum-exp over chunks of (query, row
 A query whose S would exceed ``max_fraction`` of N (large sigma, where the Cauchy-Schwarz slack
 2 |r_x| rho_i of the bound swamps the softmax width) is handed back to the full streaming pass;
 so are queries for which 2 sigma^2 log(N / tol) >= (|x - c| + max_i |y_i - c|)^2 (every row would
-be kept), before any index work.
+be kept) or (|x - c| + max_i |y_i - c|)^2 > F32_SAFE (the GEMM could overflow), before any index work.
 
 Build: one seeded random subsample (``sample`` rows, random access) for P (a randomized SVD), then one streaming pass
 over the data for v_i, from the rows as stored: z_i = P^T (y_i - c) = scale P^T q_i + P^T (offset - c), the
@@ -69,6 +70,8 @@ BLOCK = 1 << 15                  # index rows per GEMM block of a pass
 KEEP_BOUNDS = 1 << 28            # bytes of pass-1 bounds [B, N] kept for pass 2 (else recomputed)
 EXACT_CHUNK = 1024               # (query, row) pairs per float64 block of the exact evaluation
 BUILD_BLOCK = 512                # coordinates per float32 partial product of the build
+F32_SAFE = 2.0 ** 120            # queries with (|x - c| + max_i |y_i - c|)^2 above this take the full pass (no
+                                 # float32 overflow in the bound's GEMM: no +inf, no NaN)
 
 
 class IndexCacheWarning(UserWarning):
@@ -109,7 +112,7 @@ def _top_directions(ys: torch.Tensor, r: int, gen: torch.Generator, oversample: 
     O(m D (r + p)) instead of the O(m D min(m, D)) of a full SVD.  Any basis keeps the bound
     valid (the caller orthonormalises it in float64); a good one keeps it tight."""
     k = min(r + oversample, *ys.shape)
-    y32 = ys.float()
+    y32 = (ys / ys.abs().amax().clamp(min=1e-300)).float()                 # no float32 overflow or underflow
     basis = torch.linalg.qr(y32 @ torch.randn(ys.shape[1], k, generator=gen)).Q                # [m, k]
     for _ in range(power):
         basis = torch.linalg.qr(y32 @ (y32.T @ basis)).Q
@@ -169,9 +172,12 @@ class KDEIndex:
 
     @staticmethod
     def key(store, rank: int, sample: int, seed: int) -> str:
-        """Content key: shape, storage, affine map, build options and 64 seeded rows as stored."""
+        """Content key: shape, storage, affine map, build options, 64 seeded rows as stored, and the
+        mean and centred norms of every row (float32-rounded: an edited row changes them)."""
         h = hashlib.sha256(repr((FORMAT, store.n, store.shape, store.storage, store.scale, store.offset,
                                  rank, sample, seed)).encode())
+        h.update(store.center.float().numpy().tobytes())
+        h.update(store.hy2.float().numpy().tobytes())
         rows = np.unique(np.random.default_rng(12345).integers(0, store.n, 64).tolist() + [0, store.n - 1])
         for i in rows:
             h.update(store._raw(int(i), int(i) + 1).contiguous().numpy().tobytes())
@@ -264,7 +270,8 @@ class KDEIndex:
         set (path INDEXED), or by ``full(q_subset) -> (D, KDEStats)`` when its set is too large."""
         b, dev = q.xc.shape[0], q.xc.device
         gap = 2.0 * math.log((self.n_total or store.n) / self.tol) / q.inv_s2       # [B] in |x - y|^2 units
-        live = gap < (q.xc.norm(dim=1) + store.radius) ** 2                  # else every row would be kept
+        reach = (q.xc.norm(dim=1) + store.radius) ** 2
+        live = (gap < reach) & (reach <= F32_SAFE)                             # else every row would be kept
         rows, cols, big = self.certify(store, q, gap, live)
         out = torch.zeros_like(q.x64)
         stats = KDEStats(*(torch.zeros(b, dtype=torch.float64, device=dev) for _ in range(2)),
@@ -293,7 +300,8 @@ class KDEIndex:
             d_up[idx], blocks = self._probe(store, sub, qx)
         if self.reduce_min is not None:
             d_up = self.reduce_min(d_up)                                      # the whole dataset's nearest row
-        thr = ((d_up[idx] + gap[idx]) * (1 + 1e-9)).float() * (1 + 4 * U32)  # float32, rounded up
+        # float32, rounded up; + the absolute error of float32 subnormals (products, stored values, thr)
+        thr = ((d_up[idx] + gap[idx]) * (1 + 1e-9) + (self.rank + 16) * 2.0 ** -149).float() * (1 + 4 * U32)
         cap = max(int(self.max_fraction * n), min(self.probe, n))
         count = torch.zeros(len(idx), dtype=torch.long, device=dev)
         rows, cols = [], []
