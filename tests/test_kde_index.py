@@ -160,7 +160,8 @@ def test_build_is_seeded():
 @pytest.mark.parametrize("options, word", [
     (dict(rank=0), "rank"), (dict(sample=True), "sample"), (dict(tol=0.0), "tol"), (dict(tol=1.5), "tol"),
     (dict(max_fraction=0.0), "max_fraction"), (dict(max_fraction=math.nan), "max_fraction"),
-    (dict(n_total=10), "n_total"), (dict(n_total=1e6), "n_total")])
+    (dict(n_total=10), "n_total"), (dict(n_total=1e6), "n_total"), (dict(probe=0), "probe"),
+    (dict(probe=1.5), "probe"), (dict(probe=True), "probe"), (dict(seed=None), "seed"), (dict(seed=1.5), "seed")])
 def test_bad_options(options, word):
     with pytest.raises(ValueError, match=word):
         KDEDenoiser(clustered(n=200, d=8), index=dict(cache=False, **options))

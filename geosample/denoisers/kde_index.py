@@ -139,6 +139,8 @@ class KDEIndex:
             raise ValueError(f"tol must be in (0, 1), got {tol!r}")
         if not 0 < max_fraction <= 1:
             raise ValueError(f"max_fraction must be in (0, 1], got {max_fraction!r}")
+        if isinstance(probe, bool) or not isinstance(probe, int) or probe < 1:
+            raise ValueError(f"probe must be a positive int, got {probe!r}")
         if n_total is not None and (isinstance(n_total, bool) or not isinstance(n_total, int)
                                     or n_total < vecs.shape[0]):
             raise ValueError(f"n_total must be an int >= this index's {vecs.shape[0]} rows, got {n_total!r}")
@@ -158,6 +160,8 @@ class KDEIndex:
         for name, v in (("rank", rank), ("sample", sample)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an int, got {seed!r}")
         folder = None if cache is False else (cache_root() / "kde_index" if cache is True else Path(cache))
         path = folder / f"{cls.key(store, rank, sample, seed)}.npz" if folder is not None else None
         if path is not None and path.exists():
