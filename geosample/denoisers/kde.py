@@ -383,7 +383,8 @@ class KDEDenoiser:
     chunk_size: rows per streamed chunk (memory O(B C + C D), never O(B N)).
     index: True or a dict of :meth:`KDEIndex.build <geosample.denoisers.kde_index.KDEIndex.build>`
     options: exact results from a certified subset of the rows where the posterior is
-    concentrated (path INDEXED = 4, rows left out < 1e-12 of the weight; large sets take the pass).
+    concentrated (path INDEXED = 4, rows left out < 1e-12 of the weight; large sets take the pass);
+    the default rank 128 certifies image data up to sigma ~0.3, ``dict(rank=256)`` up to ~0.5.
     Call: ``D(x, sigma, return_stats=False)`` with x [B, ...] (data's trailing shape) and sigma a
     float or a [B] tensor; returns x's dtype and shape, and (D, KDEStats) with return_stats.
     """
