@@ -43,8 +43,8 @@ first term a float32 GEMM accumulated in float64 over blocks of BUILD_BLOCK coor
 rigorous bound ez_i = scale |q_i| sqrt(r) (gamma_BUILD_BLOCK + 2^-23) (P rounded to float32) on
 its error, and rho_i the midpoint of the interval sqrt(|y_i - c|^2 - |z*|^2), |z*| in
 [|z_i| - ez_i, |z_i| + ez_i], er_i its half-width.  Memory: the index plus one chunk.  Cached on disk under
-``cache_root()/kde_index`` keyed by the data's content (shape, dtype, affine map and a hash of
-seeded sample rows) and the build options; the file carries a checksum, and a file that does not
+``cache_root()/kde_index`` keyed by the data's content (shape, dtype, affine map, a hash of
+seeded sample rows, of the mean and of every row's centred norm) and the build options; the file carries a checksum, and a file that does not
 load or check is a miss, rebuilt with a :class:`IndexCacheWarning`.
 """
 from __future__ import annotations
