@@ -37,15 +37,16 @@ A query whose S would exceed ``max_fraction`` of N (large sigma, where the Cauch
 so are queries for which 2 sigma^2 log(N / tol) >= (|x - c| + max_i |y_i - c|)^2 (every row would
 be kept) or (|x - c| + max_i |y_i - c|)^2 > F32_SAFE (the GEMM could overflow), before any index work.
 
-Build: one seeded random subsample (``sample`` rows, random access) for P (a randomized SVD), then one streaming pass
-over the data for v_i, from the rows as stored: z_i = P^T (y_i - c) = scale P^T q_i + P^T (offset - c), the
-first term a float32 GEMM accumulated in float64 over blocks of BUILD_BLOCK coordinates, with the
+Build: one seeded random subsample (``sample`` rows, random access) for P (a randomized SVD),
+then one streaming pass over the data for v_i, from the rows as stored:
+z_i = P^T (y_i - c) = scale P^T q_i + P^T (offset - c), the first term a float32 GEMM accumulated in float64 over blocks of BUILD_BLOCK coordinates, with the
 rigorous bound ez_i = scale |q_i| sqrt(r) (gamma_BUILD_BLOCK + 2^-23) (P rounded to float32) on
 its error, and rho_i the midpoint of the interval sqrt(|y_i - c|^2 - |z*|^2), |z*| in
-[|z_i| - ez_i, |z_i| + ez_i], er_i its half-width.  Memory: the index plus one chunk.  Cached on disk under
-``cache_root()/kde_index`` keyed by the data's content (shape, dtype, affine map, a hash of
-seeded sample rows, of the mean and of every row's centred norm) and the build options; the file carries a checksum, and a file that does not
-load or check is a miss, rebuilt with a :class:`IndexCacheWarning`.
+[|z_i| - ez_i, |z_i| + ez_i], er_i its half-width.  Memory: the index plus one chunk.  Cached on
+disk under ``cache_root()/kde_index`` keyed by the data's content (shape, dtype, affine map, a hash
+of seeded sample rows, of the mean and of every row's centred norm) and the build options; the
+file carries a checksum, and a file that does not load or check is a miss, rebuilt with a
+:class:`IndexCacheWarning`.
 """
 from __future__ import annotations
 
@@ -275,7 +276,7 @@ class KDEIndex:
         b, dev = q.xc.shape[0], q.xc.device
         gap = 2.0 * math.log((self.n_total or store.n) / self.tol) / q.inv_s2       # [B] in |x - y|^2 units
         reach = (q.xc.norm(dim=1) + store.radius) ** 2
-        live = (gap < reach) & (reach <= F32_SAFE)                             # else every row would be kept
+        live = (gap < reach) & (reach <= F32_SAFE)          # else every row is kept, or the bound could overflow
         rows, cols, big = self.certify(store, q, gap, live)
         out = torch.zeros_like(q.x64)
         stats = KDEStats(*(torch.zeros(b, dtype=torch.float64, device=dev) for _ in range(2)),
