@@ -35,12 +35,15 @@ reference backend's arithmetic, an online log-sum-exp over chunks of (query, row
 A query whose S would exceed ``max_fraction`` of N (large sigma, where the Cauchy-Schwarz slack
 2 |r_x| rho_i of the bound swamps the softmax width) is handed back to the full streaming pass;
 so are queries for which 2 sigma^2 log(N / tol) >= (|x - c| + max_i |y_i - c|)^2 (every row would
-be kept) or (|x - c| + max_i |y_i - c|)^2 > F32_SAFE (the GEMM could overflow), before any index work.
+be kept) or (|x - c| + max_i |y_i - c|)^2 > F32_SAFE (the GEMM could overflow), before any index
+work.  Known looseness: the build's error bound grows with |offset - c| (rows are projected as
+stored, not centred), so data whose mean is far from the origin (|c| >> the spread) get wide
+margins: still exact, but with larger sets.
 
 Build: one seeded random subsample (``sample`` rows, random access) for P (a randomized SVD),
 then one streaming pass over the data for v_i, from the rows as stored:
-z_i = P^T (y_i - c) = scale P^T q_i + P^T (offset - c), the first term a float32 GEMM accumulated in float64 over blocks of BUILD_BLOCK coordinates, with the
-rigorous bound ez_i = scale |q_i| sqrt(r) (gamma_BUILD_BLOCK + 2^-23) (P rounded to float32) on
+z_i = P^T (y_i - c) = scale P^T q_i + P^T (offset - c), the first term a float32 GEMM accumulated
+in float64 over blocks of BUILD_BLOCK coordinates, with the rigorous bound ez_i = scale |q_i| sqrt(r) (gamma_BUILD_BLOCK + 2^-23) (P rounded to float32) on
 its error, and rho_i the midpoint of the interval sqrt(|y_i - c|^2 - |z*|^2), |z*| in
 [|z_i| - ez_i, |z_i| + ez_i], er_i its half-width.  Memory: the index plus one chunk.  Cached on
 disk under ``cache_root()/kde_index`` keyed by the data's content (shape, dtype, affine map, a hash
