@@ -43,8 +43,8 @@ margins: still exact, but with larger sets.
 Build: one seeded random subsample (``sample`` rows, random access) for P (a randomized SVD),
 then one streaming pass over the data for v_i, from the rows as stored:
 z_i = P^T (y_i - c) = scale P^T q_i + P^T (offset - c), the first term a float32 GEMM accumulated
-in float64 over blocks of BUILD_BLOCK coordinates, with the rigorous bound ez_i = scale |q_i| sqrt(r) (gamma_BUILD_BLOCK + 2^-23) (P rounded to float32) on
-its error, and rho_i the midpoint of the interval sqrt(|y_i - c|^2 - |z*|^2), |z*| in
+in float64 over blocks of BUILD_BLOCK coordinates, with the rigorous bound
+ez_i = scale |q_i| sqrt(r) (gamma_BUILD_BLOCK + 2^-23) (P rounded to float32) on its error, and rho_i the midpoint of the interval sqrt(|y_i - c|^2 - |z*|^2), |z*| in
 [|z_i| - ez_i, |z_i| + ez_i], er_i its half-width.  Memory: the index plus one chunk.  Cached on
 disk under ``cache_root()/kde_index`` keyed by the data's content (shape, dtype, affine map, a hash
 of seeded sample rows, of the mean and of every row's centred norm) and the build options; the
