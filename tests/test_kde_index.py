@@ -197,3 +197,17 @@ def test_queries_and_data_outside_float32_range():
         x = near_data(ys, 16, sigma)
         out, st = kd(x, sigma, return_stats=True)
         assert rel(out, ref(x, sigma)) < 1e-12, scale
+
+
+@pytest.mark.parametrize("offset", [1e2, 1e4, 1e6])
+def test_far_from_origin_data_keep_tight_sets(offset):
+    """The build centres the stored rows before its float32 GEMM: a mean far from the origin does
+    not widen the margins (offset 100 gave sets of a whole 100-row cluster before)."""
+    y = clustered(n=3000, d=48, k=30, spread=0.05, offset=offset)
+    kd = KDEDenoiser(y, index=dict(cache=False, rank=16))
+    x = near_data(kd.store.gather64(torch.arange(kd.store.n)), 16, 0.003)
+    q = Query.prepare(kd.store, x, torch.full((16,), 0.003, dtype=torch.float64) ** -2)
+    _, cols, _ = kd.index.certify(kd.store, q, 2 * math.log(3000 / 1e-12) / q.inv_s2)
+    assert torch.bincount(cols, minlength=16).median() <= 2
+    out, st = kd(x, 0.003, return_stats=True)
+    assert bool((st.path == INDEXED).all()) and rel(out, reference(kd.store, x, q.inv_s2)[0]) < 1e-12

@@ -36,16 +36,16 @@ A query whose S would exceed ``max_fraction`` of N (large sigma, where the Cauch
 2 |r_x| rho_i of the bound swamps the softmax width) is handed back to the full streaming pass;
 so are queries for which 2 sigma^2 log(N / tol) >= (|x - c| + max_i |y_i - c|)^2 (every row would
 be kept) or (|x - c| + max_i |y_i - c|)^2 > F32_SAFE (the GEMM could overflow), before any index
-work.  Known looseness: the build's error bound grows with |offset - c| (rows are projected as
-stored, not centred), so data whose mean is far from the origin (|c| >> the spread) get wide
-margins: still exact, but with larger sets.
+work.
 
 Build: one seeded random subsample (``sample`` rows, random access) for P (a randomized SVD),
-then one streaming pass over the data for v_i, from the rows as stored:
-z_i = P^T (y_i - c) = scale P^T q_i + P^T (offset - c), the first term a float32 GEMM accumulated
-in float64 over blocks of BUILD_BLOCK coordinates, with the rigorous bound
-ez_i = scale |q_i| sqrt(r) (gamma_BUILD_BLOCK + 2^-23) (P rounded to float32) on its error, and rho_i the midpoint of the interval sqrt(|y_i - c|^2 - |z*|^2), |z*| in
-[|z_i| - ez_i, |z_i| + ez_i], er_i its half-width.  Memory: the index plus one chunk.  Cached on
+then one streaming pass over the data for v_i, from the rows as stored, centred in float32 on the
+mean in stored units m: z_i = P^T (y_i - c) = scale P^T (q_i - m) + P^T w (w = scale m + offset - c,
+tiny), the first term a float32 GEMM accumulated in float64 over blocks of BUILD_BLOCK coordinates,
+with the rigorous bound ez_i = scale |q_i - m| (sqrt(r) (gamma_BUILD_BLOCK + 2^-23) + 2^-24) (P and
+the centring rounded to float32) on its error (so data far from the origin lose nothing), and
+rho_i the midpoint of the interval sqrt(|y_i - c|^2 - |z*|^2), |z*| in [|z_i| - ez_i, |z_i| + ez_i],
+er_i its half-width.  Memory: the index plus one chunk.  Cached on
 disk under ``cache_root()/kde_index`` keyed by the data's content (shape, dtype, affine map, a hash
 of seeded sample rows, of the mean and of every row's centred norm) and the build options; the
 file carries a checksum, and a file that does not load or check is a miss, rebuilt with a
@@ -201,20 +201,23 @@ class KDEIndex:
         basis = torch.linalg.qr(_top_directions(ys, r, g)).Q.contiguous()   # orthonormal to float64 rounding
         c_r = (r + 32) * U32
         vecs = torch.empty(store.n, r + 7)
-        w = torch.full((store.dim,), store.offset, dtype=torch.float64) - store.center    # y - c = scale q + w
+        m32 = ((store.center - store.offset) / store.scale).float()         # the mean in stored units
+        w = m32.double() * store.scale + store.offset - store.center          # y - c = scale (q - m32) + w
         shift, p32, wn, root_d = w @ basis, basis.float(), float(w.norm()), math.sqrt(store.dim)
+        big = float(store.center.norm()) + root_d * abs(store.offset)         # the size float64 rounds against
         blk = min(BUILD_BLOCK, store.dim)
-        rate = math.sqrt(r) * (blk * U32 / (1 - blk * U32) + 2 * U32) * (1 + 1e-6)
+        rate = math.sqrt(r) * (blk * U32 / (1 - blk * U32) + 2 * U32) * (1 + 1e-6) + U32
         chunk = max(store.chunk, 4096)
         buf = torch.empty(chunk, store.dim)                                  # reused: no page faults per chunk
         for a, b in store.ranges(chunk=chunk):
-            q = buf[: b - a].copy_(store._raw(a, b))                         # exact: uint8 / float16 / float32
+            q = buf[: b - a].copy_(store._raw(a, b)).sub_(m32)               # centred in float32 (rounded)
             norm2 = 2 * store.hy2[a:b]                                         # hy2 = |y_i - c|^2 / 2
-            vn, qn = norm2.sqrt(), norm2.sqrt() + wn                           # qn >= |scale q_i|
+            vn = norm2.sqrt()
+            qn = (vn + wn) * (1 + 2 * U32)                                     # >= scale |q_i - m32| and |q'_i|
             z = _blocked_mm(q, p32).mul_(store.scale).add_(shift)              # P^T (y_i - c)
-            # + the float64 shift P^T w, scaling and sum, and the rounding of y = scale q + offset as stored
-            ez = (rate * qn + (store.dim + 8) * U64 * math.sqrt(r) * (qn + wn)
-                  + 2 * U64 * (qn + root_d * abs(store.offset)))
+            # products, P in float32 and the centring's rounding (rate); the float64 shift, scaling
+            # and sum; w and y = scale q + offset as stored, rounded against the mean's size
+            ez = rate * qn + (store.dim + 8) * U64 * math.sqrt(r) * (qn + wn) + 6 * U64 * (vn + big)
             rho, er = _rho_interval(norm2, z, ez, store.dim)
             vecs[a:b] = torch.cat([z, torch.stack([rho, vn, ez, er, vn + ez + er, -0.5 * (1 - c_r) * norm2,
                                                    torch.full_like(vn, -0.5)], 1)], 1)
