@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from ..kernels.online_softmax import Partial, exp_weights, merge
-from .kde_stats import EXACT, FAST, FULL64, MIXED, KDEStats, put_rows
+from .kde_stats import EXACT, FAST, FULL64, MIXED, KDEStats, candidate_sq_dists, put_rows
 
 __all__ = ["KDEDenoiser", "KDEStats", "EXACT", "MIXED", "FULL64", "FAST"]
 
@@ -290,8 +290,7 @@ def rescore(store: Store, q: Query, part: Partial):
     """Exact float64 result from the streamed state (see the module docstring, step 3):
     (D [B, D] float64, KDEStats, mask of the queries that need a FULL64 pass)."""
     y = store.gather64(part.top_i)                                 # [B, k, D] as stored
-    # [B, k] |x - y_i|^2 from direct differences (no [B, k, D] temporary)
-    d2 = torch.cdist(q.x64[:, None, :], y, compute_mode="donot_use_mm_for_euclid_dist")[:, 0].square()
+    d2 = candidate_sq_dists(q.x64, y)
     pad = torch.isinf(part.top_v)                                  # ranges shorter than k
     exact = (-0.5 * d2 * q.inv_s2[:, None]).masked_fill_(pad, -math.inf)    # -|x - y_i|^2 / (2 sigma^2)
     best = exact.amax(1)

@@ -63,7 +63,7 @@ import numpy as np
 import torch
 
 from .._io import atomic_write, cache_root
-from .kde_stats import INDEXED, KDEStats, put_rows
+from .kde_stats import INDEXED, KDEStats, candidate_sq_dists, put_rows
 
 __all__ = ["KDEIndex", "IndexCacheWarning", "INDEXED"]
 
@@ -153,7 +153,7 @@ class KDEIndex:
         self.tol, self.max_fraction, self.probe = tol, max_fraction, probe
         self.n_total, self.reduce_min = n_total, reduce_min
         self.c_r = (self.rank + 32) * U32
-        self._copies = {vecs.device: vecs}
+        self._copies = {vecs.device: (basis, vecs)}
 
     # ---------------------------------------------------------------- build and cache
     @classmethod
@@ -253,21 +253,21 @@ class KDEIndex:
     def _lower_bounds(self, qx: torch.Tensor, a: int, b: int) -> torch.Tensor:
         """[B, b - a]: certified lower bounds L_i on |x - y_i|^2 for rows a..b (one GEMM; float64
         where float32 matmuls may be rounded to TF32 / bfloat16)."""
-        vecs = self._vecs_on(qx.device)
+        vecs = self._on(qx.device)[1]
         ieee = torch.get_float32_matmul_precision() == "highest" and not (
             qx.is_cuda and torch.backends.cuda.matmul.allow_tf32)
         return torch.mm(qx, vecs[a:b].T) if ieee else torch.mm(qx.double(), vecs[a:b].T.double())
 
-    def _vecs_on(self, device) -> torch.Tensor:
-        """The index rows on ``device`` (copied once)."""
+    def _on(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(basis, vecs) on ``device`` (copied once)."""
         if device not in self._copies:
-            self._copies[device] = self.vecs.to(device)
+            self._copies[device] = (self.basis.to(device), self.vecs.to(device))
         return self._copies[device]
 
     def _query_cols(self, store, q):
         """Per query the GEMM row -2 [z_x, |r_x|, c_r |v_x|, |z_x|, |r_x|, e_x, 1, t_x] (float32),
         t_x = (1 - c_r) |v_x|^2, against the rows' columns (module docstring)."""
-        zx = q.xc @ self.basis.to(q.xc.device)
+        zx = q.xc @ self._on(q.xc.device)[0]
         xn2 = q.xc.square().sum(1)
         rx, ex = _rho(xn2, zx.square().sum(1), store.dim, self.rank)
         zn = zx.norm(dim=1)
@@ -281,8 +281,7 @@ class KDEIndex:
         set (path INDEXED), or by ``full(q_subset) -> (D, KDEStats)`` when its set is too large."""
         b, dev = q.xc.shape[0], q.xc.device
         gap = 2.0 * math.log((self.n_total or store.n) / self.tol) / q.inv_s2       # [B] in |x - y|^2 units
-        reach = (q.xc.norm(dim=1) + store.radius) ** 2
-        live = (gap < reach) & (reach <= F32_SAFE)          # else every row is kept, or the bound could overflow
+        live = gap < (q.xc.norm(dim=1) + store.radius) ** 2                  # else every row would be kept
         rows, cols, big = self.certify(store, q, gap, live)
         out = torch.zeros_like(q.x64)
         stats = KDEStats(*(torch.zeros(b, dtype=torch.float64, device=dev) for _ in range(2)),
@@ -299,9 +298,12 @@ class KDEIndex:
 
     def certify(self, store, q, gap, live=None):
         """(row ids, query ids) of every (query, row) pair in the certified sets of the ``live``
-        queries (default all), and the mask of the queries whose set exceeds max_fraction N."""
+        queries (default all), and the mask of the queries whose set exceeds max_fraction N or
+        whose bound could overflow float32 ((|x - c| + max_i |y_i - c|)^2 > F32_SAFE)."""
         b, n, dev = q.xc.shape[0], store.n, q.xc.device
         live = torch.ones(b, dtype=torch.bool, device=dev) if live is None else live
+        unsafe = live & ((q.xc.norm(dim=1) + store.radius) ** 2 > F32_SAFE)
+        live = live & ~unsafe
         idx = live.nonzero()[:, 0]
         d_up = torch.full((b,), math.inf, dtype=torch.float64, device=dev)
         sub = q.select(idx)
@@ -327,7 +329,7 @@ class KDEIndex:
             cols.append(qi[keep])
             if bool((count > cap).all()):
                 break                                                         # every set is too large: the full pass
-        big = torch.zeros(b, dtype=torch.bool, device=dev)
+        big = unsafe.clone()
         big[idx] = count > cap
         empty = torch.zeros(0, dtype=torch.long, device=dev)
         rows, cols = (torch.cat(rows), idx[torch.cat(cols)]) if rows else (empty, empty)
@@ -349,7 +351,7 @@ class KDEIndex:
             blocks.append((a, v[:, 0], lb if lb.element_size() * b * n <= KEEP_BOUNDS else None))
             best_v, j = torch.cat([best_v.to(v.dtype), v], 1).topk(k, dim=1, largest=False)
             best_i = torch.cat([best_i, i + a], 1).gather(1, j)
-        return _sq_dist(q.x64, store.gather64(best_i)).amin(1), blocks
+        return candidate_sq_dists(q.x64, store.gather64(best_i)).amin(1), blocks
 
     def _exact(self, store, q, rows, cols, b):
         """Float64 softmax of each query over its certified rows, pair by pair (direct differences,
@@ -389,8 +391,3 @@ class KDEIndex:
         return (torch.where(has[:, None], s / z.clamp(min=1e-300)[:, None], 0.0),
                 KDEStats(log_mass + 0.5 * q.x64.square().sum(1) * q.inv_s2,
                          torch.where(has, z ** 2 / z2.clamp(min=1e-300), 0.0), arg, log_mass, path))
-
-
-def _sq_dist(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """|x_b - y_bj|^2 [B, K] in float64 from direct differences (x [B, D], y [B, K, D])."""
-    return torch.cdist(x[:, None, :], y, compute_mode="donot_use_mm_for_euclid_dist")[:, 0].square()
