@@ -340,3 +340,17 @@ def test_auto_index_is_built_at_the_first_small_sigma(monkeypatch, tmp_path):
     assert kd.index is not None and bool((st.path == INDEXED).all())
     assert kd.index.report()["hit_rate"] == 1.0 and kd.index.report()["build_s"] > 0
     assert rel(out, off(x, 0.01)) < 1e-12
+
+
+def test_rank_follows_the_data():
+    """Rows on a 10-dimensional subspace get a rank-10 index (no fine level, 4 * 17 bytes a row),
+    exact all the same; full-rank rows get the default ranks 128 / 256."""
+    g = torch.Generator().manual_seed(9)
+    low = (torch.randn(3000, 10, generator=g) @ torch.randn(10, 400, generator=g)).float()
+    kd = KDEDenoiser(low, index=dict(cache=False))
+    assert (kd.index.rank, kd.index.fine_rank, kd.index.fine) == (10, 10, None)
+    x = near_data(low, 4, 0.01)
+    out, st = kd(x, 0.01, return_stats=True)
+    assert bool((st.path == INDEXED).all()) and rel(out, reference(kd.store, x, torch.full((4,), 1e4, dtype=torch.float64))[0]) < 1e-12
+    full = KDEDenoiser(torch.rand(3000, 400, generator=g), index=dict(cache=False)).index
+    assert (full.rank, full.fine_rank) == (128, 256)

@@ -184,7 +184,7 @@ class Store:
         y = out[: b - a].copy_(self._raw(a, b))
         return y.mul_(self.scale).add_(self.offset) if self.storage == "uint8" else y
 
-    def _blocks(self):
+    def blocks64(self):
         """Row ranges of SETUP_BYTES of float64: the setup passes stay in cache (4 MB blocks run
         them ~3x faster than chunks of thousands of rows, which stream every temporary through DRAM)."""
         return self.ranges(chunk=max(1, SETUP_BYTES // (8 * self.dim)))
@@ -192,8 +192,8 @@ class Store:
     def _mean(self):
         """The float64 mean of the rows as stored (uint8: in stored units, exactly, then mapped)."""
         total = torch.zeros(self.dim, dtype=torch.float64)
-        buf = torch.empty(self._blocks()[0][1], self.dim, dtype=torch.float64)    # reused: no page faults
-        for a, b in self._blocks():
+        buf = torch.empty(self.blocks64()[0][1], self.dim, dtype=torch.float64)    # reused: no page faults
+        for a, b in self.blocks64():
             q = buf[: b - a].copy_(self._raw(a, b))
             if self.storage != "uint8" and not bool(torch.isfinite(q).all()):
                 raise ValueError(f"data contains NaN or inf (rows {a}..{b - 1})")
@@ -204,10 +204,10 @@ class Store:
         """|y_i - c|^2 / 2 [N] float64 (uint8: scale^2 |q_i - m|^2 / 2, m = (c - offset) / scale) and
         the radius max_i |y_i - c|."""
         hy2 = torch.empty(self.n, dtype=torch.float64)
-        buf = torch.empty(self._blocks()[0][1], self.dim, dtype=torch.float64)
+        buf = torch.empty(self.blocks64()[0][1], self.dim, dtype=torch.float64)
         m = (self.center - self.offset) / self.scale if self.storage == "uint8" else self.center
         half = 0.5 * self.scale ** 2 if self.storage == "uint8" else 0.5
-        for a, b in self._blocks():
+        for a, b in self.blocks64():
             hy2[a:b] = buf[: b - a].copy_(self._raw(a, b)).sub_(m).square_().sum(1).mul_(half)
         return hy2, math.sqrt(2.0 * float(hy2.max()))
 
@@ -236,14 +236,16 @@ class Store:
             key = (torch.device(device), "centred")
             if key not in self._device_copies:
                 self._device_copies[key] = torch.cat([(self._raw(u, v).double() - self.center).float()
-                                                      for u, v in self._blocks()]).to(device)
+                                                      for u, v in self.blocks64()]).to(device)
             return self._device_copies[key][a:b]
         return (self.on(device)[a:b] if not self.mmap else self._raw(a, b).to(device)).contiguous()
 
     def stream_block(self, a, b, out):
         """y' = q - m for rows a..b (float32, see the class notes) into ``out`` [>= b - a, D]."""
-        q = self._raw(a, b).to(out.device) if self.mmap else self.on(out.device)[a:b]
-        return torch.sub(q, self.on(out.device, self.m32), out=out[: b - a])
+        q, m = self._raw(a, b).to(out.device) if self.mmap else self.on(out.device)[a:b], self.on(out.device, self.m32)
+        if q.dtype == torch.float32:
+            return torch.sub(q, m, out=out[: b - a])
+        return out[: b - a].copy_(q).sub_(m)          # (a mixed-dtype sub takes the slow casting path: 2x)
 
     def block_rows(self) -> int:
         """Rows per block of the streaming pass: ``chunk``, at most STREAM_BYTES of float32 (the
@@ -434,7 +436,7 @@ def reference(store: Store, x64: torch.Tensor, inv_s2: torch.Tensor):
     b, dev = x64.shape[0], x64.device
     near = torch.full((b,), math.inf, dtype=torch.float64, device=dev)
     arg = torch.zeros(b, dtype=torch.long, device=dev)
-    for a, e in store.ranges():
+    for a, e in store.blocks64():
         d2 = torch.cdist(x64, store.rows64(a, e).to(dev), compute_mode="donot_use_mm_for_euclid_dist")
         cm, ci = d2.min(1)
         arg = torch.where(cm < near, ci + a, arg)
@@ -443,7 +445,7 @@ def reference(store: Store, x64: torch.Tensor, inv_s2: torch.Tensor):
     m = torch.full((b,), -math.inf, dtype=torch.float64, device=dev)
     z, z2 = torch.zeros_like(m), torch.zeros_like(m)
     s = torch.zeros_like(x64)
-    for a, e in store.ranges():
+    for a, e in store.blocks64():
         y = store.rows64(a, e).to(dev)
         l = torch.stack([anchored_logits(x64[i:i + 1], y.clone()[None], anchor[i:i + 1])[0] for i in range(b)])
         l.mul_(inv_s2[:, None])
@@ -581,28 +583,31 @@ class KDEDenoiser:
         top_v, s; :func:`to_centred`)."""
         st, inv = self.store, q.inv.float()
         xs64 = q.xc * q.inv[:, None]                                       # (x - c) / sigma^2, capped
-        xs = q.scaled32(st.scale)
+        xs, w = q.scaled32(st.scale), st.w.to(xs64.device)
         mm_dtype = torch.bfloat16 if self.precision == "fast" else torch.float32
-        run = lambda a, e: stream(st, xs, inv, a, e, k, mm_dtype)  # noqa: E731
+
+        def rows(a, e):                                                    # the torch pass over rows a..e, in y'
+            return stream(st, xs, inv, a, e, k, mm_dtype)
         if backend == "triton":
             from ..kernels import triton_available
             if not triton_available():
                 raise RuntimeError("backend='triton' needs Triton and a CUDA device (or TRITON_INTERPRET=1)")
             from ..kernels.kde_triton import kde_partial
             # the kernels read y - c - wk: centred float32 copies, or scale q + shift (shift rounded to float32)
-            wk = torch.zeros_like(st.w) if st.storage == "float32" else st.offset - st.center - st.shift("cpu").double()
-            wk = wk.to(xs64.device)
-            fallback = lambda a, e: to_centred(run(a, e), xs64 @ (st.w.to(wk.device) - wk), st.scale,  # noqa: E731
-                                               st.w.to(wk.device) - wk)    # the torch pass in the kernels' terms
+            wk = torch.zeros_like(w) if st.storage == "float32" else (st.offset - st.center - st.shift("cpu").double())
+            wk = wk.to(w.device)
+
+            def fallback(a, e):                                            # the torch pass in the kernels' terms
+                return to_centred(rows(a, e), xs64 @ (w - wk), st.scale, w - wk)
             return to_centred(kde_partial(st, q.scaled32(), inv, k, self.precision, fallback), xs64 @ wk, 1.0, wk)
         n, t = st.n, self.threads
         if xs.shape[0] > 4 or t < 2 or xs.is_cuda or n < 2 * self.chunk_size:
-            part = run(0, n)
+            part = rows(0, n)
         else:
             cut = [round(i * n / t) for i in range(t + 1)]                 # N-split for tiny batches
             with ThreadPoolExecutor(t) as pool:
-                part = merge(list(pool.map(lambda i: run(cut[i], cut[i + 1]), range(t))), k)
-        return to_centred(part, xs64 @ st.w.to(xs64.device), st.scale, st.w)
+                part = merge(list(pool.map(lambda i: rows(cut[i], cut[i + 1]), range(t))), k)
+        return to_centred(part, xs64 @ w, st.scale, w)
 
     def _solve(self, backend: str, q: Query, use_index: bool = True):
         """(D [B, D] float64, KDEStats): the streaming pass, then the exact re-scoring; queries

@@ -74,7 +74,11 @@ FORMAT = 5                       # cache file layout version (and key scheme)
 BLOCK = 1 << 15                  # index rows per GEMM block of a pass
 KEEP_BOUNDS = 1 << 28            # bytes of pass-1 bounds [B, N] kept for pass 2 (else recomputed)
 EXACT_BYTES = 1 << 21            # float64 bytes of (query, row) pairs per block of the exact evaluation (cache)
+BUILD_BYTES = 1 << 22            # float32 bytes of rows per block of the build pass
 BUILD_BLOCK = 512                # coordinates per float32 partial product of the build
+RESIDUAL_FLOOR = 3e-3            # the basis stops where the sample's residual RMS is below this fraction of its
+                                 # RMS (above the float32 SVD's own error, ~1e-3.5 in these units)
+FINE_LIMIT = 2                   # the fine bound refines coarse sets of up to this many times the cap
 SIGMA_SKIP = 4.0                 # queries with sigma above this many sigma_data take the full pass at once
 F32_SAFE = 2.0 ** 120            # queries with (|x - c| + max_i |y_i - c|)^2 above this take the full pass (no
                                  # float32 overflow in the bound's GEMM: no +inf, no NaN)
@@ -114,16 +118,21 @@ def _blocked_mm(q: torch.Tensor, p32: torch.Tensor) -> torch.Tensor:
 
 
 def _top_directions(ys: torch.Tensor, r: int, gen: torch.Generator, oversample: int = 16, power: int = 2):
-    """[D, r]: the top-r right singular vectors of ys [m, D], by a seeded randomized range finder
+    """[D, r']: the top-r' right singular vectors of ys [m, D], by a seeded randomized range finder
     with ``power`` subspace iterations (Halko, Martinsson and Tropp 2011), in float32:
-    O(m D (r + p)) instead of the O(m D min(m, D)) of a full SVD.  Any basis keeps the bound
-    valid (the caller orthonormalises it in float64); a good one keeps it tight."""
+    O(m D (r + p)) instead of the O(m D min(m, D)) of a full SVD; r' <= r stops where the
+    sample's residual RMS falls below RESIDUAL_FLOOR of its RMS (data of lower rank get a smaller
+    index).  Any basis keeps the bound valid (the caller orthonormalises it in float64); a good
+    one keeps it tight."""
     k = min(r + oversample, *ys.shape)
     y32 = (ys / ys.abs().amax().clamp(min=1e-300)).float()                 # no float32 overflow or underflow
     basis = torch.linalg.qr(y32 @ torch.randn(ys.shape[1], k, generator=gen)).Q                # [m, k]
     for _ in range(power):
         basis = torch.linalg.qr(y32 @ (y32.T @ basis)).Q
-    _, _, vh = torch.linalg.svd(basis.T @ y32, full_matrices=False)                              # [k, D]
+    _, sv, vh = torch.linalg.svd(basis.T @ y32, full_matrices=False)                             # [k, D]
+    total = y32.double().square().sum()
+    residual = (total - sv.double().square().cumsum(0)).clamp(min=0) / total
+    r = min(r, int((residual > RESIDUAL_FLOOR ** 2).sum()) + 1)        # no direction past the sample's rank
     return vh[:r].T.double()
 
 
@@ -227,9 +236,9 @@ class KDEIndex:
         m = min(sample, store.n)
         idx = torch.randperm(store.n, generator=g)[:m].sort().values
         ys = store.gather64(idx) - store.center
-        r2 = min(max(rank, fine_rank), m, store.dim)
+        basis = torch.linalg.qr(_top_directions(ys, min(max(rank, fine_rank), m, store.dim), g)).Q.contiguous()
+        r2 = basis.shape[1]                                                  # (orthonormal to float64 rounding)
         r = min(rank, r2)
-        basis = torch.linalg.qr(_top_directions(ys, r2, g)).Q.contiguous()  # orthonormal to float64 rounding
         c_r = (r + 32) * U32
         vecs = torch.empty(store.n, r + 7)
         fine = torch.empty(store.n, r2 - r, dtype=torch.float16) if r2 > r else None
@@ -245,7 +254,7 @@ class KDEIndex:
             rate = math.sqrt(k) * (blk * U32 / (1 - blk * U32) + 2 * U32) * (1 + 1e-6) + U32
             return rate * qn + (store.dim + 8) * U64 * math.sqrt(k) * (qn + wn) + 6 * U64 * (vn + big)
 
-        chunk = max(store.chunk, 4096)
+        chunk = max(64, BUILD_BYTES // (4 * store.dim))                      # the converted block stays in cache
         buf = torch.empty(chunk, store.dim)                                  # reused: no page faults per chunk
         for a, b in store.ranges(chunk=chunk):
             q = buf[: b - a].copy_(store._raw(a, b)).sub_(m32)               # centred in float32 (rounded)
@@ -401,7 +410,7 @@ class KDEIndex:
             qi, ri = (lb <= thr[:, None]).nonzero(as_tuple=True)
             if qf is not None and len(ri):                                    # the fine bound on what the coarse keeps
                 coarse += torch.bincount(qi, minlength=len(idx))
-                hope = coarse[qi] <= 2 * cap                                  # (no fine work on hopeless sets)
+                hope = coarse[qi] <= FINE_LIMIT * cap                         # (no fine work on hopeless sets)
                 qi, ri = qi[hope], ri[hope]
                 uniq, pos = torch.unique(ri, return_inverse=True)
                 fine = self._fine_bounds(qf, uniq + a)
@@ -411,10 +420,10 @@ class KDEIndex:
             keep = count[qi] <= cap
             rows.append(ri[keep] + a)
             cols.append(qi[keep])
-            if bool(((count > cap) | (coarse > 2 * cap)).all()):
+            if bool(((count > cap) | (coarse > FINE_LIMIT * cap)).all()):
                 break                                                         # every set is too large: the full pass
         big = unsafe.clone()
-        big[idx] = (count > cap) | (coarse > 2 * cap)
+        big[idx] = (count > cap) | (coarse > FINE_LIMIT * cap)
         empty = torch.zeros(0, dtype=torch.long, device=dev)
         rows, cols = (torch.cat(rows), idx[torch.cat(cols)]) if rows else (empty, empty)
         keep = ~big[cols]
