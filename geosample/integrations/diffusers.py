@@ -47,6 +47,7 @@ from diffusers.utils import BaseOutput
 from .. import schedules
 from ..denoisers.adapters import EpsDenoiser, FlowDenoiser, flow_to_denoised, vp_to_denoised, _check_prediction_type
 from ..solvers import get_solver
+from ..solvers.base import dynamic_threshold
 from ..solvers.plan import Run, plan
 from ..solvers.sampling import _check_options, check_grid, state_dtype
 
@@ -88,11 +89,41 @@ def _pipeline_steps(sigmas) -> int:
 
 
 def _check_tensors(**tensors) -> None:
-    """TypeError unless each keyword is a tensor."""
+    """TypeError unless each keyword is a floating-point tensor."""
     for name, v in tensors.items():
         if not isinstance(v, torch.Tensor):
             hint = " (a model's output: take .sample or [0])" if name == "model_output" else ""
             raise TypeError(f"{name} must be a torch.Tensor, got {type(v).__name__}{hint}")
+        if not v.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor (float16/bfloat16/float32/float64), got {v.dtype}")
+
+
+def _check_gits_sigmas(gits_sigmas) -> dict:
+    """``{str(steps): [steps + 1 decreasing sigmas]}``, each entry checked (ValueError naming it)."""
+    if not isinstance(gits_sigmas, dict):
+        raise TypeError(f"gits_sigmas must be a dict {{steps: sigmas}}, got {type(gits_sigmas).__name__}")
+    out = {}
+    for k, v in gits_sigmas.items():
+        try:
+            steps = int(k)
+        except (TypeError, ValueError):
+            raise ValueError(f"gits_sigmas keys must be step counts, got {k!r}") from None
+        sigmas = check_grid(torch.as_tensor(v, dtype=torch.float64).flatten())
+        if steps < 1 or str(steps) != str(k).strip() or sigmas.numel() != steps + 1:
+            raise ValueError(f"gits_sigmas[{k!r}] must be a {k}-step schedule ({steps + 1} sigmas), "
+                             f"got {sigmas.numel()} sigmas")
+        out[str(steps)] = sigmas.tolist()
+    return out
+
+
+def _check_clipping(clip_sample_range: float, ratio: float, sample_max_value: float) -> None:
+    if not (math.isfinite(clip_sample_range) and clip_sample_range > 0):
+        raise ValueError(f"clip_sample_range must be a finite number > 0, got {clip_sample_range}")
+    if not 0 < ratio <= 1:
+        raise ValueError(f"dynamic_thresholding_ratio must be in (0, 1], got {ratio}")
+    if not sample_max_value >= 1:
+        raise ValueError(f"sample_max_value must be >= 1 (the threshold s is clamped to [1, sample_max_value]), "
+                         f"got {sample_max_value}")
 
 
 def _is_flow_config(config: dict) -> bool:
@@ -139,7 +170,9 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
                  sigma_max: float | None = None, sigmas: list | None = None, gits_sigmas: dict | None = None,
                  denoise_to_zero: bool = True, use_flow_sigmas: bool = False, shift: float = 1.0,
                  use_dynamic_shifting: bool = False, base_shift: float = 0.5, max_shift: float = 1.15,
-                 base_image_seq_len: int = 256, max_image_seq_len: int = 4096):
+                 base_image_seq_len: int = 256, max_image_seq_len: int = 4096, clip_sample: bool = False,
+                 clip_sample_range: float = 1.0, thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
+                 sample_max_value: float = 1.0, gits_key: str | None = None):
         if use_flow_sigmas != (prediction_type == FLOW):
             raise ValueError(f"use_flow_sigmas=True and prediction_type={FLOW!r} go together (flow matching), got "
                              f"use_flow_sigmas={use_flow_sigmas}, prediction_type={prediction_type!r}")
@@ -157,8 +190,8 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
         if sigmas is not None and not isinstance(sigmas, list):  # a tensor or array: as the list save_pretrained writes
             self._set_config(sigmas=torch.as_tensor(sigmas, dtype=torch.float64).flatten().tolist())
         if gits_sigmas is not None:  # keyed by str(steps) with lists, as save_pretrained writes them
-            self._set_config(gits_sigmas={str(k): torch.as_tensor(v, dtype=torch.float64).flatten().tolist()
-                                          for k, v in gits_sigmas.items()})
+            self._set_config(gits_sigmas=_check_gits_sigmas(gits_sigmas))
+        _check_clipping(clip_sample_range, dynamic_thresholding_ratio, sample_max_value)
         if schedule not in FAMILIES:
             raise ValueError(f"schedule must be one of {FAMILIES}, got {schedule!r}")
         if timestep_spacing not in SPACINGS:
@@ -251,6 +284,15 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
             s = torch.where(t >= len(self.alphas_cumprod) - 1, math.inf, s)
         return s
 
+    def _check_timesteps(self, timesteps) -> torch.Tensor:
+        """Given model timesteps as float64, each within the model's range (ValueError naming the first outside)."""
+        t = torch.as_tensor(timesteps, dtype=torch.float64).cpu().flatten()
+        top = self.config.num_train_timesteps if self.flow else len(self.alphas_cumprod) - 1
+        bad = ~((t >= 0) & (t <= top))
+        if bool(bad.any()):
+            raise ValueError(f"timesteps must lie in [0, {top}] (the model's), got {float(t[bad][0])}")
+        return t
+
     def _sigma_to_t(self, s: torch.Tensor) -> torch.Tensor:
         if self.flow:
             return schedules.sigma_to_flow_t(s) * self.config.num_train_timesteps
@@ -265,7 +307,9 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
         step count not in the config's ``gits_sigmas``, ``gs.gits.search(denoiser, shape, steps,
         **search_options)`` (shape: one sample, e.g. (4, 64, 64), or Flux's packed (tokens, 64);
         sigma_min / sigma_max default to the scheduler's finite range, device to the model's); each
-        result is added to ``gits_sigmas``.  Sets ``schedule="gits"``.  A flow model is called as
+        result is added to ``gits_sigmas``.  Sets ``schedule="gits"``.  The schedules found are keyed
+        (``gits_key``) by the model's fingerprint, ``shape`` and the options: ``use_gits`` with another
+        model or other options drops them (schedules given by hand, with no key, are kept).  A flow model is called as
         ``model(x_t, timestep=t * timestep_scale, **model_kwargs)``; ``timestep_scale`` defaults to
         ``num_train_timesteps`` (SD3); Flux's transformer takes 1.  A model with a ``dtype`` (diffusers'
         models; bf16 / fp16 checkpoints) gets its samples in that dtype; the search runs in float32."""
@@ -279,8 +323,15 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
         else:
             denoiser = EpsDenoiser(lambda x, t, **kw: model(cast(x), t, **kw), self._finite_ac,
                                    self.config.prediction_type, model_kwargs)
-        self._gits = (denoiser, shape, {"device": getattr(model, "device", "cpu"), **search_options})
-        self._set_config(schedule="gits")
+        from .. import gits  # imported lazily: only GITS schedules need the search
+
+        options = {"device": getattr(model, "device", "cpu"), **search_options}
+        key = gits.cache.key({"fingerprint": gits.fingerprint(denoiser, shape, options["device"]), "shape": list(shape),
+                              "options": options})
+        if self.config.gits_key not in (None, key):  # schedules searched on another model or with other options
+            self._set_config(gits_sigmas={})
+        self._gits = (denoiser, shape, options)
+        self._set_config(schedule="gits", gits_key=key)
 
     def _set_config(self, **values) -> None:
         """register_to_config, and the values no longer count as defaults (which from_config would drop)."""
@@ -293,7 +344,8 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
             if self._gits is None:
                 raise ValueError(f"schedule='gits' has no {steps}-step schedule: call scheduler.use_gits(pipe.unet, "
                                  f"shape) first (found so far: {sorted(found, key=int) or 'none'}), or pass sigmas=")
-            from .. import gits  # imported lazily: only GITS schedules need the search
+            from .. import gits
+
             denoiser, shape, options = self._gits
             options = {"sigma_min": lo, "sigma_max": hi, **options}
             found[str(steps)] = [float(v) for v in gits.search(denoiser, shape, steps, **options).sigmas]
@@ -373,7 +425,7 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
         if sigmas is not None:
             grid, given = self._given(sigmas), "sigmas"
         elif timesteps is not None:
-            grid, given = check_grid(torch.cat([self._t_to_sigma(timesteps), zero])), "timesteps"
+            grid, given = check_grid(torch.cat([self._t_to_sigma(self._check_timesteps(timesteps)), zero])), "timesteps"
         elif self.config.sigmas is not None:
             grid, given = self._given(self.config.sigmas), "the config's sigmas"
         if grid is not None:
@@ -504,13 +556,24 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
         return GITSSchedulerOutput(prev_sample=prev_sample, pred_original_sample=denoised)
 
     def _denoised(self, output: torch.Tensor, x: torch.Tensor, sigma: float) -> torch.Tensor:
-        """D from the model output; at sigma = inf, D = -v (v-prediction), the output (sample) or
-        noise - v (flow)."""
+        """D from the model output (at sigma = inf: -v for v-prediction, the output for sample, noise - v
+        for flow), then clipped or thresholded as the config asks (:meth:`clip_denoised`)."""
         if self.flow:
-            return flow_to_denoised(output, x, sigma)
-        if not math.isinf(sigma):
-            return vp_to_denoised(output, x, sigma, self.config.prediction_type)
-        return -output if self.config.prediction_type == "v_prediction" else output
+            return self.clip_denoised(flow_to_denoised(output, x, sigma))
+        return self.clip_denoised(vp_to_denoised(output, x, sigma, self.config.prediction_type))
+
+    def clip_denoised(self, x0: torch.Tensor) -> torch.Tensor:
+        """The prediction of x0 as diffusers' schedulers treat it before a step: ``thresholding``
+        (Imagen's dynamic thresholding: s = the ``dynamic_thresholding_ratio`` quantile of |x0| per
+        sample, clamped to [1, ``sample_max_value``]; x0 -> clamp(x0, -s, s) / s), else ``clip_sample``
+        (x0 -> clamp(x0, -clip_sample_range, clip_sample_range)), else x0 as is.  Every solver then
+        steps with this D (for ``solver="euler"`` that is DDIMScheduler with use_clipped_model_output=True)."""
+        cfg = self.config
+        if cfg.thresholding:
+            return dynamic_threshold(x0, cfg.dynamic_thresholding_ratio, cfg.sample_max_value)
+        if cfg.clip_sample:
+            return x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
+        return x0
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         """x_vp = (x0 + sigma n) / sqrt(1 + sigma^2) per sample, sigma the timestep's (= noise at inf),

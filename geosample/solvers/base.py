@@ -153,9 +153,11 @@ def afs_denoised(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return x * (1.0 - sigma / math.sqrt(1.0 + sigma * sigma))
 
 
-def dynamic_threshold(x0: torch.Tensor, p: float = 0.995) -> torch.Tensor:
-    """Imagen dynamic thresholding: s = max(quantile_p |x0|, 1) per sample, x0 -> clamp(x0, -s, s) / s."""
-    flat = x0.reshape(x0.shape[0], -1).abs().float()
-    s = torch.quantile(flat, p, dim=1).clamp(min=1.0).to(x0.dtype)
+def dynamic_threshold(x0: torch.Tensor, p: float = 0.995, max_value: float = math.inf) -> torch.Tensor:
+    """Imagen dynamic thresholding: s = quantile_p |x0| per sample clamped to [1, max_value],
+    x0 -> clamp(x0, -s, s) / s (the quantile in float32 for half-precision x0, as diffusers does)."""
+    flat = x0.reshape(x0.shape[0], -1).abs()
+    flat = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
+    s = torch.quantile(flat, p, dim=1).clamp(min=1.0, max=max(max_value, 1.0)).to(x0.dtype)
     s = s.reshape(-1, *([1] * (x0.dim() - 1)))
     return torch.maximum(torch.minimum(x0, s), -s) / s
