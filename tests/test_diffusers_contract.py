@@ -229,6 +229,13 @@ def test_clip_sample_and_thresholding_as_ddim(unet, clipping):
     assert (loop(unet, unclipped, _latents(), unclipped.timesteps) - want).abs().max() > 0.05  # clipping acted
 
 
+def test_a_default_ddim_config_keeps_clipping():
+    """DDIMScheduler() clips by default; from_config drops default values, so this must be carried."""
+    assert GITSScheduler.from_config(DDIMScheduler().config).config.clip_sample is True
+    assert GITSScheduler.from_config(DDIMScheduler().config, clip_sample=False).config.clip_sample is False
+    assert GITSScheduler.from_config(DDIMScheduler(clip_sample=False).config).config.clip_sample is False
+
+
 def test_clipping_options_are_checked():
     for bad in ({"clip_sample_range": 0.0}, {"dynamic_thresholding_ratio": 1.5}, {"sample_max_value": 0.5}):
         with pytest.raises(ValueError, match=next(iter(bad))):

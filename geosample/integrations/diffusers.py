@@ -230,8 +230,11 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
         unless ``kwargs`` say otherwise.  Options whose steps it does not reproduce (``invert_sigmas``,
         ``stochastic_sampling``) raise ValueError, and so do those of the source's schedule
         (``shift_terminal``, Karras / exponential / beta sigmas, ``time_shift_type="linear"``) unless
-        ``kwargs`` give ``sigmas`` or another ``schedule``."""
+        ``kwargs`` give ``sigmas`` or another ``schedule``.  The source's ``clip_sample`` is kept even
+        at its default (True for DDIM and DDPM), so such a config clips x0 here as it did there."""
         own = isinstance(config, dict) and (config.get("_class_name") == cls.__name__ or "gits_sigmas" in config)
+        if isinstance(config, dict) and not own and config.get("clip_sample") and "clip_sample" not in kwargs:
+            kwargs["clip_sample"] = True  # DDIM / DDPM clip by default, and from_config drops values left at defaults
         if isinstance(config, dict) and not own and _is_flow_config(config):
             own_schedule = kwargs.get("schedule", "flow") == "flow" and kwargs.get("sigmas") is None
             options = _FLOW_UNSUPPORTED + (_FLOW_SCHEDULE_UNSUPPORTED if own_schedule else ())
@@ -325,6 +328,9 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
                                    self.config.prediction_type, model_kwargs)
         from .. import gits  # imported lazily: only GITS schedules need the search
 
+        if self.config.clip_sample or self.config.thresholding:  # search on the D the steps will use
+            unclipped = denoiser
+            denoiser = lambda x, sigma: self.clip_denoised(unclipped(x, sigma))  # noqa: E731
         options = {"device": getattr(model, "device", "cpu"), **search_options}
         key = gits.cache.key({"fingerprint": gits.fingerprint(denoiser, shape, options["device"]), "shape": list(shape),
                               "options": options})
