@@ -142,6 +142,9 @@ class EDMDenoiser(nn.Module):
         self.net = UNet(channels=self.shape[0], **unet)
 
     def forward(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+            raise TypeError(f"x must be a floating-point tensor, got {got}")
         if x.dim() != 4 or tuple(x.shape[1:]) != self.shape:
             raise ValueError(f"x must have shape [B, {', '.join(map(str, self.shape))}], got {tuple(x.shape)}")
         param = self.net.stem.weight
