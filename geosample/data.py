@@ -17,11 +17,13 @@ the available memory (MemoryError), and a ``.npy`` shorter than its header says.
 """
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import os
 import tarfile
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -103,16 +105,24 @@ def _members(path: Path, limit: int | None, max_member_bytes: int):
     if path.is_dir():
         return [(str(p.relative_to(path)), p.read_bytes()) for p in _image_files(path)[:limit]]
     items, total = [], 0
-    with tarfile.open(path) as tar:
-        for m in tar:
-            if not (m.isfile() and m.name.lower().endswith(IMAGE_SUFFIXES)):
-                continue
-            if m.size > max_member_bytes:
-                raise ValueError(f"{path}: member {m.name!r} inflates to {m.size} bytes, more than "
-                                 f"max_member_bytes={max_member_bytes} (a decompression bomb?)")
-            total += m.size
-            _check_fits(total, f"reading {path} (up to {m.name!r})")
-            items.append((m.name, tar.extractfile(m).read()))
+    try:
+        tar = tarfile.open(path)
+    except tarfile.ReadError:
+        raise ValueError(f"{path} is not a dataset: expected a folder or tar(.gz) of images, or a .npy/.npz "
+                         "array") from None
+    try:
+        with tar:
+            for m in tar:
+                if not (m.isfile() and m.name.lower().endswith(IMAGE_SUFFIXES)):
+                    continue
+                if m.size > max_member_bytes:
+                    raise ValueError(f"{path}: member {m.name!r} inflates to {m.size} bytes, more than "
+                                     f"max_member_bytes={max_member_bytes} (a decompression bomb?)")
+                total += m.size
+                _check_fits(total, f"reading {path} (up to {m.name!r})")
+                items.append((m.name, tar.extractfile(m).read()))
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise ValueError(f"{path} is a damaged archive ({type(e).__name__}: {e})") from None
     return sorted(items)[:limit]
 
 

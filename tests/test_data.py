@@ -204,3 +204,23 @@ def test_archives_that_do_not_fit_in_memory_are_refused_up_front(tmp_path, monke
     monkeypatch.setattr(data, "available_memory", lambda: 100)
     with pytest.raises(MemoryError, match="more than the 0.00 GiB available"):
         data.load_images(tmp_path / "a.tar", progress=False, cache=False)
+
+
+def test_a_file_that_is_no_dataset_is_a_value_error(tmp_path):
+    """--data README.md raised tarfile.ReadError (a traceback in the CLI); a truncated archive EOFError."""
+    text = tmp_path / "README.md"
+    text.write_text("# not images\n")
+    with pytest.raises(ValueError, match="is not a dataset: expected a folder or tar"):
+        data.load_dataset(str(text))
+    good = tmp_path / "imgs.tar.gz"
+    with tarfile.open(good, "w:gz") as tar:
+        for i in range(20):
+            blob = io.BytesIO()
+            Image.fromarray(np.random.default_rng(i).integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(blob, "PNG")
+            info = tarfile.TarInfo(f"{i}.png")
+            info.size = len(blob.getvalue())
+            tar.addfile(info, io.BytesIO(blob.getvalue()))
+    cut = tmp_path / "cut.tar.gz"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(ValueError, match="damaged archive"):
+        data.load_dataset(str(cut))

@@ -8,15 +8,20 @@ HELP = "search a GITS schedule on a dataset's closed-form denoiser, print it and
 
 
 def gammas(text: str):
-    """'1.15' -> 1.15; '0.9,1.0' -> [0.9, 1.0]; 'sweep' -> geosample.gits.GAMMAS."""
+    """'1.15' -> 1.15; '0.9,1.0' -> [0.9, 1.0]; 'sweep' -> geosample.gits.GAMMAS.  A list of whole
+    numbers ('1,15') is refused: it is almost always a decimal comma."""
     from ..gits import GAMMAS
 
     if text == "sweep":
         return list(GAMMAS)
+    parts = [v.strip() for v in text.split(",")]
     try:
-        values = [float(v) for v in text.split(",")]
+        values = [float(v) for v in parts]
     except ValueError:
         raise argparse.ArgumentTypeError(f"gamma must be a number, a comma list of numbers or 'sweep', got {text!r}")
+    if len(values) > 1 and all(v.isdigit() for v in parts):
+        raise argparse.ArgumentTypeError(f"gamma {text!r} reads as the list {values}: write a decimal with a point "
+                                         f"({'.'.join(parts[:2])}), or a list of decimals (0.9,1.0)")
     return values[0] if len(values) == 1 else values
 
 
@@ -25,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..gits.schedule import GRIDS
 
     a = parser.add_argument
-    a("--data", required=True, help="dataset name (e.g. digits, cifar10) or path, as geosample.data.load_dataset takes")
+    a("--data", default="digits", help="dataset name (digits, cifar10) or path (default digits, bundled)")
     a("--steps", type=int, default=5, help="solver steps of the schedule (default 5)")
     a("--solver", default="ipndm", help="solver the schedule is for (judges the AFS step; default ipndm)")
     a("--teacher", default="ipndm", help="teacher solver on the fine grid (default ipndm)")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .._io import atomic_write, atomic_write_text, cache_root, remove_stale_temps
+from .._io import atomic_write, cache_root, remove_stale_temps
 
 from .schedule import GITSSchedule
 
@@ -106,11 +106,21 @@ def get_tensor(kind: str, k: str, shape: tuple, dtype: torch.dtype) -> torch.Ten
     return t
 
 
+def _put(path: Path, write) -> None:
+    """``atomic_write(path, write)``; a cache that cannot be written (``$GEOSAMPLE_CACHE`` a file, the
+    entry's path a folder, a read-only disk) is a :class:`CacheWarning`, never a lost result."""
+    try:
+        remove_stale_temps(path.parent, legacy=True)
+        atomic_write(path, write)
+    except OSError as e:
+        warnings.warn(f"GITS cache entry {path} cannot be written ({e.strerror or e}); the result is not cached",
+                      CacheWarning, stacklevel=3)
+
+
 def put_tensor(kind: str, k: str, t: torch.Tensor) -> None:
-    remove_stale_temps(cache_dir(), legacy=True)
     t = t.detach().cpu().contiguous()
     entry = {"format": FORMAT, "key": k, "sha256": _tensor_hash(t), "tensor": t}
-    atomic_write(cache_dir() / f"{kind}-{k}.pt", lambda f: torch.save(entry, f))
+    _put(cache_dir() / f"{kind}-{k}.pt", lambda f: torch.save(entry, f))
 
 
 def _valid_schedule(s: GITSSchedule) -> None:
@@ -157,7 +167,6 @@ def get_schedule(k: str) -> GITSSchedule | None:
 
 
 def put_schedule(k: str, schedule: GITSSchedule) -> None:
-    remove_stale_temps(cache_dir(), legacy=True)
     d = schedule.to_dict()
     entry = {"format": FORMAT, "key": k, "sha256": _json_hash(d), "schedule": d}
-    atomic_write_text(cache_dir() / f"schedule-{k}.json", json.dumps(entry))
+    _put(cache_dir() / f"schedule-{k}.json", lambda f: f.write(json.dumps(entry).encode("utf-8")))

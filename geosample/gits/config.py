@@ -8,6 +8,7 @@ teacher, one cost matrix) serves every step count.
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from dataclasses import dataclass
 
@@ -19,6 +20,9 @@ from .cost import METRICS
 from .dp import _check_gamma
 
 __all__ = ["GITSConfig", "fine_grid", "GRIDS"]
+
+#: |ln gamma^k| above which the DP's discount leaves float64 (e^700 ~ 1e304).
+MAX_LOG_DISCOUNT = 700.0
 
 #: The fine grid families (names of :data:`geosample.schedules.FAMILIES`).
 GRIDS = ("polynomial", "logsnr", "time_uniform")
@@ -96,6 +100,10 @@ class GITSConfig:
             raise ValueError(f"teacher {self.teacher!r} records D at its predictor points, not on the trajectory; "
                              "use ipndm, dpmpp, deis, euler, heun, dpm2 or ipndm_v")
         put("gamma", _check_gammas(self.gamma))
+        for g in self.gammas:   # the DP's discount gamma^k, k <= teacher_steps, must stay a float64
+            if abs(self.teacher_steps * math.log(g)) > MAX_LOG_DISCOUNT:
+                raise ValueError(f"gamma={g} makes gamma^k overflow or vanish over {self.teacher_steps} teacher steps; "
+                                 "use a gamma near 1 (0.8-1.3 is the useful range)")
         put("num_warmup", _check_int("num_warmup", self.num_warmup, 1))
         put("seed", _check_int("seed", self.seed, 0))
         put("batch_size", _check_int("batch_size", self.batch_size, 1))

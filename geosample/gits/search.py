@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from ..solvers import nfe as count_nfe
 from ..solvers import sample
+from ..solvers.base import checked_output
 from . import cache
 from .config import GITSConfig, _check_int
 from .cost import cost_matrix
@@ -65,7 +66,7 @@ def fingerprint(denoiser, shape, device="cpu", sigmas=(80.0, 1.0, 0.002)) -> str
     n = torch.randn((2, *shape), generator=g).to(device)
     h = hashlib.sha256(f"{type(denoiser).__name__}{tuple(shape)}".encode())
     for s in sigmas:
-        out = denoiser(n * s, torch.full((2,), s, device=device))
+        out = checked_output(denoiser(n * s, torch.full((2,), s, device=device)), n)
         h.update(np.round(out.detach().to("cpu", torch.float64).numpy(), 4).tobytes())
     return h.hexdigest()[:16]
 
