@@ -87,7 +87,7 @@ def geometry_figures(m: dict, title: str) -> dict:
     try:
         import matplotlib
     except ImportError:
-        raise ImportError("the geometry figures need matplotlib: pip install 'geosample[plots]'") from None
+        raise ImportError("the geometry figures need matplotlib: pip install 'geosample-diffusion[plots]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import torch

@@ -39,7 +39,7 @@ import torch
 try:
     from diffusers import DDPMScheduler
 except ImportError as e:
-    raise ImportError("geosample.integrations.diffusers needs diffusers: pip install 'geosample[diffusers]'") from e
+    raise ImportError("geosample.integrations.diffusers needs diffusers: pip install 'geosample-diffusion[diffusers]'") from e
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
 from diffusers.utils import BaseOutput

