@@ -127,17 +127,18 @@ def _valid_schedule(s: GITSSchedule) -> None:
     """The invariants of a searched schedule (raises _Invalid)."""
     idx = s.indices
     _check(all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in idx), "non-integer indices")
-    last = s.grid.get("teacher_steps")
-    _check(isinstance(last, int) and len(idx) >= 2 and idx[0] == 0 and idx[-1] == last,
-           f"indices must run from 0 to teacher_steps, got {idx[:3]}...{idx[-1:]}")
-    _check(all(a < b for a, b in zip(idx, idx[1:])), "indices not strictly increasing")
-    _check(s.cost_matrix.shape == (last + 1, last + 1), "cost matrix of the wrong shape")
+    teacher_steps = s.grid.get("teacher_steps")
+    _check(isinstance(teacher_steps, int), "no teacher_steps")
+    _check(s.cost_matrix.shape == (teacher_steps + 1, teacher_steps + 1), "cost matrix of the wrong shape")
     _check(_finite(_upper(s.cost_matrix)), "non-finite costs")
     _check(math.isfinite(s.cost) and all(math.isfinite(c) for c in s.step_costs), "non-finite path cost")
     try:
         grid = s.grid_sigmas
     except (KeyError, TypeError, ValueError) as e:
         raise _Invalid(f"bad grid: {e}") from None
+    _check(len(idx) >= 2 and idx[0] == 0 and idx[-1] == grid.numel() - 1,
+           f"indices must run from 0 to the grid's last point, got {idx[:3]}...{idx[-1:]}")
+    _check(all(a < b for a, b in zip(idx, idx[1:])), "indices not strictly increasing")
     _check(s.sigmas.shape == (len(idx),) and torch.allclose(s.sigmas, grid[idx], rtol=1e-12, atol=0),
            "sigmas differ from the grid at the indices")
 
