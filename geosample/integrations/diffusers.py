@@ -309,8 +309,9 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
         its flow transformer through :class:`FlowDenoiser`) lazily: at each ``set_timesteps`` with a
         step count not in the config's ``gits_sigmas``, ``gs.gits.search(denoiser, shape, steps,
         **search_options)`` (shape: one sample, e.g. (4, 64, 64), or Flux's packed (tokens, 64);
-        sigma_min / sigma_max default to the scheduler's finite range, device to the model's); each
-        result is added to ``gits_sigmas``.  Sets ``schedule="gits"``.  The schedules found are keyed
+        by default the recommended search for the scheduler's solver, ``solver=config.solver,
+        gamma=GAMMAS, refine=True``, with progress bars; sigma_min / sigma_max default to the
+        scheduler's finite range, device to the model's); each result is added to ``gits_sigmas``.  Sets ``schedule="gits"``.  The schedules found are keyed
         (``gits_key``) by the model's fingerprint, ``shape`` and the options: ``use_gits`` with another
         model or other options drops them (schedules given by hand, with no key, are kept).  A flow model is called as
         ``model(x_t, timestep=t * timestep_scale, **model_kwargs)``; ``timestep_scale`` defaults to
@@ -331,9 +332,11 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
         if self.config.clip_sample or self.config.thresholding:  # search on the D the steps will use
             unclipped = denoiser
             denoiser = lambda x, sigma: self.clip_denoised(unclipped(x, sigma))  # noqa: E731
-        options = {"device": getattr(model, "device", "cpu"), **search_options}
+        options = {"device": getattr(model, "device", "cpu"), "solver": self.config.solver, "gamma": gits.GAMMAS,
+                   "refine": True, "progress": True, **search_options}
+        chosen = {k: v for k, v in options.items() if k != "progress"}
         key = gits.cache.key({"fingerprint": gits.fingerprint(denoiser, shape, options["device"]), "shape": list(shape),
-                              "options": options})
+                              "options": chosen})
         if self.config.gits_key not in (None, key):  # schedules searched on another model or with other options
             self._set_config(gits_sigmas={})
         self._gits = (denoiser, shape, options)

@@ -95,7 +95,10 @@ def get_sigmas_gits(n: int, model: Callable, shape, extra_args=None, device="cpu
                     **search_options) -> torch.Tensor:
     """A GITS schedule in k-diffusion form: ``n + 1`` decreasing sigmas ending in 0 (like
     ``get_sigmas_karras(n, ...)``): the ``n - 1``-step GITS schedule searched on ``model`` (see
-    :func:`geosample.gits.search`, which takes ``shape`` and ``search_options``), then the final 0.
+    :func:`geosample.gits.search`, which takes ``shape`` and ``search_options``; by default the
+    recommended search, ``gamma=GAMMAS, refine=True``, judged with ``solver="ipndm"``: pass the
+    ``solver`` you will sample with, e.g. ``solver="dpmpp"`` for DPM-Solver++(2M)-like samplers;
+    progress bars on unless ``progress=False``), then the final 0.
 
     model: a k-diffusion denoiser ``model(x, sigma, **extra_args)``; its ``sigma_min`` / ``sigma_max``
     attributes (k-diffusion's discrete-model wrappers have them) set the search range unless
@@ -116,6 +119,7 @@ def get_sigmas_gits(n: int, model: Callable, shape, extra_args=None, device="cpu
     for name in ("sigma_min", "sigma_max"):
         if name not in search_options and hasattr(model, name):
             search_options[name] = float(getattr(model, name))
+    search_options = {"gamma": gits.GAMMAS, "refine": True, "progress": True, **search_options}
     found = gits.search(lambda x, sigma: model(x, sigma, **extra_args), shape, n - 1, **search_options)
     sigmas = torch.as_tensor(found.sigmas, dtype=torch.float64).cpu()
     out = torch.cat([sigmas, sigmas.new_zeros(1)]).to(dtype)
