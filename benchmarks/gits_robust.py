@@ -55,6 +55,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=256, help="held-out samples (default 256)")
     p.add_argument("--noise-seed", type=int, default=1000, help="seed of the held-out noise (default 1000)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--num-warmup", type=int, default=None, help="ablation: warm-up samples (default: the search's 64)")
+    p.add_argument("--teacher-steps", type=int, default=60, help="ablation: teacher steps (default 60)")
+    p.add_argument("--gammas", default=None, help="ablation: the gamma sweep (default gs.gits.GAMMAS)")
+    p.add_argument("--refine-paths", type=int, default=None,
+                   help="ablation: paths per interior point a refinement may try (default gs.gits.REFINE_PATHS)")
+    p.add_argument("--tag", default="", help="output names gits_robust_<model>[_<tag>].*")
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "geosample-robust"),
                    help="GEOSAMPLE_CACHE for the searches (the teacher's run is shared per seed)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
@@ -82,11 +88,18 @@ def run(args) -> dict:
     data, labels = _data(args.data)
     denoiser, reference, ref_name = build_model(Namespace(model=args.model, rank=None), data, labels)
     shape = tuple(data.shape[1:])
-    stem = Path(args.out) / f"gits_robust_{args.model}"
+    stem = Path(args.out) / (f"gits_robust_{args.model}" + (f"_{args.tag}" if args.tag else ""))
+    if args.refine_paths is not None:
+        import importlib
+        importlib.import_module("geosample.gits.search").REFINE_PATHS = args.refine_paths
+    gammas = tuple(float(g) for g in args.gammas.split(",")) if args.gammas else gs.gits.GAMMAS
+    ablation = {k: v for k, v in (("num_warmup", args.num_warmup), ("teacher_steps", args.teacher_steps))
+                if v is not None}
     report = json.loads(stem.with_suffix(".json").read_text()) if stem.with_suffix(".json").exists() else {}
     if report.get("noise_seed") != args.noise_seed or report.get("batch") != args.batch:
         report = {"model": args.model, "reference": ref_name, "batch": args.batch, "noise_seed": args.noise_seed,
                   "tolerance": TOLERANCE, "handmade": {}, "gits": {}}
+    report["search"] = {**ablation, "gammas": list(gammas), "refine_paths": args.refine_paths or gs.gits.REFINE_PATHS}
     report["machine"] = machine()
     noise = torch.randn((args.batch, *shape), generator=torch.Generator().manual_seed(args.noise_seed))
     saved = Path(args.cache) / f"reference-{args.model}-{args.noise_seed}-{args.batch}.pt"   # solved once per model
@@ -110,12 +123,13 @@ def run(args) -> dict:
             if f"{seed}" in report["gits"].setdefault(cell, {}):
                 continue
             t0 = time.perf_counter()
-            found = gs.gits.search(denoiser, shape, steps, solver=solver, gamma=gs.gits.GAMMAS, refine=True, seed=seed)
+            found = gs.gits.search(denoiser, shape, steps, solver=solver, gamma=gammas, refine=True, seed=seed,
+                                   **ablation)
             took = time.perf_counter() - t0
             report["gits"][cell][f"{seed}"] = {
                 "rmse": _rmse(gs.sample(denoiser, noise, found.sigmas, solver=solver), ref), "search_s": took,
                 "sigmas": found.sigmas.tolist(), "selected": found.params["selected"], "calls": found.params["calls"],
-                "teacher_calls": found.params["num_warmup"] * gs.nfe("ipndm", 60)}
+                "teacher_calls": found.params["num_warmup"] * gs.nfe("ipndm", args.teacher_steps)}
             atomic_write_text(stem.with_suffix(".json"), json.dumps(report, indent=1))
     atomic_write_text(stem.with_suffix(".json"), json.dumps(report, indent=1))
     return report
@@ -147,7 +161,7 @@ def markdown(report: dict) -> str:
     m = report["machine"]
     lines = [f"# Recommended GITS search vs the best hand-made schedule: {report['model']}", "",
              f"{m['date']}, {m['platform']}, torch {m['torch']}, {m['torch_threads']} thread(s), geosample "
-             f"{m['geosample']}. Held-out noise: {report['batch']} samples (seed {report['noise_seed']}), RMSE to "
+             f"{m['geosample']}. Search settings: {report['search']}. Held-out noise: {report['batch']} samples (seed {report['noise_seed']}), RMSE to "
              f"the reference ({report['reference']}). Search: `gs.gits.search(..., solver=S, gamma=GAMMAS, "
              f"refine=True, seed=s)` for warm-up seeds s = {', '.join(next(iter(report['gits'].values())))}. "
              "Gain = RMSE(best hand-made) / RMSE(GITS) - 1 (positive: GITS better); best hand-made = the lowest of "
@@ -177,7 +191,8 @@ def markdown(report: dict) -> str:
 def main(argv=None) -> None:
     args = parse_args(argv)
     report = run(args)
-    atomic_write_text(Path(args.out) / f"gits_robust_{args.model}.md", markdown(report))
+    atomic_write_text(Path(args.out) / (f"gits_robust_{args.model}" + (f"_{args.tag}" if args.tag else "") + ".md"),
+                      markdown(report))
     print(markdown(report))
 
 

@@ -286,7 +286,7 @@ def test_integer_samples_are_refused():
         s.add_noise(x, torch.zeros(1, 3, 8, 8), torch.tensor([10]))
 
 
-def test_use_gits_on_another_model_drops_the_first_models_schedules(unet):
+def test_use_gits_on_another_model_drops_the_first_models_schedules(unet, capsys):
     """use_gits(model_b) after a search for model A served A's schedules (cached by step count only)."""
     from diffusers import UNet2DModel
     torch.manual_seed(1)
@@ -296,6 +296,8 @@ def test_use_gits_on_another_model_drops_the_first_models_schedules(unet):
     s.use_gits(unet, (3, 8, 8), **options)
     s.set_timesteps(4)
     first = s.config.gits_sigmas["3"]
+    err = capsys.readouterr().err   # the recommended search for the scheduler's solver, with its progress
+    assert "gits: a 3-step schedule for euler" in err and "gits refine" in err
     key = s.config.gits_key
     s.use_gits(unet, (3, 8, 8), **options)               # the same model and options keep them
     assert s.config.gits_sigmas == {"3": first} and s.config.gits_key == key
@@ -303,7 +305,8 @@ def test_use_gits_on_another_model_drops_the_first_models_schedules(unet):
     assert s.config.gits_sigmas == {} and s.config.gits_key != key
     s.set_timesteps(4)
     expect = gs.gits.search(EpsDenoiser(other, s._finite_ac), (3, 8, 8), 3, sigma_min=s.model_sigma_range[0],
-                            sigma_max=s.model_sigma_range[1], **options).sigmas
+                            sigma_max=s.model_sigma_range[1], solver="euler", gamma=gs.gits.GAMMAS, refine=True,
+                            **options).sigmas
     torch.testing.assert_close(s._edm_sigmas[:-1], expect)
     s.use_gits(other, (3, 8, 8), **{**options, "gamma": 1.0})   # other options: searched again
     assert s.config.gits_sigmas == {}

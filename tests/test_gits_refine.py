@@ -194,3 +194,14 @@ def test_the_recommended_search_defaults_to_64_warm_up_samples(mixture):
     s = gs.gits.search(mixture, SHAPE, 2, refine=True, teacher_steps=6, use_cache=False)
     assert s.params["num_warmup"] == 64 and s.params["samples"] == {"fit": 32, "check": 32}
     assert s.params["calls"]["teacher"] == 64 * 6
+
+
+def test_every_phase_shows_progress_and_an_estimate_first(mixture, capsys):
+    gs.gits.search(mixture, SHAPE, 3, refine=True, progress=True, use_cache=False, **SMALL)
+    err = capsys.readouterr().err
+    first = err.index("gits: a 3-step schedule for ipndm")
+    assert first < err.index("gits teacher") < err.index("gits candidates") < err.index("gits refine") < \
+        err.index("gits check")
+    assert "gits: the teacher took" in err and "judging paths takes at most about" in err
+    gs.gits.search(mixture, SHAPE, 3, refine=True, progress=False, use_cache=False, **SMALL)
+    assert capsys.readouterr().err == ""

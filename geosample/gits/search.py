@@ -127,11 +127,12 @@ def round_cost(denoiser, fine: torch.Tensor, noise: torch.Tensor, config: GITSCo
 class Warmup:
     """The teacher's run: ``cost`` the mean cost matrix (float64 [T, T], CPU), ``noise`` the warm-up
     noise [num_warmup, ...] and ``targets`` the teacher's samples from it (both on the device);
-    ``rows``: sample evaluations it cost (0 when read from the cache)."""
+    ``rows``: sample evaluations it cost and ``seconds`` its time (0 when read from the cache)."""
     cost: torch.Tensor
     noise: torch.Tensor
     targets: torch.Tensor
     rows: int
+    seconds: float = 0.0
 
 
 def _say(progress: bool, text: str) -> None:
@@ -152,22 +153,23 @@ def warmup(denoiser, shape, config: GITSConfig, device="cpu", progress: bool = F
         cost = cache.get_tensor("cost", key, (fine.numel(),) * 2, torch.float64)
         targets = cache.get_tensor("targets", key, tuple(noise.shape), noise.dtype) if cost is not None else None
         if targets is not None:
+            _say(progress, "gits: the teacher's run is cached")
             return Warmup(cost, noise, targets.to(device), 0)
     per_sample = count_nfe(config.teacher, config.teacher_steps, afs=config.afs)
     _say(progress, f"gits: teacher {config.teacher} on {fine.numel()} grid points for {config.num_warmup} samples "
                    f"= {config.num_warmup * per_sample:,} sample evaluations")
     total = torch.zeros(fine.numel(), fine.numel(), dtype=torch.float64)
-    targets = []
+    targets, start = [], time.perf_counter()
     for i, chunk in enumerate(tqdm(noise.split(sizes), disable=not progress, desc="gits teacher", leave=False)):
-        t0 = time.perf_counter()
         c, t = round_cost(denoiser, fine, chunk, config)
         total += c
         targets.append(t)
         if i == 0 and len(sizes) > 1:
-            took = time.perf_counter() - t0
+            took = time.perf_counter() - start
             _say(progress, f"gits: the teacher takes about {took * config.num_warmup / sizes[0]:.0f} s "
                            f"(its first round took {took:.1f} s)")
-    out = Warmup(total / config.num_warmup, noise, torch.cat(targets), config.num_warmup * per_sample)
+    out = Warmup(total / config.num_warmup, noise, torch.cat(targets), config.num_warmup * per_sample,
+                 time.perf_counter() - start)
     if key:
         cache.put_tensor("cost", key, out.cost)
         cache.put_tensor("targets", key, out.targets)
@@ -362,7 +364,14 @@ def _search(denoiser, shape, steps, config, device, backend, use_cache, progress
     sched_key = cache.key({"grid": config.grid_record(), **params, "fingerprint": fp})
     if use_cache and (hit := cache.get_schedule(sched_key)) is not None:
         return hit
+    bound = _judge_bound(config, steps)
+    _say(progress, f"gits: a {steps}-step schedule for {config.solver}: the teacher's run, then at most {bound:,} "
+                   f"sample evaluations to judge paths (one batch of 64 at this NFE is "
+                   f"{64 * count_nfe(config.solver, steps + int(config.afs), afs=config.afs):,})")
     run = warmup(denoiser, shape, config, device, progress, round_cost, cost_key if use_cache else None)
+    if run.rows:
+        _say(progress, f"gits: the teacher took {run.seconds:.0f} s; judging paths takes at most about "
+                       f"{run.seconds / run.rows * bound:.0f} s more")
     cost = run.cost.numpy()
     dp = solve_dp_sweep(cost, [steps], config.gammas, backend)
     memo = _Memo(denoiser)
@@ -372,8 +381,6 @@ def _search(denoiser, shape, steps, config, device, backend, use_cache, progress
         half = lambda t, k: t[k::2]  # noqa: E731  (fit: even positions, check: odd)
         fit = _Judge(memo, grid, half(run.noise, 0), half(run.targets, 0), config, pooled=True)
         check = _Judge(memo, grid, half(run.noise, 1), half(run.targets, 1), config, pooled=True)
-        _say(progress, f"gits: judging paths for {config.solver} on {fit.noise.shape[0]} + {check.noise.shape[0]} "
-                       f"warm-up samples (at most ~{_judge_bound(config, steps, fit, check):,} sample evaluations)")
         best = _recommended_pick(dp, steps, config, memo, grid, fit, check, progress)
         rows = best.pop("rows")
         extra = [s for s in grid.tolist() if not any(abs(s - g) <= 1e-12 * g for g in fine.tolist())]
@@ -401,8 +408,14 @@ def _search(denoiser, shape, steps, config, device, backend, use_cache, progress
     return sched
 
 
-def _judge_bound(config, steps, fit, check) -> int:
-    """An upper bound on the sample evaluations of steps 4'-7' (memoised calls make it less)."""
+def _judge_bound(config, steps) -> int:
+    """An upper bound on the sample evaluations that judge paths (memoised calls make it less):
+    steps 4'-7' of the recommended search, or 4-5 of the reference's."""
     nfe = count_nfe(config.solver, steps + int(config.afs), afs=config.afs)
+    if not config.refine:
+        room = config.teacher_steps - steps if config.afs else 1
+        paths = len(config.gammas) * room if len(config.gammas) > 1 or config.afs else 0
+        return paths * min(config.batch_size, config.num_warmup) * nfe
+    fit, check = (config.num_warmup + 1) // 2, config.num_warmup // 2
     paths = len(config.gammas) + len(HANDMADE) + 2 * REFINE_PATHS * max(steps - 1, 1)
-    return paths * fit.noise.shape[0] * nfe + 3 * check.noise.shape[0] * nfe
+    return paths * fit * nfe + 3 * check * nfe
