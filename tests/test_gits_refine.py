@@ -116,7 +116,8 @@ def test_recommended_search_judges_refines_and_checks(mixture, solver, gamma, st
         assert c["error"] == pytest.approx(_pooled_error(mixture, grid[c["indices"]], 1, solver), rel=1e-9)
     hm, refined = p["check"][-1], min(p["check"][:-1], key=lambda c: c["error"])
     assert hm["name"] in gs.gits.config.HANDMADE
-    want = refined if refined["error"] < hm["error"] * (1 - gs.gits.CHECK_MARGIN) else hm
+    assert p["check_margin"] == gs.gits.config.CHECK_MARGIN and p["refine_paths"] == 6
+    want = refined if refined["error"] < hm["error"] * (1 - p["check_margin"]) else hm
     assert s.indices == want["indices"] and p["selected"] == want["name"]
     assert p["nfe"] == dp.params["nfe"] and p["samples"] == {"fit": 6, "check": 6}
     assert set(p["calls"]) == {"teacher", "candidates", "refinement", "check"} and p["calls"]["teacher"] == 12 * 20
@@ -128,7 +129,7 @@ def test_refined_path_is_a_local_minimum_unless_the_budget_ran_out(mixture):
     grid = s.grid_sigmas
     for r in s.params["refinement"]:
         fit = lambda q: _pooled_error(mixture, grid[q], 0, "euler")  # noqa: E731
-        budget = gs.gits.REFINE_PATHS * 3
+        budget = s.params["refine_paths"] * 3
         assert r["paths"] <= budget and (r["paths"] == budget or _is_local_minimum(fit, r["indices"]))
 
 
@@ -136,7 +137,7 @@ def test_a_hand_made_schedule_comes_back_exactly_when_no_path_beats_it(mixture, 
     """With a margin no refined path can clear, the best hand-made schedule (on the fit half) is the
     result, with its exact sigmas (points of R, not snapped to the fine grid)."""
     import importlib
-    monkeypatch.setattr(importlib.import_module("geosample.gits.search"), "CHECK_MARGIN", 0.999)
+    monkeypatch.setattr(importlib.import_module("geosample.gits.config"), "CHECK_MARGIN", 0.999)
     s = gs.gits.search(mixture, SHAPE, 4, solver="ipndm", refine=True, use_cache=False, **SMALL)
     fit_best = min((c for c in s.params["candidates"] if c["name"] in gs.gits.config.HANDMADE),
                    key=lambda c: c["error"])
@@ -205,3 +206,14 @@ def test_every_phase_shows_progress_and_an_estimate_first(mixture, capsys):
     assert "gits: the teacher took" in err and "judging paths takes at most about" in err
     gs.gits.search(mixture, SHAPE, 3, refine=True, progress=False, use_cache=False, **SMALL)
     assert capsys.readouterr().err == ""
+
+
+def test_refine_paths_is_a_knob_in_the_cache_key(mixture, tmp_path, monkeypatch):
+    """A cached schedule searched with another refinement budget must not be served."""
+    monkeypatch.setenv("GEOSAMPLE_CACHE", str(tmp_path))
+    a = gs.gits.search(mixture, SHAPE, 4, refine=True, refine_paths=1, **SMALL)
+    b = gs.gits.search(mixture, SHAPE, 4, refine=True, refine_paths=6, **SMALL)
+    assert all(r["paths"] <= 3 for r in a.params["refinement"]) and a.params["refine_paths"] == 1
+    assert b.params["refine_paths"] == 6 and b.config.refine_paths == 6 and a.config.refine_paths == 1
+    with pytest.raises(ValueError, match="refine_paths must be >= 1"):
+        gs.gits.GITSConfig(refine_paths=0)

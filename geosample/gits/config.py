@@ -31,6 +31,9 @@ HANDMADE = ("polynomial", "logsnr", "time_uniform")
 #: Teacher samples when ``num_warmup`` is not given: the reference's 256; a refined search 64 (its
 #: cost matrix picks the same paths from 64 samples, and the samples also judge the paths).
 NUM_WARMUP, NUM_WARMUP_REFINE = 256, 64
+#: A refined path replaces the best hand-made schedule only when its check error is lower by more
+#: than this fraction (the check half is a finite sample: small differences are noise).
+CHECK_MARGIN = 0.01
 
 
 def fine_grid(grid: str, teacher_steps: int, sigma_min: float, sigma_max: float, rho: float | None) -> torch.Tensor:
@@ -88,6 +91,7 @@ class GITSConfig:
     the hand-made schedules :data:`HANDMADE` are judged by ``solver``'s own error to the teacher,
     the best are refined by coordinate descent (:mod:`geosample.gits.refine`) and the winner is
     picked on samples no step before saw; False (the default) is the reference's search.
+    refine_paths: the most distinct paths one refinement evaluates, per interior point of the path.
     """
     teacher: str = "ipndm"
     teacher_steps: int = 60
@@ -103,6 +107,7 @@ class GITSConfig:
     sigma_max: float = 80.0
     rho: float | None = 7.0
     refine: bool = False
+    refine_paths: int = 6
 
     def __post_init__(self):
         put = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen)
@@ -126,6 +131,7 @@ class GITSConfig:
         if self.num_warmup is None:
             put("num_warmup", NUM_WARMUP_REFINE if self.refine else NUM_WARMUP)
         put("num_warmup", _check_int("num_warmup", self.num_warmup, 2 if self.refine else 1))
+        put("refine_paths", _check_int("refine_paths", self.refine_paths, 1))
         put("seed", _check_int("seed", self.seed, 0))
         put("batch_size", _check_int("batch_size", self.batch_size, 1))
         put("afs", bool(self.afs))
@@ -156,17 +162,19 @@ class GITSConfig:
 
     def record(self, shape, steps: int) -> dict:
         """Everything but the grid, as ``GITSSchedule.params`` records it before the search adds its
-        results (gamma as a float, or a list for a sweep; ``refine`` only when True, so that the
-        reference search keeps the params and cache keys it had before the option existed)."""
+        results (gamma as a float, or a list for a sweep; ``refine`` with the recommended search's
+        settings only when True, so that the reference search keeps the params and cache keys it had
+        before the option existed)."""
         gamma = self.gamma if isinstance(self.gamma, float) else list(self.gamma)
-        refine = {"refine": True} if self.refine else {}
+        refine = {"refine": True, "refine_paths": self.refine_paths, "check_margin": CHECK_MARGIN} \
+            if self.refine else {}
         return {**self.teacher_record(shape), "steps": steps, "gamma": gamma, "solver": self.solver, **refine}
 
     @classmethod
     def from_record(cls, grid: dict, params: dict) -> "GITSConfig":
         """The configuration behind a schedule's ``grid`` and ``params`` (no "refine": False)."""
         names = {f.name for f in dataclasses.fields(cls)} - {"grid", "teacher_steps", "sigma_min", "sigma_max", "rho",
-                                                             "refine"}
+                                                             "refine", "refine_paths"}
         return cls(grid=grid["family"], teacher_steps=grid["teacher_steps"], sigma_min=grid["sigma_min"],
                    sigma_max=grid["sigma_max"], rho=grid["rho"], refine=params.get("refine", False),
-                   **{k: params[k] for k in names})
+                   refine_paths=params.get("refine_paths", 6), **{k: params[k] for k in names})

@@ -30,11 +30,11 @@ RMSE of its samples to the teacher's, and
     as many steps, all on the grid R = G plus the hand-made schedules' points;
 5'. each is judged on the *fit* half of the warm-up samples (even positions);
 6'. the best DP candidate and the best hand-made one are refined on R by coordinate descent on E
-    over the fit half (:func:`geosample.gits.refine.coordinate_descent`, at most
-    :data:`REFINE_PATHS` paths per interior point each);
+    over the fit half (:func:`geosample.gits.refine.coordinate_descent`, at most ``refine_paths``
+    paths per interior point each);
 7'. the refined paths and the best hand-made schedule are judged on the *check* half (odd
     positions), which no step before used; a refined path wins only if it beats that schedule by
-    more than :data:`CHECK_MARGIN`.  So the result is never a path that merely fits the fit half,
+    more than :data:`~geosample.gits.config.CHECK_MARGIN`.  So the result is never a path that merely fits the fit half,
     and a hand-made schedule comes back when nothing beats it.
 
 Denoiser calls of 4'-7' (and of 4-5) are memoised by sigma and the exact point, so paths sharing a
@@ -67,17 +67,12 @@ from .dp import path_cost, solve_dp_sweep
 from .refine import coordinate_descent
 from .schedule import GITSSchedule
 
-__all__ = ["search", "warmup", "Warmup", "fingerprint", "round_cost", "GAMMAS", "CHECK_MARGIN", "REFINE_PATHS"]
+__all__ = ["search", "warmup", "Warmup", "fingerprint", "round_cost", "GAMMAS"]
 
 _PROBE_SEED = 20240101
 #: A gamma sweep for ``search(gamma=GAMMAS)``: 0.8 to 1.3 in steps of 0.05 (the authors sweep
 #: 0.8-1.2 by hand for Stable Diffusion; 1.15 is their CIFAR-10 default).
 GAMMAS = tuple(round(0.8 + 0.05 * k, 2) for k in range(11))
-#: A refined path replaces the best hand-made schedule only when its check error is lower by more
-#: than this fraction (the check half is a finite sample: small differences are noise).
-CHECK_MARGIN = 0.01
-#: Most distinct paths one refinement evaluates, per interior point of the path.
-REFINE_PATHS = 6
 #: Memoised denoiser outputs kept, in bytes (least recently used dropped first).
 MEMO_BYTES = 512 * 2 ** 20
 
@@ -258,7 +253,7 @@ def _positions(grid: torch.Tensor, sigmas: torch.Tensor) -> list[int]:
     return [int((grid - s).abs().argmin()) for s in sigmas.tolist()]
 
 
-def _recommended_pick(dp, steps, config, memo, grid, fit, check, progress) -> dict:
+def _recommended_pick(dp, steps, config, memo, grid, fit, check, margin, progress) -> dict:
     """Steps 4'-7': {gamma, dp_indices, indices, selected} with the records "candidates",
     "refinement", "check" and the rows each phase evaluated."""
     fine_pos = _positions(grid, config.fine_grid())
@@ -280,7 +275,7 @@ def _recommended_pick(dp, steps, config, memo, grid, fit, check, progress) -> di
     best_hm = min((c for c in candidates if c["name"] in HANDMADE), key=lambda c: c["error"])
 
     start, refinement = memo.rows, []
-    budget = REFINE_PATHS * max(len(best_dp["indices"]) - 2, 1)
+    budget = config.refine_paths * max(len(best_dp["indices"]) - 2, 1)
     with tqdm(total=2 * budget, disable=not progress, desc="gits refine", leave=False) as bar:
         for begin in dict.fromkeys((best_dp["name"], best_hm["name"])):
             first = next(c for c in candidates if c["name"] == begin)
@@ -297,7 +292,7 @@ def _recommended_pick(dp, steps, config, memo, grid, fit, check, progress) -> di
     rows["check"] = memo.rows - start
     hm = judged[-1]
     refined = min(judged[:-1], key=lambda r: r["error"])
-    pick = refined if refined["error"] < hm["error"] * (1 - CHECK_MARGIN) else hm
+    pick = refined if refined["error"] < hm["error"] * (1 - margin) else hm
     if not math.isfinite(pick["error"]):
         raise FloatingPointError(f"solver {config.solver!r} diverges on every candidate schedule; check the denoiser")
     gamma = gamma_of[best_dp["name"]]
@@ -381,7 +376,7 @@ def _search(denoiser, shape, steps, config, device, backend, use_cache, progress
         half = lambda t, k: t[k::2]  # noqa: E731  (fit: even positions, check: odd)
         fit = _Judge(memo, grid, half(run.noise, 0), half(run.targets, 0), config, pooled=True)
         check = _Judge(memo, grid, half(run.noise, 1), half(run.targets, 1), config, pooled=True)
-        best = _recommended_pick(dp, steps, config, memo, grid, fit, check, progress)
+        best = _recommended_pick(dp, steps, config, memo, grid, fit, check, params["check_margin"], progress)
         rows = best.pop("rows")
         extra = [s for s in grid.tolist() if not any(abs(s - g) <= 1e-12 * g for g in fine.tolist())]
         params.update(selected_gamma=best["gamma"], selected=best["selected"], candidates=best["candidates"],
@@ -417,5 +412,5 @@ def _judge_bound(config, steps) -> int:
         paths = len(config.gammas) * room if len(config.gammas) > 1 or config.afs else 0
         return paths * min(config.batch_size, config.num_warmup) * nfe
     fit, check = (config.num_warmup + 1) // 2, config.num_warmup // 2
-    paths = len(config.gammas) + len(HANDMADE) + 2 * REFINE_PATHS * max(steps - 1, 1)
+    paths = len(config.gammas) + len(HANDMADE) + 2 * config.refine_paths * max(steps - 1, 1)
     return paths * fit * nfe + 3 * check * nfe
