@@ -54,8 +54,8 @@ def default_cache_dir() -> str:
     one folder per Triton version, so releases never share (or evict) each other's cubins."""
     import triton
 
-    from .._io import cache_root
-    return str(cache_root() / f"triton-{triton.__version__}")
+    root = os.environ.get("GEOSAMPLE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "geosample")
+    return os.path.join(root, f"triton-{triton.__version__}")   # geosample._io.cache_root (kernels import no layer above)
 
 
 @contextlib.contextmanager

@@ -119,7 +119,6 @@ KDE_STORAGE = {"fp32": False, "fp16": True, "u8": True}    # stored row type -> 
 KDE_PRECISION = {"exact": False, "fast": True}             # precision -> FAST
 
 
-
 # --- what changes with the Triton release ---------------------------------------------------------
 # An exact ("ieee") float32 tl.dot runs on the CUDA cores, its operands in registers.  Triton 3.7
 # unrolls it as K outer products (each step needs one column of A and one row of B); from 3.8 on,
@@ -129,9 +128,9 @@ KDE_PRECISION = {"exact": False, "fast": True}             # precision -> FAST
 # which holds some variants at 80 or 128 registers and spills 8-16 bytes, or spills a few bytes under
 # a .maxnreg bound that it fills).  So the exact kernels take, per Triton release, a dot depth (the
 # two-phase kernels' tl.dot K, BK: tiles are summed in BK-row slices, in the same order) and register
-# bounds, from measured tables: the compile check of every release in KDE_EXACT_TUNING
-# (benchmarks/results/compile_check_triton-*.md).  A release uses the entry of the newest release at
-# or below it, an older one the oldest entry.
+# bounds, from measured tables (benchmarks/results/kde_exact_sweep_triton-*.md), each checked in full
+# by the compile check (benchmarks/results/compile_check_triton-*.json; docs/gpu.md).  A release
+# uses the entry of the newest release at or below it, an older one the oldest entry.
 def _release(version: str) -> tuple[int, int]:
     """"3.9.0" (or "3.10.0+git1234") -> (3, 9) (or (3, 10))."""
     m = re.match(r"(\d+)\.(\d+)", version)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass
 
@@ -225,8 +226,9 @@ def main(argv=None) -> int:
     print()
     print(table)
     if a.markdown:
-        from .._io import atomic_write_text
-        atomic_write_text(a.markdown, table + "\n")
+        with open(a.markdown + ".tmp", "w") as f:     # written whole, then renamed: never half a table
+            f.write(table + "\n")
+        os.replace(a.markdown + ".tmp", a.markdown)
     return 0
 
 
