@@ -5,7 +5,7 @@ Layers, top first ("A -> B": A imports B; a module may import its own layer and 
     cli, commands -> (integrations, distributed) -> (gits, geometry, metrics, data, figures)
         -> solvers -> schedules -> (denoisers, models) -> kernels
 
-The helpers ``_io``, ``_cpp`` (with the extension ``_C``) and ``_version`` import no other part of
+The helpers ``_io``, ``_cpp`` (with the extension ``_C``), ``_device``, ``_threads`` and ``_version`` import no other part of
 geosample and serve every layer but the kernels; the kernels import nothing of geosample but
 ``geosample.kernels.*``.  Only the top layer imports the package facade ``geosample`` itself.
 Imports are read with ``ast`` from the source, module-level and inside functions alike (a lazy
@@ -30,7 +30,8 @@ LAYERS = (
     ("geosample.denoisers", "geosample.models"),
     ("geosample.kernels",),
 )
-HELPERS = ("geosample._io", "geosample._cpp", "geosample._C", "geosample._version")
+HELPERS = ("geosample._io", "geosample._cpp", "geosample._C", "geosample._device", "geosample._threads",
+           "geosample._version")
 FACADE = "geosample"
 KERNELS = "geosample.kernels"
 
@@ -204,4 +205,7 @@ def test_the_real_tree_would_fail_on_an_upward_import(graph):
 
 
 def test_commands_share_library_code_not_each_other(graph):
-    assert not {t for t, _ in graph["geosample.commands.analyze"] if t.startswith("geosample.commands")}
+    """A command imports no other command; the options they share live in commands/common.py."""
+    commands = [m for m in graph if m.startswith("geosample.commands.") and m != "geosample.commands.common"]
+    for mod in commands:
+        assert not {t for t, _ in graph[mod] if t in commands and t != mod}, mod
