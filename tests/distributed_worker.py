@@ -53,6 +53,19 @@ def kde_checks(data, cut, tag, out, **options):
     return sharded, one
 
 
+def far_checks(data, out):
+    """Queries 1e16 from the data (one-hot at sigma 1, a mixture at sigma 1e8) against mpmath:
+    the shards' normalisers are compared relative to the global mean, not through |x - y|^2."""
+    from reference_kde import softmax_mp
+    local = data[:190] if dist.get_rank() == 0 else data[190:]
+    sharded = gd.ShardedKDEDenoiser(local)
+    g = torch.Generator().manual_seed(8)
+    x = data[:3].double() + 1e16 * torch.nn.functional.normalize(torch.randn(3, 16, generator=g, dtype=torch.float64),
+                                                                 dim=1).view(3, *SHAPE)
+    for s in (1.0, 1e8):
+        out[f"kde_far_{s:g}_vs_mp"] = rel(sharded(x, s), softmax_mp(data, x, s).view(3, *SHAPE))
+
+
 def index_checks(out):
     """Per-shard pruning: clustered rows split so that at small sigma one shard holds every row
     that matters (the other's certified sets are empty), against one process and float64."""
@@ -128,6 +141,7 @@ def main(path: str) -> None:
     sharded, one = kde_checks(data, 190, "uneven", out)         # 190 + 111 rows
     kde_checks(data, 190, "uneven_indexed", out, index=dict(cache=False, rank=4))
     index_checks(out)
+    far_checks(data, out)
     sample_checks(sharded, one, out)
     gits_checks(sharded, one, out)
     misc_checks(out)

@@ -70,6 +70,13 @@ def test_sharded_index_leaves_shards_without_work(two_ranks):
     assert two_ranks["kde_empty_sets_rank0"] == 3
 
 
+@pytest.mark.parametrize("sigma", ["1", "1e+08"])
+def test_sharded_kde_far_queries(two_ranks, sigma):
+    """Queries 1e16 away: the shards merge relative to the global mean (log_mass cancelled: each
+    shard's weight was off by up to ~1e16 |x| u / sigma^2)."""
+    assert two_ranks[f"kde_far_{sigma}_vs_mp"] < (1e-12 if sigma == "1" else TOL)
+
+
 @pytest.mark.parametrize("shards", ["empty", "uneven"])
 def test_sharded_call_on_split_batch(two_ranks, shards):
     assert two_ranks[f"kde_{shards}_sharded_call_vs_one"] < TOL

@@ -1,5 +1,6 @@
 """KDEDenoiser against the float64 reference, invariants, bad input, and gs.sample end to end."""
 import math
+import os
 
 import numpy as np
 import pytest
@@ -154,3 +155,35 @@ def test_sample_end_to_end_on_digits():
     assert x.shape == noise.shape and torch.isfinite(x).all()
     nearest = y[torch.cdist(x.flatten(1), y.flatten(1)).argmin(1)]
     assert torch.allclose(kde(x, 0.002), nearest, atol=1e-5)   # at sigma_min it returns training images
+
+
+@pytest.mark.parametrize("kind", ["tensor", "numpy", "indexed"])
+def test_in_place_edits_of_the_callers_data_do_not_leak_in(kind):
+    """The denoiser owns a copy of in-memory rows: editing the caller's tensor or array afterwards
+    (y[:250] += 3) leaves it the denoiser of the data it was built on (it kept a reference and
+    cached means and norms of the old rows: results matched neither)."""
+    g = torch.Generator().manual_seed(3)
+    y = torch.rand(600, 3, 4, 4, generator=g) * 2 - 1
+    before = y.clone()
+    data = y.numpy() if kind == "numpy" else y
+    kde = KDEDenoiser(data, backend="cpu", index=dict(cache=False) if kind == "indexed" else False)
+    data[:250] += 3
+    ref = KDEDenoiser(before, backend="reference")
+    for sigma in SIGMAS:
+        x = queries(before, sigma)
+        assert rel_err(kde(x, sigma), ref(x.double(), sigma)) <= tol(sigma), sigma
+
+
+def test_a_memmap_whose_file_changes_is_refused(tmp_path):
+    """A memmap is read in place: a file rewritten after the denoiser was built is an error, not a mix."""
+    path = tmp_path / "y.npy"
+    np.save(path, np.random.default_rng(0).random((200, 8), dtype=np.float32))
+    os.utime(path, ns=(0, 0))
+    kde = KDEDenoiser(np.load(path, mmap_mode="r"))
+    x = torch.zeros(2, 8)
+    kde(x, 1.0)
+    rows = np.load(path, mmap_mode="r+")
+    rows[:100] += 3
+    rows.flush()
+    with pytest.raises(ValueError, match="changed"):
+        kde(x, 1.0)

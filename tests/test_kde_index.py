@@ -211,3 +211,71 @@ def test_far_from_origin_data_keep_tight_sets(offset):
     assert torch.bincount(cols, minlength=16).median() <= 2
     out, st = kd(x, 0.003, return_stats=True)
     assert bool((st.path == INDEXED).all()) and rel(out, reference(kd.store, x, q.inv_s2)[0]) < 1e-12
+
+
+def signed_pairs(n=3000, d=48, seed=0):
+    """Rows in +/- pairs of multiples of 1/64: the float64 mean is exactly 0 and every norm exact,
+    whatever the row order (what a key built from the mean and the norms cannot tell apart)."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randint(-40, 41, (20, d), generator=g)
+    half = centres[torch.randint(0, 20, (n // 2,), generator=g)] + torch.randint(-2, 3, (n // 2, d), generator=g)
+    return torch.cat([half, -half]).float() / 64
+
+
+def unsampled_rows(n, count):
+    """Rows the old key (64 seeded rows, the first and the last) did not read."""
+    seen = set(np.random.default_rng(12345).integers(0, n, 64).tolist()) | {0, n - 1}
+    return [i for i in range(1, n - 1) if i not in seen][:count]
+
+
+@pytest.mark.parametrize("edit", ["swap_equal_norms", "replace_pair"])
+def test_cache_key_covers_every_byte(tmp_path, edit):
+    """Swapping two rows of equal norm, or replacing a pair (v, -v) by (u, -u) with |u| = |v|, keeps
+    the mean and every norm: the key must still change (it loaded the old index: D off by ~1)."""
+    y = signed_pairs()
+    n = len(y)
+    i, j = unsampled_rows(n // 2, 2)
+    y[i] = y[i].flip(0)                                                 # |y_i| = |y_j|, another row
+    y[n // 2 + i] = -y[i]
+    y[j] = y[i].roll(5)
+    y[n // 2 + j] = -y[j]
+    KDEDenoiser(y, index=dict(cache=tmp_path, rank=48))
+    y2 = y.clone()
+    if edit == "swap_equal_norms":
+        y2[[i, j]] = y[[j, i]]
+        y2[[n // 2 + i, n // 2 + j]] = y[[n // 2 + j, n // 2 + i]]
+    else:
+        u = y[i].roll(11)
+        y2[i], y2[n // 2 + i] = u, -u
+    kd = KDEDenoiser(y2, index=dict(cache=tmp_path, rank=48))
+    x = y2[i:i + 1].double() + 1e-3
+    out, st = kd(x, 0.003, return_stats=True)
+    assert rel(out, reference(kd.store, x, torch.full((1,), 0.003 ** -2, dtype=torch.float64))[0]) < 1e-12
+    assert len(list(tmp_path.glob("*.npz"))) == 2
+
+
+@pytest.mark.parametrize("bad", ["cache_is_a_file", "entry_is_a_folder", "read_only"])
+def test_unwritable_cache_warns_and_keeps_the_index(tmp_path, monkeypatch, bad):
+    """GEOSAMPLE_CACHE naming a regular file, a cache entry that is a folder, a folder that refuses
+    writes: the index is built, used, and the cache skipped with a warning (never a traceback)."""
+    y = clustered(n=800, d=16)
+    root = tmp_path / "cache"
+    if bad == "cache_is_a_file":
+        root.write_text("not a folder")
+    monkeypatch.setenv("GEOSAMPLE_CACHE", str(root))
+    kd = KDEDenoiser(y)
+    if bad == "entry_is_a_folder":
+        (root / "kde_index" / f"{KDEIndex.key(kd.store, 128, 4096, 0)}.npz").mkdir(parents=True)
+    if bad == "read_only":
+        import geosample.denoisers.kde_index as kde_index
+
+        def refuse(path, write):
+            raise PermissionError(13, "Permission denied", str(path))
+        monkeypatch.setattr(kde_index, "atomic_write", refuse)
+    with pytest.warns(IndexCacheWarning, match="cache"):
+        index = KDEIndex.build(kd.store)
+    kd.index = index
+    x = near_data(y, 4, 0.003)
+    out, st = kd(x, 0.003, return_stats=True)
+    assert bool((st.path == INDEXED).all())
+    assert rel(out, reference(kd.store, x, torch.full((4,), 0.003 ** -2, dtype=torch.float64))[0]) < 1e-12

@@ -206,3 +206,28 @@ def test_no_subnormal_weights_reach_the_gemm(monkeypatch):
     for sigma in (0.5, 1.0, 2.5):                      # weights spanning e^-100 and below
         kde_module.KDEDenoiser(y, backend="cpu", chunk_size=256)(x, sigma)
     assert seen and max(seen) == 0
+
+
+@pytest.mark.parametrize("far", [1e8, 1e16, 1e20])
+@pytest.mark.parametrize("regime", ["one_hot", "mixture"])
+def test_queries_far_from_the_data(far, regime):
+    """|x - c| = 1e8..1e20: the softmax sees the differences of |x - y_i|^2 ~ far^2, which are
+    ~ far |y_i - y_j|; formed from the squared distances they cancel in float64 (every path
+    returned a mixture where the posterior is one-hot).  sigma 1: one-hot; sigma sqrt(far): a
+    genuine mixture (logit gaps of order 1).  Every path against an mpmath softmax."""
+    from reference_kde import softmax_mp
+    y = make_data("uniform", 60, 8, 11)
+    g = torch.Generator().manual_seed(12)
+    x = y[:4].double() + far * torch.nn.functional.normalize(torch.randn(4, 8, generator=g, dtype=torch.float64), dim=1)
+    sigma = 1.0 if regime == "one_hot" else far ** 0.5
+    ref = softmax_mp(y, x, sigma)
+    kdes = {"cpu": KDEDenoiser(y, backend="cpu"), "cpu_k4": KDEDenoiser(y, backend="cpu", refine_k=4),
+            "reference": KDEDenoiser(y, backend="reference"),
+            "indexed": KDEDenoiser(y, index=dict(cache=False, rank=4, max_fraction=1.0)),
+            "float16": KDEDenoiser(y.half().float(), storage="float16")}
+    for name, kde in kdes.items():
+        r = ref if name != "float16" else softmax_mp(y.half().float(), x, sigma)
+        out, st = kde(x, sigma, return_stats=True)
+        assert error(out, r, y) <= (1e-12 if regime == "one_hot" else TOL), (name, error(out, r, y))
+        if regime == "one_hot":
+            assert bool((st.ess < 1 + 1e-9).all()), (name, st.ess)

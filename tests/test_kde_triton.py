@@ -61,6 +61,19 @@ SCRIPT = textwrap.dedent("""
 
     hostile(dataset(16))
 
+    def far(y):
+        # queries 1e16 from the data: one-hot at sigma 1, a mixture at 1e8 (against mpmath)
+        from reference_kde import softmax_mp
+        x = y[:3].double() + 1e16 * torch.nn.functional.normalize(torch.randn(3, y[0].numel(), generator=g,
+                                                                              dtype=torch.float64), dim=1).view(3, *y.shape[1:])
+        for sigma, tol in ((1.0, 1e-12), (1e8, 1e-5)):
+            out = KDEDenoiser(y, backend="triton")(x.to(dev), sigma).cpu().flatten(1)
+            ref = softmax_mp(y, x, sigma)
+            err = ((out - ref).norm(dim=1) / ref.norm(dim=1)).max().item()
+            assert err <= tol, ("far", sigma, err)
+
+    far(dataset(16)[:60])
+
     def indexed(y):
         # the index in front of the Triton pass: certified sets (on dev) at small sigma, the kernels at large
         tri = KDEDenoiser(y, backend="triton", index=dict(cache=False, rank=8))

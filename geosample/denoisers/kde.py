@@ -18,7 +18,10 @@ How the exact path stays exact (x [B, D] flattened, data [N, D]):
    log-sum-exp, and the k rows with the largest float32 logits.  Weights below e^{-43} of the
    running max are exactly zero (:mod:`geosample.kernels.online_softmax`): no subnormal reaches a
    GEMM, and the second GEMM runs only over the rows some query still weighs.
-3. The k candidates are re-scored exactly in float64 from direct differences |x - y_i|^2.  The
+3. The k candidates are re-scored exactly in float64, anchored on the best float32 candidate a:
+   g_i - g_a = (y_i - a).(x - a) - |y_i - a|^2 / 2 from row differences
+   (:func:`~geosample.denoisers.kde_stats.anchored_logits`), never as a difference of two squared
+   distances (which cancels for queries far from the data: |x - y|^2 ~ 1e32 with gaps ~ 1e16).  The
    float32 logits carry an error of at most delta = eps_g / sigma^2 with
    eps_g = 2 (sqrt(D) + 4) u (|x_c| max_i |y_c,i| + max_i |y_c,i|^2), u = 2^-24 (the probabilistic
    rounding bound of a length-D float32 dot product, lambda = 2, applied to every term), so per
@@ -33,7 +36,8 @@ How the exact path stays exact (x [B, D] flattened, data [N, D]):
    * ``FULL64``: neither holds (float32 logits too coarse to rank the rows that matter, e.g.
      more than k near-duplicates at tiny sigma): a float64 direct-difference pass for that query.
 
-Backends: ``reference`` (float64, direct differences, chunked over N: the ground truth),
+Backends: ``reference`` (float64, chunked over N: the nearest row by direct differences, then
+logits anchored on it: the ground truth),
 ``cpu`` (the streaming pass above with torch BLAS; for B <= 4 the N range is split across
 threads and merged by log-sum-exp), ``triton`` (CUDA kernels in :mod:`geosample.kernels.kde_triton`,
 imported lazily, followed by the same exact re-scoring).  Every backend's error against the float64
@@ -41,7 +45,9 @@ softmax is measured in benchmarks/results/kde_exactness.md.
 """
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -49,13 +55,14 @@ import numpy as np
 import torch
 
 from ..kernels.online_softmax import Partial, exp_weights, merge
-from .kde_stats import EXACT, FAST, FULL64, MIXED, KDEStats, candidate_sq_dists, put_rows
+from .kde_stats import EXACT, FAST, FULL64, MIXED, KDEStats, anchored_logits, anchored_stats, put_rows
 
 __all__ = ["KDEDenoiser", "KDEStats", "EXACT", "MIXED", "FULL64", "FAST"]
 
 BACKENDS = ("auto", "reference", "cpu", "triton")
 STORAGE = ("float32", "float16", "uint8")
 U32 = 2.0 ** -24                                  # float32 unit roundoff
+U64 = 2.0 ** -53                                  # float64 unit roundoff
 MIXED_MAX_DELTA = 0.05                            # largest float32 logit error a MIXED result may carry
 REST_TOL = 1e-12                                  # largest relative weight an EXACT result may drop
 WIDE_K = 512                                      # candidates of the second try, before FULL64
@@ -73,7 +80,8 @@ class Store:
     def __init__(self, data, storage, scale, offset, chunk):
         self.mmap = isinstance(data, np.memmap)
         if isinstance(data, np.ndarray) and not self.mmap:
-            data = torch.from_numpy(np.ascontiguousarray(data))
+            data = torch.from_numpy(np.ascontiguousarray(data))            # copied below (_convert)
+        self.file_id = _file_id(data) if self.mmap else None
         if not isinstance(data, (torch.Tensor, np.memmap)):
             raise TypeError(f"data must be a torch.Tensor or numpy array, got {type(data).__name__}")
         if data.ndim < 2 or data.shape[0] == 0:
@@ -97,6 +105,7 @@ class Store:
         # float32 storage in memory: a centred copy, built once (other storages centre each chunk)
         self.centred = self._centred_copy() if storage == "float32" and not self.mmap else None
         self._device_copies = {}
+        self._digest = None
 
     def _affine(self, data, kind, scale, offset):
         if self.storage != "uint8":
@@ -110,9 +119,18 @@ class Store:
         return max(hi - lo, 1e-30) / 255.0, lo
 
     def _convert(self, data, kind):
+        """The rows as stored, in a tensor of the store's own (never the caller's memory: the means,
+        norms and index computed from them stay true when the caller edits its tensor or array)."""
         if self.storage == "uint8" and kind != "uint8":
             return ((data.double() - self.offset) / self.scale).round_().clamp_(0, 255).to(torch.uint8)
-        return data.to(getattr(torch, self.storage)).contiguous()
+        return torch.empty(data.shape, dtype=getattr(torch, self.storage), device=data.device).copy_(data)
+
+    def check_unchanged(self):
+        """ValueError when a memmapped file was rewritten since the store was built (its size,
+        modification time or inode changed): its means and norms would describe other rows."""
+        if self.file_id is not None and _file_id(self.data) != self.file_id:
+            raise ValueError(f"the memmapped data file {self.data.filename} changed after the KDEDenoiser "
+                             "was built; build a new denoiser for the new rows")
 
     def ranges(self, chunk=None, lo=0, hi=None, data=None):
         chunk = chunk or self.chunk
@@ -160,6 +178,17 @@ class Store:
             out[a:b] = y.masked_fill_(y.abs() < torch.finfo(torch.float32).tiny, 0.0)   # no subnormals
         return out
 
+    def digest(self) -> str:
+        """sha256 of every stored byte, row by row (computed once: in-memory rows are the store's
+        own, a memmap's file is checked by :meth:`check_unchanged`); ~1.8 GB/s with SHA-NI."""
+        if self._digest is None:
+            h = hashlib.sha256(repr((self.n, self.shape, self.storage)).encode())
+            for a, b in self.ranges(chunk=max(1, (1 << 26) // max(1, self.dim))):
+                rows = self.data[a:b]
+                h.update(np.ascontiguousarray(rows) if self.mmap else rows.cpu().contiguous().numpy())
+            self._digest = h.hexdigest()
+        return self._digest
+
     def shift(self, device) -> torch.Tensor:
         """The float32 vector added to scale * q: offset - c (uint8) or -c [D], on ``device``."""
         return (self.offset - self.center).float().to(device)
@@ -203,6 +232,15 @@ class Store:
         if key not in self._device_copies:
             self._device_copies[key] = tensor.to(device)
         return self._device_copies[key]
+
+
+def _file_id(mm: np.memmap):
+    """(size, mtime_ns, inode, device) of a memmap's file, or None for an anonymous map."""
+    name = getattr(mm, "filename", None)
+    if name is None:
+        return None
+    st = os.stat(name)
+    return st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev
 
 
 def stream(store: Store, xs: torch.Tensor, inv: torch.Tensor, lo: int, hi: int, k: int,
@@ -288,62 +326,76 @@ class Query:
 
 def rescore(store: Store, q: Query, part: Partial):
     """Exact float64 result from the streamed state (see the module docstring, step 3):
-    (D [B, D] float64, KDEStats, mask of the queries that need a FULL64 pass)."""
+    (D [B, D] float64, KDEStats, mask of the queries that need a FULL64 pass).
+
+    The candidates' logits are anchored on the best float32 candidate a (kde_stats.anchored_logits):
+    h_i = g_i - g_a from row differences, so queries far from the data keep their logit gaps."""
     y = store.gather64(part.top_i)                                 # [B, k, D] as stored
-    d2 = candidate_sq_dists(q.x64, y)
+    anchor = y[:, 0].clone()
     pad = torch.isinf(part.top_v)                                  # ranges shorter than k
-    exact = (-0.5 * d2 * q.inv_s2[:, None]).masked_fill_(pad, -math.inf)    # -|x - y_i|^2 / (2 sigma^2)
+    h = anchored_logits(q.x64, y, anchor)                          # y is now y_i - a
+    exact = (h * q.inv_s2[:, None]).masked_fill_(pad, -math.inf)    # (g_i - g_a) / sigma^2
     best = exact.amax(1)
-    kappa = 0.5 * q.xc.square().sum(1)                              # g_i = kappa - |x - y_i|^2 / 2
-    # every other row: g_i <= (k-th float32 logit) / inv + err_g
-    g_rest = part.top_v[:, -1].double() / q.inv + q.err_g
+    ac = anchor - store.center.to(y.device)
+    g_a = (q.xc * ac).sum(1) - 0.5 * ac.square().sum(1)              # g of the anchor, float64
+    # every other row: g_i <= (k-th float32 logit) / inv + err_g; the float64 g_a and h carry < err64
+    err64 = 8 * (store.dim + 4) * U64 * (q.err_g / (2 * (math.sqrt(store.dim) + 4) * U32))
+    g_rest = part.top_v[:, -1].double() / q.inv + q.err_g + err64
     n_rest = store.n - (~pad).sum(1)
-    rest_gap = torch.log(n_rest.double()) + (g_rest - kappa) * q.inv_s2 - best
+    rest_gap = torch.log(n_rest.double()) + (g_rest - g_a) * q.inv_s2 - best
     exact_only = (n_rest == 0) | (rest_gap <= math.log(REST_TOL))
     delta = q.err_g * q.inv_s2
     mixed = ~exact_only & (delta <= MIXED_MAX_DELTA) & (q.inv == q.inv_s2)
-    # the float32 rest, without the candidates' own terms; its logits relative to -|x - y|^2 / 2 s^2
-    m = part.m.double() - kappa * q.inv_s2
+    # the float32 rest, without the candidates' own terms; its logits relative to g_a / sigma^2
+    m = part.m.double() - g_a * q.inv_s2
     approx = exp_weights((part.top_v.double() - part.m.double()[:, None]).nan_to_num_(-math.inf))
-    yc = y - store.center.to(y.device)
     z_rest = torch.where(mixed, (part.z - approx.sum(1)).clamp_(min=0), 0.0)
     z2_rest = torch.where(mixed, (part.z2 - approx.square().sum(1)).clamp_(min=0), 0.0)
-    s_rest = part.s.double() - torch.einsum("bk,bkd->bd", approx, yc)
+    # sum over the rest of p_i (y_i - a) = s - sum_cand p_i (y_i - a) - z (a - c)
+    s_rest = part.s.double() - torch.einsum("bk,bkd->bd", approx, y) - part.z[:, None] * ac
     top = torch.where(mixed, torch.maximum(best, m), best)
     w = torch.exp(exact - top[:, None])
     r = torch.where(mixed, torch.exp(m - top), 0.0)
     z = w.sum(1) + r * z_rest
-    out = store.center.to(y.device) + (torch.einsum("bk,bkd->bd", w, yc) + r[:, None] * s_rest) / z[:, None]
-    log_mass = top + z.log()
-    path = torch.full_like(n_rest, MIXED, dtype=torch.int8).masked_fill_(exact_only, EXACT)
-    stats = KDEStats(log_mass + 0.5 * q.x64.square().sum(1) * q.inv_s2, z ** 2 / ((w * w).sum(1) + r * r * z2_rest),
-                     part.top_i.gather(1, exact.argmax(1, keepdim=True))[:, 0], log_mass, path)
+    out = anchor + (torch.einsum("bk,bkd->bd", w, y) + r[:, None] * s_rest) / z[:, None]
+    path = torch.where(exact_only, EXACT, MIXED)
+    stats = anchored_stats(store.center.to(y.device), q.x64, anchor, q.inv_s2, top + z.log(),
+                           z ** 2 / ((w * w).sum(1) + r * r * z2_rest),
+                           part.top_i.gather(1, exact.argmax(1, keepdim=True))[:, 0], MIXED)
+    stats.path = path.to(torch.int8)
     return out, stats, ~(exact_only | mixed)
 
 
-
 def reference(store: Store, x64: torch.Tensor, inv_s2: torch.Tensor):
-    """Float64 ground truth: logits -|x - y_i|^2 / (2 sigma^2) from direct differences, online
-    log-sum-exp over chunks of the rows as stored.  Returns (D [B, D], KDEStats)."""
-    b = x64.shape[0]
-    m = torch.full((b,), -math.inf, dtype=torch.float64, device=x64.device)
+    """Float64 ground truth, two passes over the rows as stored: the nearest row a of each query
+    (direct differences), then the logits (g_i - g_a) / sigma^2 anchored on it
+    (kde_stats.anchored_logits) with an online log-sum-exp over chunks.  Returns (D [B, D], KDEStats)."""
+    b, dev = x64.shape[0], x64.device
+    near = torch.full((b,), math.inf, dtype=torch.float64, device=dev)
+    arg = torch.zeros(b, dtype=torch.long, device=dev)
+    for a, e in store.ranges():
+        d2 = torch.cdist(x64, store.rows64(a, e).to(dev), compute_mode="donot_use_mm_for_euclid_dist")
+        cm, ci = d2.min(1)
+        arg = torch.where(cm < near, ci + a, arg)
+        near = torch.minimum(near, cm)
+    anchor = store.gather64(arg)
+    m = torch.full((b,), -math.inf, dtype=torch.float64, device=dev)
     z, z2 = torch.zeros_like(m), torch.zeros_like(m)
     s = torch.zeros_like(x64)
-    arg = torch.zeros(b, dtype=torch.long, device=x64.device)
     for a, e in store.ranges():
-        y = store.rows64(a, e).to(x64.device)
-        l = torch.cdist(x64, y, compute_mode="donot_use_mm_for_euclid_dist").square_().mul_(-0.5 * inv_s2[:, None])
+        y = store.rows64(a, e).to(dev)
+        l = torch.stack([anchored_logits(x64[i:i + 1], y.clone()[None], anchor[i:i + 1])[0] for i in range(b)])
+        l.mul_(inv_s2[:, None])
         cm, ci = l.max(1)
         arg = torch.where(cm > m, ci + a, arg)
         m_new = torch.maximum(m, cm)
         alpha = torch.exp(m - m_new)
         p = torch.exp(l - m_new[:, None])
         z, z2 = z * alpha + p.sum(1), z2 * alpha ** 2 + (p * p).sum(1)
-        s = s * alpha[:, None] + p @ y
+        s = s * alpha[:, None] + p @ y - p.sum(1)[:, None] * anchor              # sum p_i (y_i - a)
         m = m_new
-    log_mass = m + z.log()
-    path = torch.full((b,), FULL64, dtype=torch.int8, device=x64.device)
-    return s / z[:, None], KDEStats(log_mass + 0.5 * x64.square().sum(1) * inv_s2, z ** 2 / z2, arg, log_mass, path)
+    stats = anchored_stats(store.center.to(dev), x64, anchor, inv_s2, m + z.log(), z ** 2 / z2, arg, FULL64)
+    return anchor + s / z[:, None], stats
 
 
 def check_query(x, sigma, shape: tuple) -> tuple[torch.Tensor, torch.Tensor]:
@@ -368,7 +420,10 @@ def check_query(x, sigma, shape: tuple) -> tuple[torch.Tensor, torch.Tensor]:
 class KDEDenoiser:
     """Exact denoiser D(x, sigma) of the empirical distribution of ``data`` [N, ...].
 
-    data: torch tensor or numpy array (a ``np.memmap`` is streamed from disk, never loaded).
+    data: torch tensor or numpy array, copied (the denoiser owns its rows: editing the caller's
+    tensor or array afterwards does not change it), or a ``np.memmap``, streamed from disk, never
+    loaded; a memmap whose file changes afterwards (size, modification time or inode) is refused
+    with a ValueError at the next call.
     backend: "auto" (triton on CUDA tensors when Triton imports, else cpu), "reference",
     "cpu" (the streaming torch path, any device), "triton".
     precision: "exact" (float32 streaming + exact float64 re-scoring of the ``refine_k`` best
@@ -378,7 +433,7 @@ class KDEDenoiser:
     matmuls, no re-scoring; its measured error is in benchmarks/results/kde_exactness.md).
     storage: "float32" | "float16" | "uint8" (default: the data's dtype; float64 -> float32);
     uint8 data use y = scale * q + offset (default 2/255, -1: pixels to [-1, 1]).  In-memory
-    float32 data keep a centred float32 copy besides the data (2x the memory).
+    float32 data keep a centred float32 copy besides their own copy (2x the data's memory).
     chunk_size: rows per streamed chunk (memory O(B C + C D), never O(B N)).
     index: True or a dict of :meth:`KDEIndex.build <geosample.denoisers.kde_index.KDEIndex.build>`
     options: exact results from a certified subset of the rows where the posterior is
@@ -425,6 +480,7 @@ class KDEDenoiser:
 
     def __call__(self, x: torch.Tensor, sigma, return_stats: bool = False):
         xf, sig = self._check(x, sigma)
+        self.store.check_unchanged()
         x64, inv_s2 = xf.double(), sig ** -2
         backend = self.resolve_backend(x)
         if backend == "reference":
@@ -482,4 +538,4 @@ class KDEDenoiser:
         out = self.store.center.to(q.x64.device) + part.s.double() / part.z[:, None]
         path = torch.full_like(part.top_i[:, 0], FAST, dtype=torch.int8)
         return out, KDEStats(log_mass + 0.5 * q.x64.square().sum(1) * q.inv, part.z ** 2 / part.z2,
-                             part.top_i[:, 0], log_mass, path)
+                             part.top_i[:, 0], log_mass, path, part.m.double() + part.z.log())

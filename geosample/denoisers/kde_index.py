@@ -30,8 +30,8 @@ float64 distances give d_up >= min_i |x - y_i|^2.  Pass 2: S = {i : L_i <= T},
 T = d_up + 2 sigma^2 log(N / tol).  Every row outside S has |x - y_i|^2 > T >= d_min + 2 sigma^2
 log(N / tol), so its weight is below tol / N of the largest: the rows left out carry less than
 ``tol`` (default 1e-12, the exact path's REST_TOL) of the total weight.  The rows of S are then
-evaluated exactly, each query on its own set only (float64 direct differences |x - y_i|^2, the
-reference backend's arithmetic, an online log-sum-exp over chunks of (query, row) pairs).
+evaluated exactly, each query on its own set only (float64 logits anchored on a row of the set,
+the reference backend's arithmetic, an online log-sum-exp over chunks of (query, row) pairs).
 A query whose S would exceed ``max_fraction`` of N (large sigma, where the Cauchy-Schwarz slack
 2 |r_x| rho_i of the bound swamps the softmax width) is handed back to the full streaming pass;
 so are queries for which 2 sigma^2 log(N / tol) >= (|x - c| + max_i |y_i - c|)^2 (every row would
@@ -45,11 +45,11 @@ tiny), the first term a float32 GEMM accumulated in float64 over blocks of BUILD
 with the rigorous bound ez_i = scale |q_i - m| (sqrt(r) (gamma_BUILD_BLOCK + 2^-23) + 2^-24) (P and
 the centring rounded to float32) on its error (so data far from the origin lose nothing), and
 rho_i the midpoint of the interval sqrt(|y_i - c|^2 - |z*|^2), |z*| in [|z_i| - ez_i, |z_i| + ez_i],
-er_i its half-width.  Memory: the index plus one chunk.  Cached on
-disk under ``cache_root()/kde_index`` keyed by the data's content (shape, dtype, affine map, a hash
-of seeded sample rows, of the mean and of every row's centred norm) and the build options; the
-file carries a checksum, and a file that does not load or check is a miss, rebuilt with a
-:class:`IndexCacheWarning`.
+er_i its half-width.  Memory: the index plus one chunk.  Cached on disk under
+``cache_root()/kde_index`` keyed by the sha256 of every stored byte and the build options; the
+file carries a checksum, and a file that does not load or check is a miss, rebuilt with an
+:class:`IndexCacheWarning`; a cache that cannot be written (a file where the folder should be, a
+read-only folder) warns the same way and the built index is used uncached.
 """
 from __future__ import annotations
 
@@ -63,13 +63,13 @@ import numpy as np
 import torch
 
 from .._io import atomic_write, cache_root
-from .kde_stats import INDEXED, KDEStats, candidate_sq_dists, put_rows
+from .kde_stats import INDEXED, KDEStats, anchored_stats, candidate_sq_dists, put_rows
 
 __all__ = ["KDEIndex", "IndexCacheWarning", "INDEXED"]
 
 U32 = 2.0 ** -24
 U64 = 2.0 ** -53
-FORMAT = 3                       # cache file layout version
+FORMAT = 4                       # cache file layout version (and key scheme)
 BLOCK = 1 << 15                  # index rows per GEMM block of a pass
 KEEP_BOUNDS = 1 << 28            # bytes of pass-1 bounds [B, N] kept for pass 2 (else recomputed)
 EXACT_CHUNK = 1024               # (query, row) pairs per float64 block of the exact evaluation
@@ -79,7 +79,8 @@ F32_SAFE = 2.0 ** 120            # queries with (|x - c| + max_i |y_i - c|)^2 ab
 
 
 class IndexCacheWarning(UserWarning):
-    """A cached index file was unreadable or failed its checks and is being rebuilt."""
+    """A cached index file was unreadable or failed its checks and is being rebuilt, or a built
+    index could not be written to the cache (it is used all the same)."""
 
 
 def _rho(norm2: torch.Tensor, proj2: torch.Tensor, dim: int, rank: int):
@@ -168,27 +169,29 @@ class KDEIndex:
             raise ValueError(f"seed must be an int, got {seed!r}")
         folder = None if cache is False else (cache_root() / "kde_index" if cache is True else Path(cache))
         path = folder / f"{cls.key(store, rank, sample, seed)}.npz" if folder is not None else None
-        if path is not None and path.exists():
+        try:
+            hit = path is not None and path.exists()
+        except OSError:                                   # e.g. a folder on the way that cannot be listed
+            hit = False
+        if hit:
             try:
                 return cls(*cls._load(path, store, rank), **options)
             except Exception as e:   # any unreadable or inconsistent file is a miss
                 warnings.warn(f"KDE index cache {path} is invalid ({e}); rebuilding", IndexCacheWarning, stacklevel=2)
         basis, vecs = cls._compute(store, rank, sample, seed)
         if path is not None:
-            cls._save(path, basis, vecs)
+            try:
+                cls._save(path, basis, vecs)
+            except OSError as e:                          # a file where a folder should be, read-only, full
+                warnings.warn(f"KDE index cache {path} cannot be written ({e}); the index is used "
+                              "without caching", IndexCacheWarning, stacklevel=2)
         return cls(basis, vecs, **options)
 
     @staticmethod
     def key(store, rank: int, sample: int, seed: int) -> str:
-        """Content key: shape, storage, affine map, build options, 64 seeded rows as stored, and the
-        mean and centred norms of every row (float32-rounded: an edited row changes them)."""
-        h = hashlib.sha256(repr((FORMAT, store.n, store.shape, store.storage, store.scale, store.offset,
-                                 rank, sample, seed)).encode())
-        h.update(store.center.float().numpy().tobytes())
-        h.update(store.hy2.float().numpy().tobytes())
-        rows = np.unique(np.random.default_rng(12345).integers(0, store.n, 64).tolist() + [0, store.n - 1])
-        for i in rows:
-            h.update(store._raw(int(i), int(i) + 1).contiguous().numpy().tobytes())
+        """Content key: the sha256 of every stored byte (:meth:`Store.digest`), the storage's affine
+        map and the build options."""
+        h = hashlib.sha256(repr((FORMAT, store.digest(), store.scale, store.offset, rank, sample, seed)).encode())
         return h.hexdigest()[:32]
 
     @staticmethod
@@ -286,7 +289,8 @@ class KDEIndex:
         out = torch.zeros_like(q.x64)
         stats = KDEStats(*(torch.zeros(b, dtype=torch.float64, device=dev) for _ in range(2)),
                          torch.zeros(b, dtype=torch.long, device=dev), torch.zeros(b, dtype=torch.float64, device=dev),
-                         torch.full((b,), INDEXED, dtype=torch.int8, device=dev))
+                         torch.full((b,), INDEXED, dtype=torch.int8, device=dev),
+                         torch.zeros(b, dtype=torch.float64, device=dev))
         ok = (live & ~big).nonzero()[:, 0]
         if len(ok):
             res, st = self._exact(store, q, rows, cols, b)
@@ -354,24 +358,27 @@ class KDEIndex:
         return candidate_sq_dists(q.x64, store.gather64(best_i)).amin(1), blocks
 
     def _exact(self, store, q, rows, cols, b):
-        """Float64 softmax of each query over its certified rows, pair by pair (direct differences,
-        online log-sum-exp over chunks of (query, row) pairs in query order); a query with no row
-        (a shard none of whose rows matter) gets D = 0 and log_mass = -inf."""
+        """Float64 softmax of each query over its certified rows, pair by pair (logits anchored on
+        the query's first certified row a, kde_stats.anchored_logits: h_i = (y_i - a).(x - a) -
+        |y_i - a|^2 / 2, online log-sum-exp over chunks of (query, row) pairs in query order); a
+        query with no row (a shard none of whose rows matter) gets D = 0 and log_mass = -inf."""
         dev = q.x64.device
         order = torch.argsort(cols * store.n + rows)
         rows, cols = rows[order], cols[order]
+        first = torch.full((b,), len(rows), dtype=torch.long, device=dev).scatter_reduce_(
+            0, cols, torch.arange(len(rows), device=dev), "amin")
+        has = first < len(rows)
+        anchor = store.gather64(torch.where(has, rows[first.clamp(max=max(len(rows) - 1, 0))] if len(rows) else 0, 0))
+        u = q.x64 - anchor                                                     # x - a
         m = torch.full((b,), -math.inf, dtype=torch.float64, device=dev)
         z, z2 = torch.zeros_like(m), torch.zeros_like(m)
         s = torch.zeros_like(q.x64)
         arg = torch.zeros(b, dtype=torch.long, device=dev)
         for a in range(0, len(rows), EXACT_CHUNK):
             r, c = rows[a:a + EXACT_CHUNK], cols[a:a + EXACT_CHUNK]
-            diff = store.gather64(r)                                          # [P, D] rows y_i, then y_i - x
-            qs, counts = torch.unique_consecutive(c, return_counts=True)
-            segs = list(zip(qs.tolist(), diff.split(counts.tolist())))
-            for qi, seg in segs:
-                seg.sub_(q.x64[qi])
-            l = torch.linalg.vector_norm(diff, dim=1).square_().mul_(-0.5 * q.inv_s2[c])   # -|x - y_i|^2 / (2 sigma^2)
+            diff = store.gather64(r).sub_(anchor[c])                          # [P, D] rows y_i - a
+            h = (diff * u[c]).sum(1) - 0.5 * diff.square().sum(1)
+            l = h.mul_(q.inv_s2[c])                                           # (g_i - g_a) / sigma^2
             cm = torch.full_like(m, -math.inf).scatter_reduce_(0, c, l, "amax")
             top = l == cm[c]
             ci = torch.full_like(arg, store.n).scatter_reduce_(0, c[top], r[top], "amin")    # first row at the max
@@ -381,13 +388,8 @@ class KDEIndex:
             p = torch.exp(l - m_new[c])
             z = z * alpha + torch.zeros_like(z).index_add_(0, c, p)
             z2 = z2 * alpha ** 2 + torch.zeros_like(z).index_add_(0, c, p * p)
-            s.mul_(alpha[:, None])
-            for (qi, seg), ps in zip(segs, p.split(counts.tolist())):      # sum p_i y_i = sum p_i (y_i - x) + x sum p_i
-                s[qi] += ps @ seg + ps.sum() * q.x64[qi]
+            s.mul_(alpha[:, None]).index_add_(0, c, diff.mul_(p[:, None]))  # sum p_i (y_i - a)
             m = m_new
-        has = z > 0
-        log_mass = m + z.log()
-        path = torch.full((b,), INDEXED, dtype=torch.int8, device=dev)
-        return (torch.where(has[:, None], s / z.clamp(min=1e-300)[:, None], 0.0),
-                KDEStats(log_mass + 0.5 * q.x64.square().sum(1) * q.inv_s2,
-                         torch.where(has, z ** 2 / z2.clamp(min=1e-300), 0.0), arg, log_mass, path))
+        stats = anchored_stats(store.center.to(dev), q.x64, anchor, q.inv_s2, m + z.log(),
+                               torch.where(has, z ** 2 / z2.clamp(min=1e-300), 0.0), arg, INDEXED)
+        return torch.where(has[:, None], anchor + s / z.clamp(min=1e-300)[:, None], 0.0), stats

@@ -34,6 +34,11 @@ class ShardedKDEDenoiser:
 
         D = sum_r w_r D_r / sum_r w_r.
 
+    For queries farther than 3 R from the global mean c (R = max_i |y_i - c|) the logits are taken
+    relative to c instead, -(|x - y_i|^2 - |x - c|^2) / (2 sigma^2) (``KDEStats.log_zc`` moved from
+    the shard's mean to c): the same merge, without the cancellation of |x - y_i|^2 ~ |x|^2 that
+    made shards of queries 1e8 or more away weigh each other wrongly.
+
     Collectives per call: an all_gather of logZ_r ([W, B] float64; every rank then forms M and
     the denominator itself) and one SUM of w_r D_r ([B, D] float64).  That is the same two
     latencies as all_reduce(MAX) + all_reduce(SUM) over [B, D + 1], without the extra column;
@@ -80,6 +85,13 @@ class ShardedKDEDenoiser:
             kde_options["index"] = {**({} if index is True else dict(index)), "n_total": self.n,
                                     "reduce_min": lambda t: _all_reduce(t, group, "min")}
         self.local = KDEDenoiser(local_data, **kde_options) if local_data.shape[0] else None
+        # the global mean c and radius R (max_i |y_i - c|): far queries merge on logZ relative to c
+        dim = int(torch.tensor(self.shape).prod())
+        c_r = self.local.store.center.to(local_data.device) if self.local else torch.zeros(dim, dtype=torch.float64,
+                                                                                            device=local_data.device)
+        self.center = _all_reduce(c_r * local_data.shape[0], group) / self.n
+        r = (c_r - self.center).norm() + self.local.store.radius if self.local else torch.zeros((), dtype=torch.float64)
+        self.radius = float(_all_reduce(r.reshape(1).to(local_data.device, torch.float64), group, "max"))
 
     def __len__(self) -> int:
         return self.n
@@ -89,13 +101,20 @@ class ShardedKDEDenoiser:
         return check_query(x, sigma, self.shape)[1]
 
     def _partial(self, x64: torch.Tensor, sig: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logZ_r [B], D_r [B, ...]) of this shard, float64."""
+        """(logZ_r [B], D_r [B, ...]) of this shard, float64.  logZ_r is log_mass (logits
+        -|x - y_i|^2 / (2 sigma^2)) for queries within 3 R of the global mean c, else relative to c:
+        logsumexp_i -(|x - y_i|^2 - |x - c|^2) / (2 sigma^2), whose terms keep their gaps when
+        |x - y_i|^2 is too large for float64 to resolve them (the choice is the same on every rank)."""
+        xf = x64.flatten(1)
+        far = (xf - self.center).norm(dim=1) > 3 * self.radius
         if self.local is None:
             if self.indexed:                                           # the index's collective, on every rank
                 _all_reduce(x64.new_full((x64.shape[0],), torch.inf), self.group, "min")
             return x64.new_full((x64.shape[0],), -torch.inf), torch.zeros_like(x64)
         out, stats = self.local(x64, sig, return_stats=True)
-        return stats.log_mass, out
+        c_r = self.local.store.center.to(xf.device)                    # log_zc is relative to the shard's mean
+        shift = ((c_r - self.center) * (xf - 0.5 * (c_r + self.center))).sum(1) * sig.double() ** -2
+        return torch.where(far, stats.log_zc + shift, stats.log_mass), out
 
     def _weights(self, log_z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(w_r [B] of this rank, sum_r w_r [B]) from an all_gather of logZ_r."""
