@@ -41,3 +41,35 @@ def test_sampler_latency(benchmark, net, cell):
     assert x.shape == noise.shape and bool(torch.isfinite(x).all())
     calls = gs.solvers.nfe(cell["solver"], len(sigmas) - 1, denoise_to_zero=float(sigmas[-1]) == 0.0)
     assert calls == cell["nfe"]
+
+
+def test_nfe_fid_study_runs(tmp_path, monkeypatch):
+    """Not a measurement: nfe_fid.py end to end on a tiny image tar with pixel features (smoke):
+    cells (EDM, GITS, the floor), resume (a second run computes nothing), latency, report files."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import nfe_fid
+    from bench_studies import tiny_image_tar
+
+    monkeypatch.setenv("GEOSAMPLE_CACHE", str(tmp_path / "cache"))
+    data = tiny_image_tar(tmp_path / "tiny.tar", per_class=8, side=32)
+    argv = ["--data", str(data), "--features", "pixel", "--num", "6", "--methods", "ipndm",
+            "--schedules", "polynomial,gits", "--nfes", "4", "--floor", "ipndm:8", "--num-warmup", "2",
+            "--bootstrap", "2", "--latency-batch", "2", "--out", str(tmp_path / "out")]
+    assert nfe_fid.main(["--stage", "cells", *argv]) == 0
+    report = json.loads((tmp_path / "out" / "nfe_fid.json").read_text())
+    assert [(c["schedule"], c["nfe"]) for c in report["cells"]] == [("polynomial", 4), ("floor", 8), ("gits", 4)]
+    assert all(c["fid"] > 0 and c["num"] == 6 for c in report["cells"])
+    gits = report["cells"][2]
+    assert gits["setup_s"] > 0 and gits["sigmas"] != report["cells"][0]["sigmas"]
+    chunks = sorted((tmp_path / "cache" / "fid" / "features").glob("*/00000.npy"))
+    assert len(chunks) == 4                                   # the reference and three cells
+    stamps = [p.stat().st_mtime_ns for p in chunks]
+    assert nfe_fid.main(["--stage", "all", *argv]) == 0       # resumed: no chunk written again
+    assert [p.stat().st_mtime_ns for p in chunks] == stamps
+    report = json.loads((tmp_path / "out" / "nfe_fid.json").read_text())
+    assert all(c["latency_ms_per_image"] > 0 for c in report["cells"])
+    assert (tmp_path / "out" / "nfe_fid.md").read_text().startswith("### FID vs NFE")
+    assert (tmp_path / "out" / "nfe_fid.png").stat().st_size > 0

@@ -8,7 +8,8 @@ FID (+- its bootstrap spread over the samples) and KID (+- its spread over 100 s
 Schedules: EDM's polynomial rho=7, logSNR-uniform, and GITS (the recommended search,
 ``gs.gits.search(net, shape, steps, gamma=gs.gits.GAMMAS, refine=True, solver=...)`` with warm-up
 noise from ``--seed + 1``, never the scored noise).  The floor: a converged solve of the same
-noise (``--floor``, Heun 100 steps on EDM's schedule by default).  Methods are registered in
+noise (``--floor``: iPNDM, 100 steps on EDM's schedule; 4e-4 RMSE from Heun's 199-NFE solve of 64
+of the noises).  Methods are registered in
 :data:`METHODS`; ``amed-<base>`` (AMED-Plugin, :mod:`geosample.amed`) joins when that package is
 installed.
 
@@ -48,9 +49,9 @@ from geosample.solvers import steps_for_nfe
 
 HERE = Path(__file__).parent
 SOLVERS = ("ipndm", "unipc")
-SCHEDULES = ("polynomial", "gits", "logsnr")
+SCHEDULES = ("polynomial", "logsnr", "gits")
 NFES = (4, 5, 6, 8)
-FLOOR = "heun:100"          # solver:steps on EDM's polynomial schedule
+FLOOR = "ipndm:100"         # solver:steps on EDM's polynomial schedule (4e-4 RMSE from Heun, 199 NFE)
 MODEL = "cifar10-tiny"
 WEIGHTS_SHA256 = gs.models._FILES[MODEL][1]
 EXIT_UNFINISHED = 3
@@ -62,8 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num", type=int, default=5000, help="samples per cell (default 5000)")
     p.add_argument("--seed", type=int, default=0, help="sample noise seed; GITS warm-up uses seed + 1 (default 0)")
     p.add_argument("--methods", default=",".join(SOLVERS), help="solvers, or amed-<base> (default ipndm,unipc)")
-    p.add_argument("--schedules", default=",".join(SCHEDULES), help="cells run in this order (default "
-                   "polynomial,gits,logsnr)")
+    p.add_argument("--schedules", default=",".join(SCHEDULES), help="cells run in this order, the floor before "
+                   "the first GITS cell (default polynomial,logsnr,gits)")
     p.add_argument("--nfes", default=",".join(map(str, NFES)))
     p.add_argument("--floor", default=FLOOR, help="the converged solve, solver:steps on EDM's schedule ('' for none)")
     p.add_argument("--data", default="cifar10", help="reference dataset (name or path; default cifar10)")
@@ -75,6 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch threads (default 0: torch's default)")
     p.add_argument("--bootstrap", type=int, default=10, help="FID bootstrap resamples (default 10)")
     p.add_argument("--latency-batch", type=int, default=64, help="samples per timed solve (default 64)")
+    p.add_argument("--features", default="inception", choices=metrics.EXTRACTORS,
+                   help="inception (default); pixel only for smoke tests (not an FID)")
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--name", default="nfe_fid", help="result file stem (default nfe_fid)")
     return p.parse_args(argv)
@@ -223,28 +226,28 @@ def machine() -> dict:
             "torch_threads": torch.get_num_threads(), "geosample": gs.__version__, "date": date.today().isoformat()}
 
 
-def cells_in_order(net, args) -> list:
-    """(method, schedule, nfe) builders in run order: schedule-major (EDM and logSNR cheap first,
-    as --schedules orders them), then the floor."""
+def cells_in_order(args) -> list:
+    """(method, schedule, nfe) in run order: schedule-major as --schedules orders them, the floor
+    ("floor", "floor", 0) before the first GITS cell (GITS searches come last)."""
     methods = args.methods.split(",")
     for m in methods:
         method(m)                                          # unknown names fail before any work
     todo = [(m, s, n) for s in args.schedules.split(",") for m in methods for n in map(int, args.nfes.split(","))]
+    if args.floor:
+        first_gits = next((i for i, c in enumerate(todo) if c[1] == "gits"), len(todo))
+        todo.insert(first_gits, ("floor", "floor", 0))
     return todo
 
 
 def run_cells(args, deadline) -> dict:
     net = gs.models.load(MODEL)
-    extractor = metrics.InceptionFeatures()
+    extractor = metrics.get_extractor(args.features)
     t0 = time.perf_counter()
     ref = reference(args, extractor, deadline)
     print(f"reference: {ref.meta['num']} images, statistics in {time.perf_counter() - t0:.0f} s", flush=True)
     report = load_report(args)
     done = {(c["method"], c["schedule"], c["nfe"]): c for c in report["cells"]}
-    todo = [(m, s, n) for m, s, n in cells_in_order(net, args)]
-    if args.floor:
-        todo.append(("floor", "floor", 0))
-    for name, schedule, nfe in todo:
+    for name, schedule, nfe in cells_in_order(args):
         cell = floor_cell(args.floor) if name == "floor" else method(name)(net, schedule, nfe, args)
         key = cell.key()
         old = done.get((cell.method, cell.schedule, cell.nfe))
@@ -334,11 +337,15 @@ def write_report(args) -> None:
         md += [f"Floor (converged solve, {floor['method']} {floor['nfe']} NFE on EDM's schedule): FID "
                f"{floor['fid']:.2f} ± {_fmt(floor['fid_std'], '.2f')}, KID {1e3 * floor['kid']:.2f}e-3.", ""]
     md += ["FID:", "", table(cells, "fid", ".2f", nfes, "fid_std"), "",
-           "KID x 1e3 (± spread over 100 subsets of 1000):", "", table(kid_cells, "kid", ".2f", nfes, "kid_std"), ""]
+           f"KID x 1e3 (± spread over {cells[0].get('kid_subsets')} subsets of {cells[0].get('kid_subset_size')}):", "",
+           table(kid_cells, "kid", ".2f", nfes, "kid_std"), ""]
     if any("latency_ms_per_image" in c for c in cells):
-        md += [f"Latency per image (ms; median over pytest-benchmark rounds of one {report['latency']['batch']}-sample "
-               "solve, same process) + the GITS search amortised over the samples:", "",
-               table(cells, "latency_ms_per_image", ".2f", nfes), "", "Search cost per image (ms):", "",
+        lat = next(c for c in cells if "latency_ms_per_image" in c)
+        md += [f"Latency per image (ms): median over pytest-benchmark rounds of one {report['latency']['batch']}-sample "
+               f"solve, every cell in one process (floor: {_fmt(floor and floor.get('latency_ms_per_image'), '.2f')} "
+               f"ms; at least {min(c.get('latency_rounds') or 0 for c in cells if 'latency_rounds' in c)} rounds each):", "", table(cells, "latency_ms_per_image", ".2f", nfes), "",
+               f"GITS search cost amortised over the {report['num']} samples (ms per image; the search's wall time "
+               "when it ran, on the same machine):", "",
                table([c for c in cells if c["setup_s"]], "setup_per_image_ms", ".2f", nfes), ""]
     md += [f"Command: `{report['command']}`; results `{args.name}.json`, figure `{args.name}.png`.", ""]
     atomic_write_text(Path(args.out) / f"{args.name}.md", "\n".join(md))
@@ -355,15 +362,15 @@ def plot(report: dict, path: Path) -> None:
     floor = next((c for c in cells if c["schedule"] == "floor"), None)
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
     lines = sorted({(c["method"], c["schedule"]) for c in cells if c["schedule"] != "floor"})
+    colors = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(m for m, _ in lines))}
     for m, s in lines:
         pts = sorted((c["nfe"], c["fid"], c.get("fid_std") or 0, c.get("wall_ms_per_image")) for c in cells
                      if (c["method"], c["schedule"]) == (m, s))
         style = {"polynomial": "-", "logsnr": ":", "gits": "--"}.get(s, "-.")
-        line = a1.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
-                           linestyle=style, capsize=2, label=f"{m} / {s}")
+        a1.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", color=colors[m],
+                    linestyle=style, capsize=2, label=f"{m} / {s}")
         if all(p[3] is not None for p in pts):
-            a2.plot([p[3] for p in pts], [p[1] for p in pts], marker="o", linestyle=style, color=line[0].get_color(),
-                    label=f"{m} / {s}")
+            a2.plot([p[3] for p in pts], [p[1] for p in pts], marker="o", linestyle=style, color=colors[m])
             for p in pts:
                 a2.annotate(str(p[0]), (p[3], p[1]), fontsize=7, xytext=(2, 2), textcoords="offset points")
     for ax in (a1, a2):
@@ -373,6 +380,8 @@ def plot(report: dict, path: Path) -> None:
         ax.set_ylabel("FID")
         ax.grid(alpha=0.3)
     a1.set_xlabel("NFE")
+    a1.set_xticks(sorted({c["nfe"] for c in cells if c["schedule"] != "floor"}))
+    a2.set_xscale("log")
     a1.set_title("FID vs NFE")
     a2.set_xlabel("ms per image (sampling + search amortised)")
     a2.set_title("FID vs wall time (labels: NFE)")
@@ -391,7 +400,7 @@ def main(argv=None) -> int:
     if args.stage in ("ref", "cells", "all"):
         try:
             if args.stage == "ref":
-                reference(args, metrics.InceptionFeatures(), deadline)
+                reference(args, metrics.get_extractor(args.features), deadline)
             else:
                 run_cells(args, deadline)
         except OutOfTime:

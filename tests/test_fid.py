@@ -41,18 +41,27 @@ def inception_like(n: int, d: int, seed: int, shift: float = 0.0) -> np.ndarray:
     return np.abs(z @ basis.T + shift + 0.3).astype(np.float32)
 
 
-@pytest.mark.parametrize("n_ref, tol", [(700, {"rel": 1e-7}), (150, {"abs": 2e-6})],
-                         ids=["reference-full-rank", "reference-singular"])
-def test_score_fid_agrees_with_scipy_sqrtm_formula(n_ref, tol):
-    """The independent computation on the same features: both paths of the trace term (Cholesky of a
-    full-rank reference covariance; eigh of a singular one, where each of the d - n zero eigenvalues
-    of S1 S2 carries round-off e ~ 1e-16 |S| into the trace as sqrt(e), in either formula)."""
+@pytest.mark.parametrize("n_ref, n, tol", [(700, 400, {"rel": 1e-7}), (150, 400, {"abs": 2e-6}),
+                                           (700, 100, {"abs": 2e-6}), (150, 100, {"abs": 2e-6})],
+                         ids=["reference-full-rank", "reference-singular", "few-samples", "few-of-both"])
+def test_score_fid_agrees_with_scipy_sqrtm_formula(n_ref, n, tol):
+    """The independent computation on the same features, through every path of the trace term:
+    Cholesky of a full-rank reference covariance, eigh of a singular one, and the n x n problem of
+    fewer samples than dimensions.  Where S1 S2 has zero eigenvalues, each carries round-off
+    e ~ 1e-16 |S| into the trace as sqrt(e) (scipy's formula; ours too with a singular reference;
+    the n x n problem has none: it agrees with the same problem solved by numpy to 1e-9)."""
     d = 256
-    ref_f, samples = inception_like(n_ref, d, 1), inception_like(400, d, 2, shift=0.05)
+    ref_f, samples = inception_like(n_ref, d, 1), inception_like(n, d, 2, shift=0.05)
     ref = M.Reference.from_features(ref_f, {"features": "test"})
     got = M.score(samples, ref, bootstrap=0, kid_subsets=2, kid_subset_size=50)
     assert got["fid"] == pytest.approx(scipy_fid(samples.astype(np.float64), ref_f.astype(np.float64)), **tol)
-    assert got["num"] == 400 and got["fid_std"] is None and got["kid"] is not None
+    assert got["num"] == n and got["fid_std"] is None and got["kid"] is not None
+    if n < d:
+        x = samples.astype(np.float64) - samples.mean(0, dtype=np.float64)
+        m = x @ ref.sigma @ x.T / (n - 1)
+        small = (((ref.mu - samples.mean(0, dtype=np.float64)) ** 2).sum() + np.trace(ref.sigma) + (x * x).sum() / (n - 1)
+                 - 2 * np.sqrt(np.linalg.eigvalsh(0.5 * (m + m.T)).clip(0)).sum())
+        assert got["fid"] == pytest.approx(small, rel=1e-9)
 
 
 def test_score_spread_and_kid_are_seeded():

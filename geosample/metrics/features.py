@@ -131,6 +131,7 @@ class PixelFeatures:
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"size must be a positive int, got {size!r}")
         self.size = size
+        self.key = {"features": f"pixels-area-{size}"}
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

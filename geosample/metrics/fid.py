@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .._io import atomic_write, atomic_write_text, cache_root
-from .frechet import frechet_distances, kid
+from .frechet import frechet_distance_to_features, frechet_distances, kid
 from .stats import feature_stats
 
 __all__ = ["ImageSource", "GeneratedSource", "cached_features", "Reference", "score", "CHUNK", "KID_ROWS",
@@ -151,8 +151,9 @@ def _read_chunk(path: Path, rows: int, dim: int) -> np.ndarray | None:
     except (OSError, ValueError, EOFError) as e:
         warnings.warn(f"feature cache {path} is unreadable ({e}); computing it again", stacklevel=3)
         return None
-    if arr.shape != (rows, dim) or arr.dtype != np.float32 or not np.isfinite(arr).all():
-        warnings.warn(f"feature cache {path} holds {arr.dtype} {arr.shape}, expected float32 ({rows}, {dim}); "
+    if arr.ndim != 2 or arr.shape[0] != rows or dim not in (None, arr.shape[1]) or arr.dtype != np.float32 \
+            or not np.isfinite(arr).all():
+        warnings.warn(f"feature cache {path} holds {arr.dtype} {arr.shape}, expected float32 ({rows}, {dim or 'd'}); "
                       "computing it again", stacklevel=3)
         return None
     return arr
@@ -163,7 +164,8 @@ def cached_features(source, extractor, *, use_cache: bool = True, progress: bool
     """Features [source.count, d] float32 of every image of ``source``, computed ``chunk``
     images at a time; with ``use_cache`` each chunk is read from or written (atomically) to
     ``feature_cache_dir() / <hash of source.key, extractor.key, chunk>``, so a killed run
-    resumes where it stopped.  ``extractor``: e.g. :class:`InceptionFeatures` (with ``key``)."""
+    resumes where it stopped.  ``extractor``: e.g. :class:`InceptionFeatures`; its ``key`` (what its
+    features depend on) and ``dim`` (the feature width, checked on reading) are used when present."""
     from .features import extract_features
 
     ident = {"images": source.key, "features": getattr(extractor, "key", type(extractor).__name__), "chunk": chunk}
@@ -172,13 +174,13 @@ def cached_features(source, extractor, *, use_cache: bool = True, progress: bool
         folder.mkdir(parents=True, exist_ok=True)
         if not (folder / "key.json").exists():
             atomic_write_text(folder / "key.json", json.dumps(ident, indent=1))
-    dim = getattr(extractor, "dim", None)
+    dim = getattr(extractor, "dim", None)   # None: any width
     out = []
     starts = range(0, source.count, chunk)
     for start in tqdm(starts, desc=f"features {source.name}", disable=not progress, unit="chunk"):
         stop = min(start + chunk, source.count)
         path = folder / f"{start // chunk:05d}.npy"
-        feats = _read_chunk(path, stop - start, dim) if use_cache and dim else None
+        feats = _read_chunk(path, stop - start, dim) if use_cache else None
         if feats is None:
             feats = extract_features(extractor, source.images(start, stop), batch_size).numpy().astype(np.float32)
             if not np.isfinite(feats).all():
@@ -264,9 +266,12 @@ def score(features, ref: Reference, *, bootstrap: int = 10, kid_subsets: int = 1
     if bootstrap < 0:
         raise ValueError(f"bootstrap must be >= 0, got {bootstrap}")
     g = torch.Generator().manual_seed(seed)
-    n = f.shape[0]
-    stats = [feature_stats(f)] + [feature_stats(f[torch.randint(n, (n,), generator=g)]) for _ in range(bootstrap)]
-    fids = frechet_distances(ref.mu, ref.sigma, stats)
+    n, d = f.shape
+    sets = [f] + [f[torch.randint(n, (n,), generator=g)] for _ in range(bootstrap)]
+    if n <= d:      # an n x n eigenproblem per set (frechet_distance_to_features)
+        fids = [frechet_distance_to_features(ref.mu, ref.sigma, s) for s in sets]
+    else:           # the reference's factor once, a d x d eigenproblem per set
+        fids = frechet_distances(ref.mu, ref.sigma, [feature_stats(s) for s in sets])
     out = {"fid": fids[0], "fid_std": float(np.std(fids[1:], ddof=1)) if bootstrap > 1 else None,
            "fid_bootstrap": bootstrap, "kid": None, "kid_std": None, "num": n}
     if ref.kid_features is not None:

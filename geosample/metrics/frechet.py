@@ -25,7 +25,7 @@ import torch
 from .stats import feature_stats
 
 __all__ = ["fid_from_features", "sqrtm_psd", "trace_sqrt_product", "frechet_distance", "frechet_distances",
-           "mmd2_unbiased", "kid"]
+           "frechet_distance_to_features", "mmd2_unbiased", "kid"]
 
 
 #: Relative tolerance for a covariance's negative eigenvalues (round-off of a PSD estimate is
@@ -118,6 +118,32 @@ def frechet_distances(mu1, sigma1, others) -> list[float]:
         fd = float(((mu1 - mu2) ** 2).sum()) + float(s1.trace() + s2.trace()) - 2 * _trace_sqrt(root, s2)
         out.append(max(fd, 0.0))
     return out
+
+
+def frechet_distance_to_features(mu1, sigma1, features) -> float:
+    """:func:`frechet_distance` from (mu1, sigma1) to the Gaussian statistics of ``features`` [n, d].
+
+    With n <= d the samples' covariance S2 = X^T X / (n - 1) (X: the centred features, [n, d]) has
+    rank < n, and the nonzero eigenvalues of S1 S2 are those of the n x n PSD matrix
+    X S1 X^T / (n - 1) (AB and BA share them), so the trace term is an n x n eigenproblem and S1
+    needs no factorisation (its PSD check is that matrix's).  Larger n: :func:`feature_stats`,
+    then :func:`frechet_distance`."""
+    f = _as64(features, "features", 2)
+    if f.shape[0] > f.shape[1]:
+        return frechet_distance(mu1, sigma1, *feature_stats(f))
+    mu1 = _as64(mu1, "mu1", 1)
+    s1 = _check_cov(_as64(sigma1, "sigma1", 2), "sigma1")
+    n, d = f.shape
+    if n < 2 or s1.shape != (d, d) or mu1.numel() != d:
+        raise ValueError(f"shapes do not match: mu1 {tuple(mu1.shape)}, sigma1 {tuple(s1.shape)}, features {tuple(f.shape)}")
+    mu2 = f.mean(0)
+    x = f - mu2
+    m = x @ s1 @ x.T / (n - 1)
+    evals = torch.linalg.eigvalsh(0.5 * (m + m.T))
+    _check_psd(evals, "sigma1 seen through the samples")
+    fd = float(((mu1 - mu2) ** 2).sum()) + float(s1.trace()) + float((x * x).sum()) / (n - 1) \
+        - 2 * float(evals.clamp(min=0).sqrt().sum())
+    return max(fd, 0.0)
 
 
 def fid_from_features(features1, features2) -> float:
