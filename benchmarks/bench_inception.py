@@ -10,7 +10,8 @@ timing):
     + channels_last    the same with a channels-last input
     folded, batch B    :class:`geosample.metrics.inception.FoldedInception` (batch norm folded
                        into the convs in float64, channels-last throughout), inference mode,
-                       batches of B in {64, 32, 16, 8}
+                       batches of B in {64, 32, 16, 8}; and batch 8 on one thread (two such
+                       processes side by side vs one on every core)
 
 ``python benchmarks/bench_inception.py`` times them interleaved in one process (``--rounds``
 rounds, each configuration once per round over ``--images`` images; the median round is kept),
@@ -65,6 +66,16 @@ def configurations() -> dict:
            "+ inference_mode": (scripted(torch.inference_mode), 64),
            "+ channels_last": (scripted(torch.inference_mode, torch.channels_last), 64)}
     out.update({f"folded, batch {b}": (fast, b) for b in (64, 32, 16, 8)})
+
+    def one_thread(x):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return fast(x)
+        finally:
+            torch.set_num_threads(threads)
+
+    out["folded, batch 8, 1 thread"] = (one_thread, 8)
     return out
 
 
