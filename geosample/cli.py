@@ -17,7 +17,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("sample", "gits", "analyze")
+COMMANDS = ("sample", "gits", "analyze", "fid")
 USER_ERRORS = (ValueError, TypeError, KeyError, OSError, MemoryError, FloatingPointError)
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
