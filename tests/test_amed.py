@@ -125,19 +125,8 @@ def test_fixed_dict_round_trip():
 # ---- learned predictors ------------------------------------------------------------------------
 
 def constant_predictor(K, r, c, a):
-    """A predictor (no features) whose outputs are the given per-interval constants: interval i's
-    embedding is 10 e_i, so h = silu(10) e_i and head column i sets the logits."""
-    p = gs.amed.Predictor(K, 0, scale_dir=0.5, scale_time=0.5).double()
-    logit = lambda v: math.log(v / (1 - v))  # noqa: E731
-    s = torch.nn.functional.silu(torch.tensor(10.0, dtype=torch.float64)).item()
-    with torch.no_grad():
-        p.interval.weight.zero_()
-        for i in range(K):
-            p.interval.weight[i, i] = 10.0
-            p.heads.weight[0, i] = logit((r[i] - 1e-3) / (1 - 2e-3)) / s
-            p.heads.weight[1, i] = logit(((c[i] - 1) / 0.5 + 1) / 2) / s
-            p.heads.weight[2, i] = logit(((a[i] - 1) / 0.5 + 1) / 2) / s
-    return p
+    """An untrained predictor (no features) started from per-interval constants: it gives exactly them."""
+    return gs.amed.Predictor(K, 0, scale_dir=0.5, scale_time=0.5).double().start_from(gs.amed.Fixed(r, c, a))
 
 
 @pytest.mark.parametrize("solver, options", CASES)
@@ -146,7 +135,7 @@ def test_learned_run_is_the_fixed_plan(gmm, noise, solver, options, afs):
     """Per-sample predictions that happen to be constant give the fixed predictions' result."""
     K = 4
     sig = gs.schedules.polynomial(K, 0.01, 80.0).tolist()
-    p = constant_predictor(K, R, C, A)
+    p = constant_predictor(K, R[:K], C[:K], A[:K])
     want = gs.sample(gmm, noise, sig, solver=solver, amed=gs.amed.Fixed(R[:K], C[:K], A[:K]), afs=afs, **options)
     run = PredictedRun(solver, sig, afs, gs.solvers.amed.check_options(solver, options), noise * 80.0,
                        lambda f, i, b: p(f, i, b), lambda d: None)
@@ -282,3 +271,35 @@ def test_bottleneck_features_of_the_shipped_network():
     assert torch.isfinite(gs.sample(net, x, sig, solver="dpmpp", amed=p)).all()
     with pytest.raises(ValueError, match="needs a denoiser with a 'bottleneck'"):
         gs.amed.train(lambda x, s: x, (6,), sig, solver="amed", features="bottleneck")
+
+
+@pytest.mark.parametrize("solver", ["amed", "dpmpp"])
+def test_difference_gradient_for_black_box_denoisers(gmm, noise, solver):
+    """Without autograd through D, the extra call's derivative by forward differences along the
+    run's tangents gives (nearly) the autograd gradient in r and a."""
+    from geosample.amed.train import _Calls
+    from geosample.solvers.base import CountedDenoiser
+
+    K = 3
+    sig = gs.schedules.polynomial(K, 0.01, 80.0).tolist()
+    target = gs.sample(gmm, noise, gs.schedules.polynomial(60, 0.01, 80.0), solver="ipndm")
+    grads = {}
+    for mode in ("autograd", "difference"):
+        r_t = torch.tensor(0.45, dtype=torch.float64, requires_grad=True)
+        a_t = torch.tensor(1.02, dtype=torch.float64, requires_grad=True)
+
+        def predict(f, j, b):
+            one = torch.ones(b, dtype=torch.float64)
+            return (r_t.expand(b), one, a_t.expand(b)) if j == 1 else (0.5 * one, one, one)
+
+        run = PredictedRun(solver, sig, False, gs.solvers.amed.check_options(solver, {}), noise * 80.0, predict,
+                           lambda d: None)
+        calls = _Calls(CountedDenoiser(gmm), mode, True)
+        calls.first(run)
+        calls.extra(run)       # interval 0
+        calls.first(run)
+        calls.extra(run)       # interval 1: the predictions with gradients
+        (run.x - target).pow(2).sum().backward()
+        grads[mode] = (r_t.grad.item(), a_t.grad.item())
+    assert grads["difference"][0] == pytest.approx(grads["autograd"][0], rel=1e-2)
+    assert grads["difference"][1] == pytest.approx(grads["autograd"][1], rel=1e-2)

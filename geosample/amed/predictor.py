@@ -4,11 +4,12 @@ Network (after the reference's ``AMED_predictor``, smaller): the pooled features
 standardised by their training mean and spread, go through Linear-SiLU-Linear to a code of 8; the
 interval index through an embedding of 8; from both, SiLU, then one linear head per output:
 
-    r = 1e-3 + (1 - 2e-3) sigmoid(z_r),   scale_dir = 1 + s_d (2 sigmoid(z_c) - 1),
-    scale_time = 1 + s_t (2 sigmoid(z_a) - 1)
+    z = z_0[i] + head(h),   r = 1e-3 + (1 - 2e-3) sigmoid(z_r),
+    scale_dir = 1 + s_d (2 sigmoid(z_c) - 1),   scale_time = 1 + s_t (2 sigmoid(z_a) - 1)
 
-(s_d, s_t: the allowed relative ranges; 0 fixes the factor at 1).  The heads start at zero, so an
-untrained predictor gives r = 1/2 (DPM-Solver-2's geometric midpoint) and factors 1.
+(s_d, s_t: the allowed relative ranges; 0 fixes the factor at 1).  z_0 holds the starting
+predictions per interval (:meth:`Predictor.start_from`; default r = 1/2, DPM-Solver-2's geometric
+midpoint, and factors 1) and the heads start at zero, so an untrained predictor gives exactly them.
 
 A predictor belongs to one denoiser, base grid, solver (with its options), AFS setting, sample
 shape and feature kind; ``meta`` records them, :meth:`Predictor.check` refuses any other use, and
@@ -58,6 +59,7 @@ class Predictor(nn.Module):
         self.meta = dict(meta or {})
         self.register_buffer("feature_mean", torch.zeros(in_features))
         self.register_buffer("feature_std", torch.ones(in_features))
+        self.register_buffer("prior", torch.zeros(intervals, 3))
         self.encode = nn.Sequential(nn.Linear(in_features, hidden), nn.SiLU(), nn.Linear(hidden, code)) \
             if in_features else None
         self.interval = nn.Embedding(intervals, code)
@@ -84,10 +86,31 @@ class Predictor(nn.Module):
             f = torch.zeros(batch, self.in_features, device=w.device) if features is None else features.to(w.device)
             f = (f.to(w.dtype) - self.feature_mean) / self.feature_std
             h = torch.cat([self.encode(f), h], dim=1)
-        z = self.heads(F.silu(h))
+        z = self.prior[i] + self.heads(F.silu(h))
         s_d, s_t = self.config["scale_dir"], self.config["scale_time"]
         r = R_LOW + (1 - 2 * R_LOW) * torch.sigmoid(z[:, 0])
         return r, 1 + s_d * (2 * torch.sigmoid(z[:, 1]) - 1), 1 + s_t * (2 * torch.sigmoid(z[:, 2]) - 1)
+
+    def start_from(self, init: Fixed) -> "Predictor":
+        """Make ``init`` (per-interval :class:`Fixed` predictions) the starting point: z_0 is set so
+        that the untrained predictor gives exactly them.  Their factors must lie in the allowed ranges."""
+        K = self.config["intervals"]
+        if not isinstance(init, Fixed) or init.steps != K:
+            raise ValueError(f"init must be gs.amed.Fixed predictions for {K} intervals, got {init!r}")
+        r, c, a = init.predictions()
+        z = torch.zeros(K, 3, dtype=torch.float64)
+        for i in range(K):
+            z[i, 0] = _logit((min(max(r[i], R_LOW), 1 - R_LOW) - R_LOW) / (1 - 2 * R_LOW))
+            for j, (name, v, s) in enumerate((("scale_dir", c[i], self.config["scale_dir"]),
+                                              ("scale_time", a[i], self.config["scale_time"])), start=1):
+                if v == 1.0:
+                    continue
+                if not abs(v - 1) < s:
+                    raise ValueError(f"init {name} {v} lies outside the allowed range 1 +- {s}")
+                z[i, j] = _logit(((v - 1) / s + 1) / 2)
+        with torch.no_grad():
+            self.prior.copy_(z.to(self.prior.dtype))
+        return self
 
     def fixed(self) -> Fixed:
         """The predictions averaged over the training samples, per interval, as :class:`Fixed`
@@ -190,6 +213,10 @@ class Predictor(nn.Module):
     def extra_repr(self) -> str:
         return (f"solver={self.meta.get('solver')!r}, intervals={self.config['intervals']}, "
                 f"features={self.meta.get('features')!r}, afs={self.meta.get('afs')}")
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1 - p))
 
 
 def _short(v: list) -> str:

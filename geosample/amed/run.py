@@ -10,7 +10,9 @@ coefficients; the extra call is D(x_m, a t_m) with a [B] sigma.
 The same run trains the predictor (:mod:`.train`): when the predictions carry gradients, every
 coefficient is ``value + (r - r.detach()) dvalue/dr`` with the derivative taken by central
 differences of the float64 plan, and t_m, a t_m and c enter as tensors, so the loss at x_{i+1}
-differentiates through the plan's own coefficients and the denoiser's extra call.
+differentiates through the plan's own coefficients and the denoiser's extra call.  For a denoiser
+autograd cannot go through, :meth:`PredictedRun.tangents` gives the extra call's input derivatives
+in r and a, for a forward-difference stand-in.
 """
 from __future__ import annotations
 
@@ -26,11 +28,12 @@ FD_STEP = 1e-6  # central-difference step in r for the coefficients' derivatives
 
 class _Batched:
     """One op with per-sample fields: a, coeffs as [B] tensors (float64), eval_sigma and sigma as
-    floats or [B] tensors; src, dst, threshold, step as in :class:`geosample.solvers.base.Op`."""
+    floats or [B] tensors; src, dst, threshold, step as in :class:`geosample.solvers.base.Op`;
+    slopes: (da/dr, [dc_k/dr]) when differentiating, else None."""
 
-    def __init__(self, op, a, coeffs, eval_sigma, sigma):
+    def __init__(self, op, a, coeffs, eval_sigma, sigma, slopes=None):
         self.src, self.dst, self.threshold, self.step = op.src, op.dst, op.threshold, op.step
-        self.a, self.coeffs, self.eval_sigma, self.sigma = a, coeffs, eval_sigma, sigma
+        self.a, self.coeffs, self.eval_sigma, self.sigma, self.slopes = a, coeffs, eval_sigma, sigma, slopes
 
 
 class PredictedRun:
@@ -56,6 +59,7 @@ class PredictedRun:
         self.hist: list[torch.Tensor] = []
         self.i, self.second, self.finished = start, None, False
         self.done_intervals = 0
+        self.r = self.a = self.tm = self.x_dot = None  # the current interval's predictions, t_m, dx_m/dr
         if self.afs and start == 0:
             self._first(afs_denoised(x, self.grid[0]), None, analytic=True)
 
@@ -98,6 +102,15 @@ class PredictedRun:
         self.state[X] = denoised
         self.finished = True
 
+    def tangents(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(dx/dr [B, ...], dsigma/dr [B], dsigma/da [B]) of the pending extra call D(x, sigma =
+        a t_m), from the plan's coefficient slopes (needs predictions with gradients)."""
+        if self.second is None or self.x_dot is None:
+            raise RuntimeError("tangents exist while an extra call is pending, with predictions that carry gradients")
+        log_ratio = torch.log(torch.as_tensor(self.grid[self.i + 1] / self.grid[self.i], dtype=torch.float64))
+        tm = self.tm.detach()
+        return self.x_dot, (self.a.detach() * tm * log_ratio), tm
+
     def detach(self) -> None:
         """Drop the autograd history of the state and the solver history (between training intervals)."""
         self.state = [s.detach() for s in self.state]
@@ -113,12 +126,16 @@ class PredictedRun:
         x, i = self.state[X], self.i
         if features is None and not analytic:  # AFS: no evaluation, the predictor sees zeros
             features = self.features(denoised)
-        r, c, a = self.predictor(features, i, x.shape[0])
-        first, second = self._ops(i, r.to(torch.float64), c.to(torch.float64), a.to(torch.float64))
+        r, c, a = (v.to(torch.float64) for v in self.predictor(features, i, x.shape[0]))
+        first, second = self._ops(i, r, c, a)
         if self.on_step is not None:
             self.on_step(i, x, denoised)
         self._apply(first, denoised)
-        self.second = second
+        self.second, self.r, self.a, self.x_dot = second, r, a, None
+        if first.slopes is not None:   # dx_m/dr = da/dr x + sum_k dc_k/dr H_k
+            a_dot, c_dot = first.slopes
+            self.x_dot = (_per_sample(a_dot, x) * x + sum(_per_sample(v, x) * h for v, h in zip(c_dot, self.hist)))
+            self.x_dot = self.x_dot.detach()
 
     def _ops(self, i: int, r: torch.Tensor, c: torch.Tensor, a: torch.Tensor) -> tuple[_Batched, _Batched]:
         """Interval i's two ops with [B] fields, from every sample's own plan."""
@@ -131,22 +148,24 @@ class PredictedRun:
         self.r_past[:, i] = r.detach().cpu()
 
         def field(get):
-            """[B] float64 tensor of ``get(op)`` over the samples, with d/dr when differentiating."""
+            """(value, slope): [B] float64 tensors of ``get(op)`` over the samples and of its d/dr
+            (None without gradients); the value is ``value + (r - r.detach()) slope`` then."""
             value = torch.tensor([get(row[0]) for row in rows], dtype=torch.float64, device=r.device)
             if not grad:
-                return value
+                return value, None
             slope = torch.tensor([(get(row[1]) - get(row[2])) / (2 * FD_STEP) for row in rows], dtype=torch.float64,
                                  device=r.device)
-            return value + (r - r.detach()) * slope
+            return value + (r - r.detach()) * slope, slope
 
         t, t_next = self.grid[i], self.grid[i + 1]
-        tm = t_mid(t, t_next, r)
+        self.tm = tm = t_mid(t, t_next, r)
         op1, op2 = rows[0][0]
-        first = _Batched(op1, field(lambda o: o[0].a),
-                         [field(lambda o, k=k: o[0].coeffs[k]) for k in range(len(op1.coeffs))],
-                         op1.eval_sigma, op1.sigma)
-        second = _Batched(op2, field(lambda o: o[1].a),
-                          [c * field(lambda o, k=k: o[1].coeffs[k]) for k in range(len(op2.coeffs))],
+        a1 = field(lambda o: o[0].a)
+        c1 = [field(lambda o, k=k: o[0].coeffs[k]) for k in range(len(op1.coeffs))]
+        first = _Batched(op1, a1[0], [v for v, _ in c1], op1.eval_sigma, op1.sigma,
+                         (a1[1], [d for _, d in c1]) if grad else None)
+        second = _Batched(op2, field(lambda o: o[1].a)[0],
+                          [c * field(lambda o, k=k: o[1].coeffs[k])[0] for k in range(len(op2.coeffs))],
                           a * tm, None if op2.sigma is None else tm)
         return first, second
 

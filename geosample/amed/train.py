@@ -3,7 +3,10 @@
 As in the reference (``training/loss.py``, ``training_loop.py``): a teacher solves seeded noise on a
 fine grid that contains the base grid; for every interval i the student (:class:`.run.PredictedRun`,
 the sampler itself) steps from x_i to x_{i+1} and the loss is the squared L2 distance to the
-teacher's x_{i+1}, averaged over the batch, with one Adam step per interval.  One-step variants
+teacher's x_{i+1}, averaged over the batch, with one Adam step per interval.  The loss reaches
+the predictions through the plan's coefficients and through the extra call D(x_m, a t_m): by
+autograd when the denoiser supports it (a torch network), else (a closed-form KDE, Triton kernels,
+C++) by a forward difference along the call's tangent in r (and a), one more call each.  One-step variants
 ("amed", "euler", "dpm2") start every interval at the teacher's x_i (their first call there is
 computed once and reused every epoch); multistep ones ("ipndm", "dpmpp") run on from their own
 output with their own history, cut from autograd between intervals.
@@ -48,6 +51,7 @@ __all__ = ["train", "teacher_grid", "ONE_STEP"]
 
 #: Variants whose intervals start at the teacher's point while training (no history across intervals).
 ONE_STEP = ("amed", "euler", "dpm2")
+FD_STEP = 1e-3  # forward-difference step in r and a for denoisers autograd cannot go through
 TEACHER_RHO = 7.0  # each base interval of the default teacher is cut uniformly in sigma^(1/7)
 
 
@@ -135,10 +139,21 @@ def _first_calls(model, X, grid, afs, source, batch_size):
     return den, feats
 
 
+def _differentiable(model, x: torch.Tensor, sigma: float) -> bool:
+    """Whether autograd goes through the denoiser to its input (probed on one sample)."""
+    probe = x[:1].detach().clone().requires_grad_(True)
+    try:
+        with torch.enable_grad():
+            return bool(model(probe, sigma).requires_grad)
+    except RuntimeError:
+        return False
+
+
 def train(denoiser, shape, sigmas, *, solver: str, afs: bool = False, features: str = "auto", teacher=None,
           teacher_solver: str = "ipndm", teacher_steps: int = 60, num_samples: int = 256, batch_size: int = 64,
           epochs: int = 8, lr: float = 5e-3, scale_dir: float = 0.01, scale_time: float = 0.0, hidden: int = 64,
-          seed: int = 0, device="cpu", use_cache: bool = True, progress: bool = False, **options) -> Predictor:
+          init=None, seed: int = 0, device="cpu", use_cache: bool = True, progress: bool = False,
+          **options) -> Predictor:
     """Train an AMED predictor for ``solver`` ("amed" or a plugin base: "euler", "dpm2", "ipndm",
     "dpmpp", with its ``options``) on the positive base grid ``sigmas`` for ``denoiser`` on samples
     of ``shape``.
@@ -149,6 +164,8 @@ def train(denoiser, shape, sigmas, *, solver: str, afs: bool = False, features: 
     trajectory on a fine grid containing ``sigmas`` (its samples are the training set).
     epochs over the training set in batches of ``batch_size`` (shuffled from ``seed``), Adam with
     ``lr``; scale_dir / scale_time: the allowed relative ranges of the factors (0 fixes them at 1).
+    init: :class:`~geosample.amed.Fixed` predictions to start from (default r = 1/2, factors 1),
+    e.g. the midpoints of a GITS schedule of 2K steps on the base grid of its even points.
     Deterministic for a given seed, device and thread count.  Returns the predictor (eval mode),
     with ``meta["training"]`` (settings, seconds, loss per epoch and interval) and ``meta["mean"]``.
     """
@@ -169,6 +186,8 @@ def train(denoiser, shape, sigmas, *, solver: str, afs: bool = False, features: 
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
     kind = resolve(features, denoiser)
+    if init is not None:
+        Predictor(K, 0, scale_dir=scale_dir, scale_time=scale_time).start_from(init)  # checked before any work
     t_start = time.perf_counter()
     fp = fingerprint(denoiser, shape, device)
     X = None
@@ -182,7 +201,8 @@ def train(denoiser, shape, sigmas, *, solver: str, afs: bool = False, features: 
     record = {"format": FORMAT, "geosample": __version__, "torch": str(torch.__version__).split("+")[0], "fingerprint": fp,
               "sigmas": grid, "solver": variant, "options": options, "afs": bool(afs), "shape": list(shape),
               "features": kind, "teacher": teacher_record, "batch_size": batch_size, "epochs": epochs, "lr": lr,
-              "scale_dir": scale_dir, "scale_time": scale_time, "hidden": hidden, "seed": seed}
+              "scale_dir": scale_dir, "scale_time": scale_time, "hidden": hidden, "seed": seed,
+              "init": None if init is None else init.to_dict()}
     key = _key(record)
     if use_cache and (hit := _cached(key)) is not None:
         return hit.to(device)
@@ -196,16 +216,20 @@ def train(denoiser, shape, sigmas, *, solver: str, afs: bool = False, features: 
     try:
         with torch.no_grad():
             den, feats = _first_calls(model, X, grid, afs, source, batch_size)
+        gradient = "autograd" if _differentiable(model, X[-1], grid[-1]) else "difference"
         seen = [f for f in feats if f is not None]
         in_features = seen[0].shape[1] if seen else 0
         gen = torch.Generator().manual_seed(seed)
         pred = Predictor(K, in_features, hidden=hidden, scale_dir=scale_dir, scale_time=scale_time, generator=gen)
+        if init is not None:
+            pred.start_from(init)
         if in_features:
             allf = torch.cat(seen)
             pred.feature_mean.copy_(allf.mean(0))
             pred.feature_std.copy_(allf.std(0).clamp_min(1e-6))
         pred = pred.to(device).train()
         opt = torch.optim.Adam(pred.parameters(), lr=lr)
+        calls = _Calls(model, gradient, scale_time > 0)
         losses = []
         bar = tqdm(total=epochs * math.ceil(N / batch_size), disable=not progress, desc=f"amed train [{variant}]",
                    leave=False)
@@ -215,7 +239,7 @@ def train(denoiser, shape, sigmas, *, solver: str, afs: bool = False, features: 
             for b in range(0, N, batch_size):
                 idx = perm[b:b + batch_size].to(X.device)
                 step = _one_step if variant in ONE_STEP else _multistep
-                batch_losses = step(pred, opt, model, variant, grid, afs, options, X, den, feats, source, idx)
+                batch_losses = step(pred, opt, calls, variant, grid, afs, options, X, den, feats, source, idx)
                 sums += torch.tensor(batch_losses, dtype=torch.float64) * idx.numel()
                 bar.update(1)
                 bar.set_postfix(loss=f"{sum(batch_losses) / K:.4g}")
@@ -227,7 +251,7 @@ def train(denoiser, shape, sigmas, *, solver: str, afs: bool = False, features: 
     meta = {**record, "cache_key": key, "versions": {"geosample": __version__, "torch": str(torch.__version__)},
             "mean": _mean_predictions(pred, feats, K, N),
             "training": {"seconds": time.perf_counter() - t_start, "loss": losses, "denoiser_calls": model.calls,
-                         "num_samples": N}}
+                         "num_samples": N, "gradient": gradient}}
     pred.meta = meta
     pred = from_blob(pred.to_blob()).to(device)  # exactly what a save and load give
     if use_cache:
@@ -253,33 +277,56 @@ def _optimize(opt, loss) -> float:
     return float(loss.detach())
 
 
-def _extra_call(model, run):
-    """Answer the run's pending extra call (with gradients)."""
-    point, sigma = run.request()
-    run.send(model(point, sigma))
+class _Calls:
+    """A training step's denoiser calls: an interval's first call (at a detached state, no gradient)
+    and the extra call D(x_m, a t_m), differentiable in the predictions: by autograd, or as
+    D + (r - r.detach()) dD/dr (+ the same in a) with forward differences along
+    :meth:`~.run.PredictedRun.tangents`."""
+
+    def __init__(self, model, gradient: str, with_a: bool):
+        self.model, self.gradient, self.with_a = model, gradient, with_a
+
+    def first(self, run) -> None:
+        point, sigma = run.request()
+        with torch.no_grad():
+            d = self.model(point, sigma)
+        run.send(d)
+
+    def extra(self, run) -> None:
+        point, sigma = run.request()
+        if self.gradient == "autograd" or not run.r.requires_grad:
+            run.send(self.model(point, sigma))
+            return
+        x_dot, s_r, s_a = run.tangents()
+        with torch.no_grad():
+            p, s = point.detach(), sigma.detach()
+            d = self.model(p, s)
+            parts = [(run.r, (self.model(p + FD_STEP * x_dot.to(p.dtype), s + FD_STEP * s_r) - d) / FD_STEP)]
+            if self.with_a:
+                parts.append((run.a, (self.model(p, s + FD_STEP * s_a) - d) / FD_STEP))
+        for v, slope in parts:
+            d = d + (v - v.detach()).to(d.dtype).reshape(-1, *([1] * (d.dim() - 1))) * slope
+        run.send(d)
 
 
-def _one_step(pred, opt, model, variant, grid, afs, options, X, den, feats, source, idx):
+def _one_step(pred, opt, calls, variant, grid, afs, options, X, den, feats, source, idx):
     out = []
     for i in range(len(grid) - 1):
         run = PredictedRun(variant, grid, afs, options, X[i, idx], pred, source, start=i)
         if den[i] is not None:
             run.send(den[i][idx], features=None if feats[i] is None else feats[i][idx])
-        _extra_call(model, run)
+        calls.extra(run)
         out.append(_optimize(opt, _loss(run.x, X[i + 1, idx])))
     return out
 
 
-def _multistep(pred, opt, model, variant, grid, afs, options, X, den, feats, source, idx):
+def _multistep(pred, opt, calls, variant, grid, afs, options, X, den, feats, source, idx):
     run = PredictedRun(variant, grid, afs, options, X[0, idx], pred, source)
     out = []
     for i in range(len(grid) - 1):
-        if not run.in_interval:  # the interval's first call: at the (detached) state, no gradient
-            point, sigma = run.request()
-            with torch.no_grad():
-                d = model(point, sigma)
-            run.send(d)
-        _extra_call(model, run)
+        if not run.in_interval:  # the interval's first call (with AFS, interval 0 has none)
+            calls.first(run)
+        calls.extra(run)
         out.append(_optimize(opt, _loss(run.x, X[i + 1, idx])))
         run.detach()
     return out
