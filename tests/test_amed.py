@@ -303,3 +303,20 @@ def test_difference_gradient_for_black_box_denoisers(gmm, noise, solver):
         grads[mode] = (r_t.grad.item(), a_t.grad.item())
     assert grads["difference"][0] == pytest.approx(grads["autograd"][0], rel=1e-2)
     assert grads["difference"][1] == pytest.approx(grads["autograd"][1], rel=1e-2)
+
+
+def test_init_is_where_training_starts(gmm, noise):
+    sig = gs.schedules.polynomial(3, 0.002, 80.0)
+    init = gs.amed.Fixed([0.2, 0.7, 0.4], [1.005, 1.0, 0.995])
+    p = gs.amed.Predictor(3, 5).start_from(init)     # untrained: exactly the init, whatever the features
+    r, c, a = p(torch.randn(4, 5), 1, 4)
+    assert torch.allclose(r, torch.full((4,), 0.7), atol=1e-6) and torch.allclose(c, torch.ones(4), atol=1e-6)
+    with pytest.raises(ValueError, match="outside the allowed range"):
+        gs.amed.Predictor(3, 0, scale_dir=0.001).start_from(init)
+    with pytest.raises(ValueError, match="for 3 intervals"):
+        gs.amed.Predictor(3, 0).start_from(gs.amed.Fixed([0.5] * 2))
+    with pytest.raises(ValueError, match="outside the allowed range"):
+        gs.amed.train(gmm, (6,), sig, solver="amed", init=init, scale_dir=0.001)
+    q = gs.amed.train(gmm, (6,), sig, solver="amed", init=init, num_samples=8, batch_size=8, epochs=1, lr=1e-9,
+                      teacher_steps=6)
+    torch.testing.assert_close(torch.tensor(q.fixed().r), torch.tensor(init.r), atol=1e-5, rtol=0)

@@ -127,3 +127,16 @@ def test_cli_sample_amed(tmp_path):
                  "--amed", str(out / "amed.pt"), "--out", str(again)]) == 0
     rows2 = {r["schedule"]: r for r in json.loads((again / "report.json").read_text())["rows"]}
     assert rows2["amed"]["rmse"] == pytest.approx(rows["amed"]["rmse"], rel=1e-12)
+
+
+# ---- the fused sampler ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("solver", ["amed", "dpm2", "ipndm", "dpmpp"])
+def test_fused_sampler_runs_fixed_predictions(gmm, noise, solver):
+    from geosample.solvers.fused_sampler import sample_fused
+    sig = gs.schedules.polynomial(4, 0.01, 80.0)
+    fixed = gs.amed.Fixed(R, C, A)
+    torch.testing.assert_close(sample_fused(gmm, noise, sig, solver, amed=fixed, afs=True),
+                               gs.sample(gmm, noise, sig, solver=solver, amed=fixed, afs=True), rtol=1e-12, atol=1e-12)
+    with pytest.raises(TypeError, match="fixed AMED predictions"):
+        sample_fused(gmm, noise, sig, solver, amed=object())
