@@ -320,3 +320,19 @@ def test_init_is_where_training_starts(gmm, noise):
     q = gs.amed.train(gmm, (6,), sig, solver="amed", init=init, num_samples=8, batch_size=8, epochs=1, lr=1e-9,
                       teacher_steps=6)
     torch.testing.assert_close(torch.tensor(q.fixed().r), torch.tensor(init.r), atol=1e-5, rtol=0)
+
+
+def test_trajectory_loss(gmm, noise):
+    sig = gs.schedules.polynomial(3, 0.002, 80.0)
+    kw = dict(solver="ipndm", num_samples=32, batch_size=16, epochs=3, lr=0.05, teacher_steps=30, features="none")
+    p = gs.amed.train(gmm, (6,), sig, loss="trajectory", **kw)
+    assert p.meta["loss"] == "trajectory" and len(p.meta["training"]["loss"][0]) == 3
+    first, last = (sum(epoch) for epoch in (p.meta["training"]["loss"][0], p.meta["training"]["loss"][-1]))
+    assert last < first
+    black_box = lambda x, s: gmm(x.detach(), s)  # noqa: E731  (autograd cannot go through it)
+    with pytest.raises(ValueError, match="needs a denoiser autograd can go through"):
+        gs.amed.train(black_box, (6,), sig, loss="trajectory", **kw)
+    with pytest.raises(ValueError, match="loss must be one of"):
+        gs.amed.train(gmm, (6,), sig, loss="final", **kw)
+    q = gs.amed.train(black_box, (6,), sig, **kw)   # the interval loss: forward differences
+    assert q.meta["training"]["gradient"] == "difference"

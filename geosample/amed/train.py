@@ -11,6 +11,11 @@ C++) by a forward difference along the call's tangent in r (and a), one more cal
 computed once and reused every epoch); multistep ones ("ipndm", "dpmpp") run on from their own
 output with their own history, cut from autograd between intervals.
 
+``loss="trajectory"`` (not in the reference) runs the student over the whole grid from x_T for
+every variant, sums the intervals' distances to the teacher and takes one Adam step per batch with
+gradients through the whole run (so the predictions of early intervals see their effect on later
+ones, which a multistep solver's history carries); it needs a denoiser autograd can go through.
+
 Differences from the reference, all measured in docs/amed.md: a fixed training set of
 ``num_samples`` teacher trajectories visited for ``epochs`` epochs (the reference draws fresh noise
 for 10k trajectories), and the teacher defaults to iPNDM on a 60-step fine grid (GITS's teacher)
@@ -51,6 +56,7 @@ __all__ = ["train", "teacher_grid", "ONE_STEP"]
 
 #: Variants whose intervals start at the teacher's point while training (no history across intervals).
 ONE_STEP = ("amed", "euler", "dpm2")
+LOSSES = ("interval", "trajectory")
 FD_STEP = 1e-3  # forward-difference step in r and a for denoisers autograd cannot go through
 TEACHER_RHO = 7.0  # each base interval of the default teacher is cut uniformly in sigma^(1/7)
 
@@ -152,8 +158,8 @@ def _differentiable(model, x: torch.Tensor, sigma: float) -> bool:
 def train(denoiser, shape, sigmas, *, solver: str, afs: bool = False, features: str = "auto", teacher=None,
           teacher_solver: str = "ipndm", teacher_steps: int = 60, num_samples: int = 256, batch_size: int = 64,
           epochs: int = 8, lr: float = 5e-3, scale_dir: float = 0.01, scale_time: float = 0.0, hidden: int = 64,
-          init=None, seed: int = 0, device="cpu", use_cache: bool = True, progress: bool = False,
-          **options) -> Predictor:
+          init=None, loss: str = "interval", seed: int = 0, device="cpu", use_cache: bool = True,
+          progress: bool = False, **options) -> Predictor:
     """Train an AMED predictor for ``solver`` ("amed" or a plugin base: "euler", "dpm2", "ipndm",
     "dpmpp", with its ``options``) on the positive base grid ``sigmas`` for ``denoiser`` on samples
     of ``shape``.
@@ -164,6 +170,8 @@ def train(denoiser, shape, sigmas, *, solver: str, afs: bool = False, features: 
     trajectory on a fine grid containing ``sigmas`` (its samples are the training set).
     epochs over the training set in batches of ``batch_size`` (shuffled from ``seed``), Adam with
     ``lr``; scale_dir / scale_time: the allowed relative ranges of the factors (0 fixes them at 1).
+    loss: "interval" (the reference's: one Adam step per interval, multistep runs cut between
+    intervals) or "trajectory" (the whole run, see the module docstring).
     init: :class:`~geosample.amed.Fixed` predictions to start from (default r = 1/2, factors 1),
     e.g. the midpoints of a GITS schedule of 2K steps on the base grid of its even points.
     Deterministic for a given seed, device and thread count.  Returns the predictor (eval mode),
@@ -183,6 +191,8 @@ def train(denoiser, shape, sigmas, *, solver: str, afs: bool = False, features: 
     for name, v, low in (("num_samples", num_samples, 1), ("batch_size", batch_size, 1), ("epochs", epochs, 1),
                          ("seed", seed, 0), ("teacher_steps", teacher_steps, 1), ("hidden", hidden, 1)):
         _check_int(name, v, low)
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
     kind = resolve(features, denoiser)
@@ -202,7 +212,7 @@ def train(denoiser, shape, sigmas, *, solver: str, afs: bool = False, features: 
               "sigmas": grid, "solver": variant, "options": options, "afs": bool(afs), "shape": list(shape),
               "features": kind, "teacher": teacher_record, "batch_size": batch_size, "epochs": epochs, "lr": lr,
               "scale_dir": scale_dir, "scale_time": scale_time, "hidden": hidden, "seed": seed,
-              "init": None if init is None else init.to_dict()}
+              "init": None if init is None else init.to_dict(), "loss": loss}
     key = _key(record)
     if use_cache and (hit := _cached(key)) is not None:
         return hit.to(device)
@@ -217,6 +227,9 @@ def train(denoiser, shape, sigmas, *, solver: str, afs: bool = False, features: 
         with torch.no_grad():
             den, feats = _first_calls(model, X, grid, afs, source, batch_size)
         gradient = "autograd" if _differentiable(model, X[-1], grid[-1]) else "difference"
+        if loss == "trajectory" and gradient != "autograd":
+            raise ValueError("loss='trajectory' differentiates through every call of the run: it needs a denoiser "
+                             "autograd can go through (a torch network); use loss='interval'")
         seen = [f for f in feats if f is not None]
         in_features = seen[0].shape[1] if seen else 0
         gen = torch.Generator().manual_seed(seed)
@@ -238,7 +251,7 @@ def train(denoiser, shape, sigmas, *, solver: str, afs: bool = False, features: 
             sums = torch.zeros(K, dtype=torch.float64)
             for b in range(0, N, batch_size):
                 idx = perm[b:b + batch_size].to(X.device)
-                step = _one_step if variant in ONE_STEP else _multistep
+                step = _whole_run if loss == "trajectory" else _one_step if variant in ONE_STEP else _multistep
                 batch_losses = step(pred, opt, calls, variant, grid, afs, options, X, den, feats, source, idx)
                 sums += torch.tensor(batch_losses, dtype=torch.float64) * idx.numel()
                 bar.update(1)
@@ -286,9 +299,9 @@ class _Calls:
     def __init__(self, model, gradient: str, with_a: bool):
         self.model, self.gradient, self.with_a = model, gradient, with_a
 
-    def first(self, run) -> None:
+    def first(self, run, grad: bool = False) -> None:
         point, sigma = run.request()
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad):
             d = self.model(point, sigma)
         run.send(d)
 
@@ -330,6 +343,19 @@ def _multistep(pred, opt, calls, variant, grid, afs, options, X, den, feats, sou
         out.append(_optimize(opt, _loss(run.x, X[i + 1, idx])))
         run.detach()
     return out
+
+
+def _whole_run(pred, opt, calls, variant, grid, afs, options, X, den, feats, source, idx):
+    """loss="trajectory": the run from x_T over every interval, one step on the summed losses."""
+    run = PredictedRun(variant, grid, afs, options, X[0, idx], pred, source)
+    losses = []
+    for i in range(len(grid) - 1):
+        if not run.in_interval:
+            calls.first(run, grad=True)
+        calls.extra(run)
+        losses.append(_loss(run.x, X[i + 1, idx]))
+    _optimize(opt, sum(losses))
+    return [float(v.detach()) for v in losses]
 
 
 @torch.no_grad()

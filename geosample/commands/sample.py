@@ -79,8 +79,8 @@ def make_schedule(name: str, solver: str, nfe: int, denoiser=None, shape=None, *
 
 
 def _table(rows: list[dict]) -> str:
-    lines = [f"{'schedule':<14}{'solver':<12}{'NFE':>4}{'RMSE':>10}{'PSNR dB':>9}{'time s':>8}"]
-    lines += [f"{r['schedule']:<14}{r['solver']:<12}{r['nfe']:>4}{r['rmse']:>10.4f}{r['psnr']:>9.2f}{r['time_s']:>8.2f}"
+    lines = [f"{'schedule':<14}{'solver':<8}{'NFE':>4}{'RMSE':>10}{'PSNR dB':>9}{'time s':>8}"]
+    lines += [f"{r['schedule']:<14}{r['solver']:<8}{r['nfe']:>4}{r['rmse']:>10.4f}{r['psnr']:>9.2f}{r['time_s']:>8.2f}"
               for r in rows]
     return "\n".join(lines)
 
