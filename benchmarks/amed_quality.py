@@ -42,7 +42,7 @@ from geosample._io import atomic_write, atomic_write_text
 NFES = (3, 4, 5, 6, 8)
 METHODS = ("amed", "ipndm", "dpmpp")
 BASES = {"amed": ("time_uniform", "gits"), "ipndm": ("polynomial", "gits"), "dpmpp": ("polynomial", "gits")}
-STUDY = {"nfe": 6, "method": "ipndm", "base": "gits"}
+STUDY = {"nfe": 5, "method": "ipndm", "base": "gits"}
 TEACHER = {"solver": "ipndm", "steps": 60}
 
 
@@ -54,8 +54,10 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="GITS warm-up and AMED training noise; scored noise is seed + 1")
     p.add_argument("--num-warmup", type=int, default=64, help="GITS teacher samples (default 64, as nfe_quality)")
     p.add_argument("--num-samples", type=int, default=256, help="AMED teacher trajectories (default 256)")
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--loss", default="trajectory", choices=("interval", "trajectory"))
+    p.add_argument("--features", default="auto")
     p.add_argument("--batch-size", type=int, default=32, help="AMED training batch (default 32)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", default=str(Path.home() / ".cache" / "geosample" / "amed-bench"),
@@ -119,7 +121,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("GEOSAMPLE_CACHE", str(Path(args.work) / "cache"))
     settings = {k: getattr(args, k) for k in ("batch", "seed", "num_warmup", "num_samples", "epochs", "lr",
-                                              "batch_size")}
+                                              "batch_size", "loss", "features")}
     state = State(Path(args.work), settings)
     deadline = None if args.max_minutes is None else time.time() + 60 * args.max_minutes
     net = gs.models.load("cifar10-tiny")
@@ -153,15 +155,20 @@ def main(argv=None) -> int:
 
     nfes = [int(v) for v in args.nfes.split(",")]
     methods = args.methods.split(",")
-    for nfe in nfes:   # the best non-learned cell, recomputed
+    for nfe in nfes:   # the best non-learned cell, recomputed, and the GITS cells AMED starts from
         key = f"baseline/{nfe}"
         if state.get(key) is None:
-            best = best_nonlearned(nfe)
-            steps = gs.solvers.steps_for_nfe(best["solver"], nfe)
-            sig = gits(best["solver"], steps) if best["schedule"] == "gits" else \
-                gs.schedules.by_name(best["schedule"], steps).tolist()
-            x = gs.sample(net, noise, sig, solver=best["solver"])
-            state.put(key, {**best, "nfe": nfe, "sigmas": sig, "rmse": rmse(x, ref)})
+            recorded = best_nonlearned(nfe)
+            cands = [(recorded["solver"], recorded["schedule"])]
+            cands += [(s, "gits") for s in ("ipndm", "dpmpp") if nfe % 2 == 0 and (s, "gits") not in cands]
+            rows = []
+            for solver, schedule in cands:
+                steps = gs.solvers.steps_for_nfe(solver, nfe)
+                sig = gits(solver, steps) if schedule == "gits" else gs.schedules.by_name(schedule, steps).tolist()
+                x = gs.sample(net, noise, sig, solver=solver)
+                rows.append({"solver": solver, "schedule": schedule, "sigmas": sig, "rmse": rmse(x, ref)})
+            best = min(rows, key=lambda r: r["rmse"])
+            state.put(key, {**best, "nfe": nfe, "recorded": recorded, "candidates": rows})
         if out_of_time():
             return 0
 
@@ -179,7 +186,7 @@ def main(argv=None) -> int:
         contained = all(any(abs(f - v) <= 1e-9 * v for f in fine.tolist()) for v in sig)
         options = {"teacher": teacher if contained else None, "num_samples": args.num_samples,
                    "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed,
-                   **train_options}
+                   "loss": args.loss, "features": args.features, **train_options}
         if options.get("teacher") is not None and options["num_samples"] < teacher.x.shape[1]:
             n = options["num_samples"]
             options["teacher"] = gs.Trajectory(x=teacher.x[:, :n], denoised=teacher.x[:0], sigmas=fine,
@@ -205,7 +212,7 @@ def main(argv=None) -> int:
 
     if not args.no_studies:
         s = STUDY
-        studies = {"features/bottleneck": {"features": "bottleneck"}, "features/denoised": {"features": "denoised"},
+        studies = {"loss/interval": {"loss": "interval"}, "features/denoised": {"features": "denoised"},
                    "features/none": {"features": "none"}, "samples/64": {"num_samples": 64},
                    "samples/1024": {"num_samples": 1024, "teacher": None},
                    "teacher/heun-M1": {"teacher": None, "teacher_solver": "heun", "teacher_steps": 2 * 3},
@@ -234,7 +241,7 @@ def _teacher(net, shape, args, state) -> torch.Tensor:
     gen = torch.Generator().manual_seed(args.seed)
     xs, t0 = [], time.perf_counter()
     fine = gs.schedules.polynomial(TEACHER["steps"])
-    for start in range(0, args.num_samples, 64):
+    for start in range(0, args.num_samples, 64):   # rounds of 64, as the GITS warm-up draws them
         noise = torch.randn((min(64, args.num_samples - start), *shape), generator=gen)
         xs.append(gs.sample(net, noise, fine, solver=TEACHER["solver"], return_trajectory=True).x)
     state.put("teacher_s", time.perf_counter() - t0)
@@ -256,9 +263,10 @@ def write_report(state: State, args, nfes, methods) -> None:
     atomic_write_text(stem.with_suffix(".json"), json.dumps(report, indent=1))
     name = {"amed": "AMED-Solver", "ipndm": "AMED-Plugin iPNDM", "dpmpp": "AMED-Plugin DPM-Solver++"}
     lines = [f"### AMED on cifar10-tiny, {args.batch} held-out samples (noise seed {args.seed + 1})", "",
-             "RMSE to the converged solve (Heun, 100 steps, 199 NFE). Best non-learned: the best solver x schedule "
-             "cell of `nfe_quality.py --gamma sweep --refine`, recomputed here. AMED: the best base grid per "
-             "method (in brackets), trained with "
+             "RMSE to the converged solve (Heun, 100 steps, 199 NFE). Best non-learned: the best of the best "
+             "solver x schedule cell of `nfe_quality_network_refine` (recomputed here with the current recommended "
+             "GITS search, 64 warm-up samples) and, at even NFE, iPNDM and DPM-Solver++ on their GITS schedules. "
+             "AMED: the best base grid per method (in brackets), trained with "
              f"{args.num_samples} teacher trajectories, {args.epochs} epochs; the change against the best "
              "non-learned cell in parentheses (negative: AMED better).", "",
              "| NFE | best non-learned | " + " | ".join(name[m] for m in methods) + " | training s (each) |",
@@ -281,9 +289,14 @@ def write_report(state: State, args, nfes, methods) -> None:
                      f"{c['rmse_start']:.4f} | {c['train_s']:.0f} | {c['teacher']} |")
     studies = sorted(k for k in cells if k.startswith("study/"))
     if studies:
-        lines += ["", f"Studies at NFE {STUDY['nfe']}, {name[STUDY['method']]}, {STUDY['base']} base (default: bottleneck "
-                  f"features, {args.num_samples} samples, shared iPNDM 60-step teacher):", "",
+        main = cells.get(f"amed/{STUDY['nfe']}/{STUDY['method']}/{STUDY['base']}")
+        lines += ["", f"Studies at NFE {STUDY['nfe']}, {name[STUDY['method']]}, {STUDY['base']} base (as the main "
+                  f"cells: {args.features} features, {args.loss} loss, {args.num_samples} samples, the shared iPNDM "
+                  "60-step teacher; one setting changed per row):", "",
                   "| study | RMSE learned | mean | start | training s |", "|---|---|---|---|---|"]
+        if main is not None:
+            lines.append(f"| (main cell) | {main['rmse']:.4f} | {main['rmse_mean']:.4f} | {main['rmse_start']:.4f} | "
+                         f"{main['train_s']:.0f} |")
         for key in studies:
             c = cells[key]
             lines.append(f"| {key[6:]} | {c['rmse']:.4f} | {c['rmse_mean']:.4f} | {c['rmse_start']:.4f} | "
