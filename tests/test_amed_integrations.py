@@ -84,6 +84,20 @@ def test_scheduler_takes_a_predictor_as_its_mean(unet, gmm):
     assert s.config.solver == "dpmpp" and s.config.amed == p.fixed().to_dict()
 
 
+def test_diffusers_unet_bottleneck_through_the_adapter(unet):
+    """EpsDenoiser(unet, ...) exposes the UNet's mid_block: a predictor with bottleneck features trains
+    and samples per sample with gs.sample."""
+    s = GITSScheduler()
+    denoiser = EpsDenoiser(unet, s._finite_ac)
+    assert gs.amed.find_bottleneck(denoiser) is unet.mid_block
+    sig = gs.schedules.polynomial(2, 0.05, 20.0)
+    p = gs.amed.train(denoiser, (3, 8, 8), sig, solver="dpmpp", num_samples=4, batch_size=4, epochs=1,
+                      teacher_steps=4)
+    assert p.features == "bottleneck" and p.in_features == 16
+    x = gs.sample(denoiser, _latents().expand(2, -1, -1, -1), sig, solver="dpmpp", amed=p)
+    assert torch.isfinite(x).all()
+
+
 # ---- k-diffusion ---------------------------------------------------------------------------------
 
 def test_kdiffusion_samplers_take_amed(gmm, noise):
