@@ -214,7 +214,8 @@ def test_predictor_refuses_other_uses(gmm, noise, tmp_path):
     p.save(path)
     blob = torch.load(path, weights_only=True)
     for edit, message in [(lambda b: b["state_dict"]["heads.bias"].add_(1.0), "hash mismatch"),
-                          (lambda b: b.update(format=0), "format 0"), (lambda b: b.update(kind="x"), "not a geosample")]:
+                          (lambda b: b.update(format=0), "format 0"),
+                          (lambda b: b.update(kind="x"), "not a geosample")]:
         b = torch.load(path, weights_only=True)
         edit(b)
         torch.save(b, tmp_path / "bad.pt")

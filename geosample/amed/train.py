@@ -208,9 +208,9 @@ def train(denoiser, shape, sigmas, *, solver: str, afs: bool = False, features: 
         X = _given_teacher(teacher, grid).to(device, state_dtype(getattr(teacher.x, "dtype", torch.float32)))
         digest = hashlib.sha256(X.detach().cpu().float().contiguous().numpy().tobytes()).hexdigest()[:32]
         teacher_record = {"given": digest, "num_samples": X.shape[1]}
-    record = {"format": FORMAT, "geosample": __version__, "torch": str(torch.__version__).split("+")[0], "fingerprint": fp,
-              "sigmas": grid, "solver": variant, "options": options, "afs": bool(afs), "shape": list(shape),
-              "features": kind, "teacher": teacher_record, "batch_size": batch_size, "epochs": epochs, "lr": lr,
+    record = {"format": FORMAT, "geosample": __version__, "torch": str(torch.__version__).split("+")[0],
+              "fingerprint": fp, "sigmas": grid, "solver": variant, "options": options, "afs": bool(afs),
+              "shape": list(shape), "features": kind, "teacher": teacher_record, "batch_size": batch_size, "epochs": epochs, "lr": lr,
               "scale_dir": scale_dir, "scale_time": scale_time, "hidden": hidden, "seed": seed,
               "init": None if init is None else init.to_dict(), "loss": loss}
     key = _key(record)
