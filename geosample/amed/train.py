@@ -3,29 +3,29 @@
 As in the reference (``training/loss.py``, ``training_loop.py``): a teacher solves seeded noise on a
 fine grid that contains the base grid; for every interval i the student (:class:`.run.PredictedRun`,
 the sampler itself) steps from x_i to x_{i+1} and the loss is the squared L2 distance to the
-teacher's x_{i+1}, averaged over the batch, with one Adam step per interval.  The loss reaches
-the predictions through the plan's coefficients and through the extra call D(x_m, a t_m): by
-autograd when the denoiser supports it (a torch network), else (a closed-form KDE, Triton kernels,
-C++) by a forward difference along the call's tangent in r (and a), one more call each.  One-step variants
+teacher's x_{i+1}, averaged over the batch, with one Adam step per interval.  One-step variants
 ("amed", "euler", "dpm2") start every interval at the teacher's x_i (their first call there is
 computed once and reused every epoch); multistep ones ("ipndm", "dpmpp") run on from their own
-output with their own history, cut from autograd between intervals.
+output with their own history, cut from autograd between intervals.  The loss reaches the
+predictions through the plan's coefficients and through the extra call D(x_m, a t_m): by autograd
+when the denoiser supports it (a torch network), else (a closed-form KDE, Triton kernels, C++) by
+a forward difference along the call's tangent in r (and a), one more call each.
 
 ``loss="trajectory"`` (not in the reference) runs the student over the whole grid from x_T for
 every variant, sums the intervals' distances to the teacher and takes one Adam step per batch with
 gradients through the whole run (so the predictions of early intervals see their effect on later
 ones, which a multistep solver's history carries); it needs a denoiser autograd can go through.
 
-Differences from the reference, all measured in docs/amed.md: a fixed training set of
+Differences from the reference, measured in docs/amed.md: a fixed training set of
 ``num_samples`` teacher trajectories visited for ``epochs`` epochs (the reference draws fresh noise
 for 10k trajectories), and the teacher defaults to iPNDM on a 60-step fine grid (GITS's teacher)
 instead of 1-2 Heun or iPNDM steps per interval, because geosample measures the error to the
 converged solve.  ``teacher=`` takes trajectories already solved on any fine grid that contains the
 base grid, e.g. the GITS search's warm-up, so one teacher run serves both.
 
-Trained predictors are cached like GITS schedules (:mod:`geosample.gits.cache`'s folder, ``amed/``),
+Trained predictors are cached in ``$GEOSAMPLE_CACHE/amed`` (default ``~/.cache/geosample/amed``),
 keyed by every setting, the denoiser's fingerprint and the versions; an unreadable or invalid entry
-is retrained with a :class:`~geosample.gits.cache.CacheWarning`.
+is trained again with a :class:`~geosample.gits.cache.CacheWarning`.
 """
 from __future__ import annotations
 
