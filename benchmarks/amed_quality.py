@@ -43,7 +43,7 @@ NFES = (3, 4, 5, 6, 8)
 METHODS = ("amed", "ipndm", "dpmpp")
 BASES = {"amed": ("time_uniform", "gits"), "ipndm": ("polynomial", "gits"), "dpmpp": ("polynomial", "gits")}
 STUDY = {"nfe": 5, "method": "ipndm", "base": "gits"}
-TEACHER = {"solver": "ipndm", "steps": 60}
+TEACHER = {"solver": "ipndm", "steps": 60, "samples": 256}   # the shared teacher; cells use its first samples
 
 
 def parse_args(argv=None):
@@ -53,12 +53,12 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--seed", type=int, default=0, help="GITS warm-up and AMED training noise; scored noise is seed + 1")
     p.add_argument("--num-warmup", type=int, default=64, help="GITS teacher samples (default 64, as nfe_quality)")
-    p.add_argument("--num-samples", type=int, default=256, help="AMED teacher trajectories (default 256)")
-    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--num-samples", type=int, default=128, help="AMED teacher trajectories (default 128)")
+    p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--loss", default="trajectory", choices=("interval", "trajectory"))
     p.add_argument("--features", default="auto")
-    p.add_argument("--batch-size", type=int, default=32, help="AMED training batch (default 32)")
+    p.add_argument("--batch-size", type=int, default=16, help="AMED training batch (default 16)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", default=str(Path.home() / ".cache" / "geosample" / "amed-bench"),
                    help="resumable state (tensors and finished cells), outside the repository")
@@ -214,7 +214,7 @@ def main(argv=None) -> int:
         s = STUDY
         studies = {"loss/interval": {"loss": "interval"}, "features/denoised": {"features": "denoised"},
                    "features/none": {"features": "none"}, "samples/64": {"num_samples": 64},
-                   "samples/1024": {"num_samples": 1024, "teacher": None},
+                   "samples/256": {"num_samples": 256}, "samples/256x2": {"num_samples": 256, "epochs": 8},
                    "teacher/heun-M1": {"teacher": None, "teacher_solver": "heun", "teacher_steps": 2 * 3},
                    "scale/0.1": {"scale_dir": 0.1, "scale_time": 0.1}}
         for name, options in studies.items():
@@ -237,12 +237,12 @@ def main(argv=None) -> int:
 
 
 def _teacher(net, shape, args, state) -> torch.Tensor:
-    """iPNDM on the 60-step polynomial grid from the GITS warm-up stream (seed --seed), [61, N, ...]."""
+    """iPNDM on the 60-step polynomial grid from the GITS warm-up stream (seed --seed), [61, 256, ...]."""
     gen = torch.Generator().manual_seed(args.seed)
     xs, t0 = [], time.perf_counter()
     fine = gs.schedules.polynomial(TEACHER["steps"])
-    for start in range(0, args.num_samples, 64):   # rounds of 64, as the GITS warm-up draws them
-        noise = torch.randn((min(64, args.num_samples - start), *shape), generator=gen)
+    for start in range(0, TEACHER["samples"], 64):   # rounds of 64, as the GITS warm-up draws them
+        noise = torch.randn((min(64, TEACHER["samples"] - start), *shape), generator=gen)
         xs.append(gs.sample(net, noise, fine, solver=TEACHER["solver"], return_trajectory=True).x)
     state.put("teacher_s", time.perf_counter() - t0)
     return torch.cat(xs, dim=1)
