@@ -335,5 +335,6 @@ def test_trajectory_loss(gmm, noise):
         gs.amed.train(black_box, (6,), sig, loss="trajectory", **kw)
     with pytest.raises(ValueError, match="loss must be one of"):
         gs.amed.train(gmm, (6,), sig, loss="final", **kw)
-    q = gs.amed.train(black_box, (6,), sig, **kw)   # the interval loss: forward differences
-    assert q.meta["training"]["gradient"] == "difference"
+    q = gs.amed.train(black_box, (6,), sig, **kw)   # "auto": the interval loss, forward differences
+    assert q.meta["training"]["gradient"] == "difference" and q.meta["training"]["objective"] == "interval"
+    assert p.meta["training"]["objective"] == "trajectory"

@@ -56,7 +56,7 @@ __all__ = ["train", "teacher_grid", "ONE_STEP"]
 
 #: Variants whose intervals start at the teacher's point while training (no history across intervals).
 ONE_STEP = ("amed", "euler", "dpm2")
-LOSSES = ("interval", "trajectory")
+LOSSES = ("auto", "interval", "trajectory")
 FD_STEP = 1e-3  # forward-difference step in r and a for denoisers autograd cannot go through
 TEACHER_RHO = 7.0  # each base interval of the default teacher is cut uniformly in sigma^(1/7)
 
@@ -158,7 +158,7 @@ def _differentiable(model, x: torch.Tensor, sigma: float) -> bool:
 def train(denoiser, shape, sigmas, *, solver: str, afs: bool = False, features: str = "auto", teacher=None,
           teacher_solver: str = "ipndm", teacher_steps: int = 60, num_samples: int = 256, batch_size: int = 64,
           epochs: int = 8, lr: float = 5e-3, scale_dir: float = 0.01, scale_time: float = 0.0, hidden: int = 64,
-          init=None, loss: str = "interval", seed: int = 0, device="cpu", use_cache: bool = True,
+          init=None, loss: str = "auto", seed: int = 0, device="cpu", use_cache: bool = True,
           progress: bool = False, **options) -> Predictor:
     """Train an AMED predictor for ``solver`` ("amed" or a plugin base: "euler", "dpm2", "ipndm",
     "dpmpp", with its ``options``) on the positive base grid ``sigmas`` for ``denoiser`` on samples
@@ -171,7 +171,8 @@ def train(denoiser, shape, sigmas, *, solver: str, afs: bool = False, features: 
     epochs over the training set in batches of ``batch_size`` (shuffled from ``seed``), Adam with
     ``lr``; scale_dir / scale_time: the allowed relative ranges of the factors (0 fixes them at 1).
     loss: "interval" (the reference's: one Adam step per interval, multistep runs cut between
-    intervals) or "trajectory" (the whole run, see the module docstring).
+    intervals), "trajectory" (the whole run, see the module docstring) or "auto" (trajectory when
+    autograd goes through the denoiser, else interval).
     init: :class:`~geosample.amed.Fixed` predictions to start from (default r = 1/2, factors 1),
     e.g. the midpoints of a GITS schedule of 2K steps on the base grid of its even points.
     Deterministic for a given seed, device and thread count.  Returns the predictor (eval mode),
@@ -227,7 +228,8 @@ def train(denoiser, shape, sigmas, *, solver: str, afs: bool = False, features: 
         with torch.no_grad():
             den, feats = _first_calls(model, X, grid, afs, source, batch_size)
         gradient = "autograd" if _differentiable(model, X[-1], grid[-1]) else "difference"
-        if loss == "trajectory" and gradient != "autograd":
+        used = loss if loss != "auto" else "trajectory" if gradient == "autograd" else "interval"
+        if used == "trajectory" and gradient != "autograd":
             raise ValueError("loss='trajectory' differentiates through every call of the run: it needs a denoiser "
                              "autograd can go through (a torch network); use loss='interval'")
         seen = [f for f in feats if f is not None]
@@ -251,7 +253,7 @@ def train(denoiser, shape, sigmas, *, solver: str, afs: bool = False, features: 
             sums = torch.zeros(K, dtype=torch.float64)
             for b in range(0, N, batch_size):
                 idx = perm[b:b + batch_size].to(X.device)
-                step = _whole_run if loss == "trajectory" else _one_step if variant in ONE_STEP else _multistep
+                step = _whole_run if used == "trajectory" else _one_step if variant in ONE_STEP else _multistep
                 batch_losses = step(pred, opt, calls, variant, grid, afs, options, X, den, feats, source, idx)
                 sums += torch.tensor(batch_losses, dtype=torch.float64) * idx.numel()
                 bar.update(1)
@@ -264,7 +266,7 @@ def train(denoiser, shape, sigmas, *, solver: str, afs: bool = False, features: 
     meta = {**record, "cache_key": key, "versions": {"geosample": __version__, "torch": str(torch.__version__)},
             "mean": _mean_predictions(pred, feats, K, N),
             "training": {"seconds": time.perf_counter() - t_start, "loss": losses, "denoiser_calls": model.calls,
-                         "num_samples": N, "gradient": gradient}}
+                         "num_samples": N, "gradient": gradient, "objective": used}}
     pred.meta = meta
     pred = from_blob(pred.to_blob()).to(device)  # exactly what a save and load give
     if use_cache:
