@@ -2,7 +2,7 @@
 
 Layers, top first ("A -> B": A imports B; a module may import its own layer and the layers below):
 
-    cli, commands -> (integrations, distributed) -> (gits, geometry, metrics, data, figures)
+    cli, commands -> (integrations, distributed) -> (gits, amed, geometry, metrics, data, figures)
         -> solvers -> schedules -> (denoisers, models) -> kernels
 
 The helpers ``_io``, ``_cpp`` (with the extension ``_C``), ``_device``, ``_threads`` and ``_version`` import no other part of
@@ -24,7 +24,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "geosample"
 LAYERS = (
     ("geosample.cli", "geosample.__main__", "geosample.commands"),
     ("geosample.integrations", "geosample.distributed"),
-    ("geosample.gits", "geosample.geometry", "geosample.metrics", "geosample.data", "geosample.figures"),
+    ("geosample.gits", "geosample.amed", "geosample.geometry", "geosample.metrics", "geosample.data",
+     "geosample.figures"),
     ("geosample.solvers",),
     ("geosample.schedules",),
     ("geosample.denoisers", "geosample.models"),
@@ -201,7 +202,7 @@ def test_a_wrong_import_fails(tmp_path):
 def test_the_real_tree_would_fail_on_an_upward_import(graph):
     wrong = {**graph, "geosample.solvers.base": graph["geosample.solvers.base"] | {("geosample.gits", 1)}}
     assert violations(wrong, EXCEPTIONS) == ["geosample.solvers.base:1 imports geosample.gits: "
-                                             "layer solvers is below layer gits/geometry/metrics/data/figures"]
+                                             "layer solvers is below layer gits/amed/geometry/metrics/data/figures"]
 
 
 def test_commands_share_library_code_not_each_other(graph):

@@ -12,6 +12,8 @@
    ``schedule.json`` and ``report.json`` into ``--out`` as one set with a ``manifest.json`` naming
    the run (:func:`geosample._io.publish_run`), and prints a table.  ``--out`` is checked
    (a writable folder) before any work starts.
+With ``--amed`` one more row: AMED on ``--solver`` at ``--nfe`` (:mod:`.sample_amed`; ``amed.pt`` joins
+the published set).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from .._io import check_out_dir, json_bytes, publish_run, run_id, versions
 from ..figures import labelled_panels, png_bytes
 from ..solvers import steps_for_nfe
 from .common import add_gits_arguments, add_source_arguments, check_counts, load_source, search_options
+from . import sample_amed
 
 if TYPE_CHECKING:  # imported lazily at run time, so that `geosample --help` stays fast
     import torch
@@ -41,6 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--schedule", default="gits", help="gits | polynomial | logsnr | time_uniform | a schedule .json (default gits)")
     a("--batch", type=int, default=64, help="samples (default 64)")
     a("--out", default="geosample-out", help="output folder (default ./geosample-out)")
+    sample_amed.add_arguments(a)
 
 
 def make_schedule(name: str, solver: str, nfe: int, denoiser=None, shape=None, *, afs: bool = False,
@@ -94,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
     solver = get_solver(args.solver).name
     check_counts(args, "batch", "nfe")
     steps_for_nfe(solver, args.nfe, args.afs)
+    sample_amed.check(args, solver)
     if args.schedule != "gits":
         make_schedule(args.schedule, solver, args.nfe, afs=args.afs)   # a bad name or file fails here, not later
     out = check_out_dir(args.out)
@@ -136,6 +141,13 @@ def run(args: argparse.Namespace) -> int:
                      "sigmas": sig.tolist(), "rmse": err["rmse"], "psnr": err["psnr"],
                      "time_s": elapsed})
         panels.append((f"{label} ({solver}, NFE {n}) RMSE {err['rmse']:.3f}", x))
+    amed = None
+    if args.amed is not None:
+        if parallel:
+            raise ValueError("--amed trains on one process; run it without torchrun")
+        amed_row, x, amed_file, amed = sample_amed.row(args, solver, denoiser, shape, noise, ref, found, main)
+        rows.append(amed_row)
+        panels.append((f"amed ({amed_row['solver']}, NFE {amed_row['nfe']}) RMSE {amed_row['rmse']:.3f}", x))
     panels.append((f"reference ({REFERENCE['solver']}, {REFERENCE['steps']} steps)", ref))
     if not main:
         return 0
@@ -157,8 +169,10 @@ def run(args: argparse.Namespace) -> int:
                             "schedule": "polynomial rho=7", "time_s": ref_s},
               "gits": None if found is None else {k: found.params.get(k) for k in (
                   "selected", "selected_gamma", "num_warmup", "seed", "calls", "candidates", "refinement", "check")},
-              "schedule_search_s": search_s, "rows": rows, "total_s": time.perf_counter() - t_start,
+              "schedule_search_s": search_s, "rows": rows, "amed": amed, "total_s": time.perf_counter() - t_start,
               "versions": versions()}
+    if amed is not None:
+        files["amed.pt"] = amed_file
     files["report.json"] = json_bytes(report)
     publish_run(out, files, {"run": run, "command": "sample"})
     written = [out / name for name in files]

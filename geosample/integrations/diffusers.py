@@ -46,6 +46,7 @@ from diffusers.utils import BaseOutput
 
 from .. import schedules
 from ..denoisers.adapters import EpsDenoiser, FlowDenoiser, flow_to_denoised, vp_to_denoised, _check_prediction_type
+from ..solvers import amed as _amed
 from ..solvers import get_solver
 from ..solvers.base import dynamic_threshold
 from ..solvers.plan import Run, plan
@@ -147,7 +148,9 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
     "trailing" are diffusers' integer timesteps); ``sigmas``, a fixed schedule that overrides
     ``schedule`` (flow times for a flow model, as ``set_timesteps(sigmas=)``); ``gits_sigmas``,
     the GITS schedules found so far by step count (saved with the config, so a loaded scheduler
-    needs no model); ``denoise_to_zero``.
+    needs no model); ``denoise_to_zero``; ``amed``: AMED predictions per interval ({"r": [...],
+    "scale_dir": ..., "scale_time": ...}, see :meth:`use_amed`) for ``solver`` "amed" or a base of
+    the AMED-Plugin, two model calls per interval.
 
     Flow matching: ``use_flow_sigmas=True`` with ``prediction_type="flow_prediction"``;
     ``schedule="flow"`` is FlowMatchEulerDiscreteScheduler's as Flux uses it (N flow times uniform
@@ -168,7 +171,8 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
                  solver: str = "ipndm", solver_options: dict | None = None,
                  schedule: str = "polynomial", rho: float | None = None, sigma_min: float | None = None,
                  sigma_max: float | None = None, sigmas: list | None = None, gits_sigmas: dict | None = None,
-                 denoise_to_zero: bool = True, use_flow_sigmas: bool = False, shift: float = 1.0,
+                 denoise_to_zero: bool = True, amed: dict | None = None, use_flow_sigmas: bool = False,
+                 shift: float = 1.0,
                  use_dynamic_shifting: bool = False, base_shift: float = 0.5, max_shift: float = 1.15,
                  base_image_seq_len: int = 256, max_image_seq_len: int = 4096, clip_sample: bool = False,
                  clip_sample_range: float = 1.0, thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
@@ -186,7 +190,14 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"shift must be a finite number > 0, got {shift}")
         if use_flow_sigmas and not num_train_timesteps >= 2:  # training times 1 / T .. 1 need two
             raise ValueError(f"a flow-matching model needs num_train_timesteps >= 2, got {num_train_timesteps}")
-        _check_options(get_solver(solver), dict(solver_options or {}))
+        if amed is None and solver == "amed":
+            raise ValueError("solver 'amed' (AMED-Solver) needs predictions: GITSScheduler(solver='amed', "
+                             "amed=gs.amed.Fixed(...).to_dict()), or use_amed(...) with another solver first")
+        if amed is None:
+            _check_options(get_solver(solver), dict(solver_options or {}))
+        else:
+            _amed.Fixed.from_dict(amed)
+            _amed.check_options(solver, dict(solver_options or {}))
         if sigmas is not None and not isinstance(sigmas, list):  # a tensor or array: as the list save_pretrained writes
             self._set_config(sigmas=torch.as_tensor(sigmas, dtype=torch.float64).flatten().tolist())
         if gits_sigmas is not None:  # keyed by str(steps) with lists, as save_pretrained writes them
@@ -258,7 +269,7 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
     @property
     def order(self) -> int:
         """Model evaluations per interval of the schedule (img2img pipelines start at t_start * order)."""
-        return get_solver(self.config.solver).evals_per_step
+        return 2 if self.config.amed is not None else get_solver(self.config.solver).evals_per_step
 
     @property
     def step_index(self) -> int | None:
@@ -341,6 +352,23 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
             self._set_config(gits_sigmas={})
         self._gits = (denoiser, shape, options)
         self._set_config(schedule="gits", gits_key=key)
+
+    def use_amed(self, predictions, solver: str | None = None) -> None:
+        """Run AMED (two model calls per interval) with ``predictions``: :class:`geosample.amed.Fixed`,
+        its dict, or a trained :class:`geosample.amed.Predictor`, whose mean predictions over its
+        training samples (:meth:`~geosample.amed.Predictor.fixed`) are used, as the reference's
+        diffusers plugin does: a pipeline gives one timestep per batch, so per-sample times cannot
+        be passed (docs/amed.md measures the difference).  Sets ``amed`` in the config (kept by
+        ``save_pretrained``) and ``solver`` (the predictor's, or ``solver``); the schedule must have
+        as many intervals as the predictions (``num_inference_steps`` = K + 1 with the final denoise),
+        and a predictor needs the schedule it was trained on (pass ``sigmas=`` to ``set_timesteps``)."""
+        if hasattr(predictions, "fixed") and hasattr(predictions, "solver"):
+            solver = solver or predictions.solver
+            predictions = predictions.fixed()
+        fixed = predictions if isinstance(predictions, _amed.Fixed) else _amed.Fixed.from_dict(predictions)
+        solver = solver or self.config.solver
+        _amed.check_options(solver, dict(self.config.solver_options or {}))
+        self._set_config(amed=fixed.to_dict(), solver=solver)
 
     def _set_config(self, **values) -> None:
         """register_to_config, and the values no longer count as defaults (which from_config would drop)."""
@@ -491,9 +519,21 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
         self._step_index = self._begin_index = None
         self._run = None
 
-    def _plan(self, grid: torch.Tensor):
-        spec = get_solver(self.config.solver)
-        return plan(spec, grid.tolist(), False, _check_options(spec, dict(self.config.solver_options or {})))
+    def _plan(self, grid: torch.Tensor, first: int = 0):
+        """The solver's ops over ``grid``, which starts at interval ``first`` of the schedule."""
+        options = dict(self.config.solver_options or {})
+        if self.config.amed is None:
+            spec = get_solver(self.config.solver)
+            return plan(spec, grid.tolist(), False, _check_options(spec, options))
+        fixed = _amed.Fixed.from_dict(self.config.amed)
+        ode = grid.numel() - 1 - int(float(grid[-1]) == 0.0) + first
+        if ode != fixed.steps:
+            extra = int(self.config.denoise_to_zero)
+            raise ValueError(f"the AMED predictions are for {fixed.steps} intervals, this schedule has {ode}: use "
+                             f"num_inference_steps={fixed.steps + extra} (denoise_to_zero={self.config.denoise_to_zero})")
+        r, c, a = (v[first:] for v in fixed.predictions())
+        return _amed.Fixed(r, c, a).plan(self.config.solver, grid.tolist(), False,
+                                         _amed.check_options(self.config.solver, options))
 
     # ---- stepping --------------------------------------------------------------------------
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
@@ -517,7 +557,7 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"begin index {k} is not the first evaluation of an interval of this schedule "
                              f"({len(self.timesteps)} evaluations, order {self.order})")
         interval = self._eval_interval[k]
-        ops, size = self._plan(self._edm_sigmas[interval:])
+        ops, size = self._plan(self._edm_sigmas[interval:], interval)
         sigma = float(self._edm_sigmas[interval])
         x = sample.to(state_dtype(sample.dtype)) * (1.0 / _scale(sigma, self.flow))
         self._run, self._step_index, self._prev = Run(ops, size, x), k, None

@@ -123,11 +123,13 @@ class CountedDenoiser:
         self.denoiser, self.dtype = denoiser, dtype
         self.calls = 0
 
-    def __call__(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        """D(x, sigma) for a float sigma, or per-sample sigmas [B] (AMED with a learned predictor)."""
         self.calls += 1
         x_in = x if self.dtype in (None, x.dtype) else x.to(self.dtype)
-        return checked_output(self.denoiser(x_in, torch.full((x.shape[0],), sigma, dtype=x_in.dtype, device=x.device)),
-                              x)
+        s = sigma.to(x.device, x_in.dtype) if isinstance(sigma, torch.Tensor) else \
+            torch.full((x.shape[0],), sigma, dtype=x_in.dtype, device=x.device)
+        return checked_output(self.denoiser(x_in, s), x)
 
 
 def checked_output(out, x: torch.Tensor) -> torch.Tensor:
