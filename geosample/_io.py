@@ -125,24 +125,30 @@ def atomic_write_text(path, text: str) -> Path:
 
 
 def check_out_dir(path) -> Path:
-    """Create the output folder ``path`` (parents too) and prove it writable with a probe file, so
-    that a bad ``--out`` fails before the work starts.  ValueError naming the problem otherwise."""
+    """Prove before the work starts that the output folder ``path`` can be written, creating
+    nothing: ``path`` (or, when it does not exist yet, its nearest existing parent, under which it
+    will be created at publication) must be a folder that takes a probe file.  So a bad ``--out``
+    fails at once and a run that fails or is interrupted before publishing leaves no empty folder.
+    ValueError naming the problem otherwise."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"output folder {path} exists and is not a folder")
+    base = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
+    if not base.is_dir():
+        raise ValueError(f"cannot create output folder {path}: {base} is not a folder")
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        fd, probe = _create_temp(path / "probe")
+        fd, probe = _create_temp(base / "probe")
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise ValueError(f"cannot write into output folder {path}: {e.strerror or e}") from None
+        raise ValueError(f"cannot write into {'output folder ' if base == path.absolute() else ''}{base}"
+                         f"{'' if base == path.absolute() else f' (to create {path})'}: {e.strerror or e}") from None
     return path
 
 
 def check_out_file(path) -> Path:
-    """Check before the work starts that ``path`` can be written: not a folder, in a writable folder
-    (created if needed, see :func:`check_out_dir`)."""
+    """Check before the work starts that ``path`` can be written: not a folder, in a folder that
+    exists or can be created (see :func:`check_out_dir`; nothing is created)."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"output file {path} is a folder")

@@ -4,10 +4,12 @@
 lives in ``geosample.commands.<name>`` and exposes ``HELP`` (one line),
 ``add_arguments(parser)`` and ``run(args) -> int``; modules are imported only when used.
 
-A user error (a bad option value, a missing file, an unwritable ``--out``, a job too large for the
-memory: ValueError, TypeError, KeyError, OSError or MemoryError out of a command) prints
-``geosample: error: <message>`` and exits with status 2, like an argparse error; ``--debug``
-(anywhere on the line) shows the traceback instead.
+A user error (a bad option value or device, a missing file, an unwritable ``--out``, a job too
+large for the memory, a model producing NaN: ValueError, TypeError, KeyError, OSError, MemoryError
+or FloatingPointError out of a command) prints ``geosample: error: <message>`` and exits with
+status 2, like an argparse error; ``--debug`` (anywhere on the line) shows the traceback instead.
+Ctrl-C prints ``geosample: interrupted`` and exits with 130; outputs are published atomically at the
+end of a run, so an interrupted or failed run leaves no partial files and no empty output folder.
 """
 from __future__ import annotations
 
@@ -15,9 +17,10 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("sample", "gits", "analyze")
-USER_ERRORS = (ValueError, TypeError, KeyError, OSError, MemoryError)
+COMMANDS = ("sample", "gits", "analyze", "fid")
+USER_ERRORS = (ValueError, TypeError, KeyError, OSError, MemoryError, FloatingPointError)
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 
 def _load(name: str):
@@ -57,12 +60,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.debug = debug
     try:
+        if getattr(args, "device", None) is not None:
+            from ._device import check_device
+            args.device = str(check_device(args.device))
         return int(_load(args.command).run(args) or 0)
     except USER_ERRORS as e:
         if debug:
             raise
         print(f"{parser.prog}: error: {_message(e)}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"\n{parser.prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     finally:
         _leave_process_group()
 

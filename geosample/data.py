@@ -17,11 +17,14 @@ the available memory (MemoryError), and a ``.npy`` shorter than its header says.
 """
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import os
+import pickle
 import tarfile
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +41,10 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 #: Largest decompressed size of one image in a tar (64 MiB: a 4096 x 4096 RGBA bitmap fits).
 MAX_MEMBER_BYTES = 64 << 20
 _REPO = Path(__file__).resolve().parent.parent
+
+
+#: Where the CIFAR-10 python archive (cifar-10-python.tar.gz, 163 MB) is published.
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 
 
 class DataCacheWarning(RuntimeWarning):
@@ -64,8 +71,9 @@ def resolve(name: str) -> Path:
         for path in candidates:
             if path.exists():
                 return path
-        raise FileNotFoundError(f"cifar10 archive not found at {', '.join(map(str, candidates))}; "
-                                "set GEOSAMPLE_CIFAR10 to its path")
+        raise FileNotFoundError(f"cifar10 archive not found at {', '.join(map(str, candidates))}; download "
+                                f"{CIFAR10_URL} (or any folder / tar(.gz) of its training images) and set "
+                                "GEOSAMPLE_CIFAR10 to its path")
     path = Path(name).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"no dataset named {name!r} and no such file or folder")
@@ -103,16 +111,24 @@ def _members(path: Path, limit: int | None, max_member_bytes: int):
     if path.is_dir():
         return [(str(p.relative_to(path)), p.read_bytes()) for p in _image_files(path)[:limit]]
     items, total = [], 0
-    with tarfile.open(path) as tar:
-        for m in tar:
-            if not (m.isfile() and m.name.lower().endswith(IMAGE_SUFFIXES)):
-                continue
-            if m.size > max_member_bytes:
-                raise ValueError(f"{path}: member {m.name!r} inflates to {m.size} bytes, more than "
-                                 f"max_member_bytes={max_member_bytes} (a decompression bomb?)")
-            total += m.size
-            _check_fits(total, f"reading {path} (up to {m.name!r})")
-            items.append((m.name, tar.extractfile(m).read()))
+    try:
+        tar = tarfile.open(path)
+    except tarfile.ReadError:
+        raise ValueError(f"{path} is not a dataset: expected a folder or tar(.gz) of images, or a .npy/.npz "
+                         "array") from None
+    try:
+        with tar:
+            for m in tar:
+                if not (m.isfile() and m.name.lower().endswith(IMAGE_SUFFIXES)):
+                    continue
+                if m.size > max_member_bytes:
+                    raise ValueError(f"{path}: member {m.name!r} inflates to {m.size} bytes, more than "
+                                     f"max_member_bytes={max_member_bytes} (a decompression bomb?)")
+                total += m.size
+                _check_fits(total, f"reading {path} (up to {m.name!r})")
+                items.append((m.name, tar.extractfile(m).read()))
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise ValueError(f"{path} is a damaged archive ({type(e).__name__}: {e})") from None
     return sorted(items)[:limit]
 
 
@@ -189,8 +205,21 @@ def load_images(path, limit: int | None = None, progress: bool = True, cache: bo
         if cached is not None:
             return cached
     members = _members(path, limit, max_member_bytes)
+    out = _cifar_batches(path, limit) if not members and not path.is_dir() else None
+    if out is None:
+        out = _decode_all(path, members, progress)
+    if not cache:
+        return out
+    target = cache_dir() / _cache_key(path, tag, limit)
+    remove_stale_temps(target.parent, legacy=True)
+    atomic_write(target, lambda f: np.save(f, out))
+    return np.load(target, mmap_mode="r")
+
+
+def _decode_all(path: Path, members: list, progress: bool) -> np.ndarray:
+    """uint8 [N, C, H, W] from (name, encoded image) pairs of one shape."""
     if not members:
-        raise ValueError(f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        raise ValueError(f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)}) and no CIFAR-10 python batches")
     first = _decode(members[0][1])
     _check_fits(2 * len(members) * first.size, f"decoding {len(members)} images of shape {first.shape} (two copies)")
     out = np.empty((len(members), *first.shape), dtype=np.uint8)
@@ -199,13 +228,43 @@ def load_images(path, limit: int | None = None, progress: bool = True, cache: bo
         if img.shape != first.shape:
             raise ValueError(f"{name} has shape {img.shape}, expected {first.shape} like the first image")
         out[i] = img
-    out = np.ascontiguousarray(out.transpose(0, 3, 1, 2))
-    if not cache:
-        return out
-    target = cache_dir() / _cache_key(path, tag, limit)
-    remove_stale_temps(target.parent, legacy=True)
-    atomic_write(target, lambda f: np.save(f, out))
-    return np.load(target, mmap_mode="r")
+    return np.ascontiguousarray(out.transpose(0, 3, 1, 2))
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles the official CIFAR-10 python batches and nothing else: only numpy's array
+    reconstruction (and bytes re-encoding) may be called, so a hostile pickle cannot run code."""
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise ValueError(f"a CIFAR-10 batch may not reference {module}.{name}")
+        if module == "numpy.core.multiarray" and int(np.__version__.split(".")[0]) >= 2:
+            module = "numpy._core.multiarray"   # numpy 2 renamed it (numpy.core is a deprecated alias)
+        return super().find_class(module, name)
+
+
+def _cifar_batches(path: Path, limit: int | None) -> np.ndarray | None:
+    """uint8 [N, 3, 32, 32] from the official CIFAR-10 python archive (``cifar-10-python.tar.gz``:
+    ``cifar-10-batches-py/data_batch_1..5``, 10,000 images each, in batch order), or None when the
+    archive holds no such batches."""
+    batches = {}
+    with tarfile.open(path) as tar:
+        for m in tar:
+            stem = m.name.rsplit("/", 1)[-1]
+            if m.isfile() and stem.startswith("data_batch_") and stem[11:].isdigit():
+                try:
+                    batch = _BatchUnpickler(tar.extractfile(m), encoding="bytes").load()
+                except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError) as e:
+                    raise ValueError(f"{path}: {m.name} is not a CIFAR-10 batch ({type(e).__name__}: {e})") from None
+                data = batch.get(b"data") if isinstance(batch, dict) else None
+                if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+                    raise ValueError(f"{path}: {m.name} is not a CIFAR-10 batch (no uint8 [N, 3072] 'data')")
+                batches[int(stem[11:])] = data
+    if not batches:
+        return None
+    return np.concatenate([batches[k] for k in sorted(batches)]).reshape(-1, 3, 32, 32)[:limit].copy()
 
 
 def _load_npy(path: Path, mmap: bool) -> np.ndarray:

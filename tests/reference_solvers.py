@@ -211,3 +211,118 @@ def unipc(D, x, ts, afs=False, max_order=3, variant="bh2", lower_order_final=Tru
 
 REFERENCE = {"euler": euler, "heun": heun, "dpm2": dpm2, "ipndm": ipndm, "ipndm_v": ipndm_v,
              "deis": deis, "dpmpp": dpmpp, "unipc": unipc}
+
+
+# ---- AMED (amed-solver-main/solvers_amed.py and solver_utils.py), fixed predictions ----------------
+# r, c (scale_dir), a (scale_time): one value per interval.  Each loop follows the reference's
+# sampler with AMED_predictor given: the extra call D(x_mid, a t_mid), its direction divided by t_mid.
+
+def _t_mid(t, tn, r):
+    return (tn ** r) * (t ** (1 - r))
+
+
+def _midpoint(D, x, t, tn, r, first_afs):
+    """The reference's Euler step to t_mid: (d at t, t_mid, x at t_mid)."""
+    d = _d(D, x, t, first_afs)
+    tm = _t_mid(t, tn, r)
+    return d, tm, x + (tm - t) * d
+
+
+def amed_amed(D, x, ts, r, c, a, afs=False):
+    for i in range(len(ts) - 1):
+        t, tn = ts[i], ts[i + 1]
+        d, tm, xm = _midpoint(D, x, t, tn, r[i], afs and i == 0)
+        x = x + c[i] * (tn - t) * ((xm - D(xm, a[i] * tm)) / tm)
+    return x
+
+
+def amed_euler(D, x, ts, r, c, a, afs=False):
+    for i in range(len(ts) - 1):
+        t, tn = ts[i], ts[i + 1]
+        d, tm, xm = _midpoint(D, x, t, tn, r[i], afs and i == 0)
+        x = xm + c[i] * (tn - tm) * ((xm - D(xm, a[i] * tm)) / tm)
+    return x
+
+
+def amed_dpm2(D, x, ts, r, c, a, afs=False):
+    for i in range(len(ts) - 1):
+        t, tn = ts[i], ts[i + 1]
+        d, tm, xm = _midpoint(D, x, t, tn, r[i], afs and i == 0)
+        dm = (xm - D(xm, a[i] * tm)) / tm
+        x = x + c[i] * (tn - t) * ((1 / (2 * r[i])) * dm + (1 - 1 / (2 * r[i])) * d)
+    return x
+
+
+def _ab(h, d, buf):
+    order = len(buf) + 1
+    if order == 1:
+        return h * d
+    if order == 2:
+        return h * (3 * d - buf[-1]) / 2
+    if order == 3:
+        return h * (23 * d - 16 * buf[-1] + 5 * buf[-2]) / 12
+    return h * (55 * d - 59 * buf[-1] + 37 * buf[-2] - 9 * buf[-3]) / 24
+
+
+def amed_ipndm(D, x, ts, r, c, a, afs=False, max_order=4):
+    buf = []  # the reference's buffer_model: at most max_order - 1 past directions
+
+    def push(d):
+        return (buf + [d])[-(max_order - 1):] if max_order > 1 else []
+
+    for i in range(len(ts) - 1):
+        t, tn = ts[i], ts[i + 1]
+        d = _d(D, x, t, afs and not buf)
+        tm = _t_mid(t, tn, r[i])
+        x = x + _ab(tm - t, d, buf)
+        buf = push(d)
+        d = (x - D(x, a[i] * tm)) / tm
+        x = x + c[i] * _ab(tn - tm, d, buf)
+        buf = push(d)
+    return x
+
+
+def _dpmpp_update(x, ms, tb, tn, order, scale=1.0):
+    """solver_utils.dpm_pp_update in data prediction, with the AMED scale on the model part."""
+    lam = [-math.log(v) for v in tb]
+    h = -math.log(tn) - lam[-1]
+    phi1 = math.expm1(-h)
+    if order == 1:
+        return (tn / tb[-1]) * x - scale * phi1 * ms[-1]
+    r0 = (lam[-1] - lam[-2]) / h
+    d1_0 = (1 / r0) * (ms[-1] - ms[-2])
+    if order == 2:
+        return (tn / tb[-1]) * x - scale * (phi1 * ms[-1] + 0.5 * phi1 * d1_0)
+    r1 = (lam[-2] - lam[-3]) / h
+    d1_1 = (1 / r1) * (ms[-2] - ms[-3])
+    d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
+    d2 = (1 / (r0 + r1)) * (d1_0 - d1_1)
+    phi2 = phi1 / h + 1
+    phi3 = phi2 / h - 0.5
+    return (tn / tb[-1]) * x - scale * (phi1 * ms[-1] - phi2 * d1 + phi3 * d2)
+
+
+def amed_dpmpp(D, x, ts, r, c, a, afs=False, max_order=3, lower_order_final=True):
+    ms, tb = [], []
+    n = 2 * len(ts) - 1  # the reference's num_steps on the refined grid
+
+    def order_of(step):
+        if lower_order_final:
+            return step if step < max_order else min(max_order, n - step)
+        return min(max_order, step)
+
+    for i in range(len(ts) - 1):
+        t, tn = ts[i], ts[i + 1]
+        step = 2 * i + 1
+        m = x - t * _d(D, x, t, True) if (afs and not ms) else D(x, t)
+        ms, tb = ms + [m], tb + [t]
+        tm = _t_mid(t, tn, r[i])
+        x = _dpmpp_update(x, ms, tb, tm, order_of(step))
+        ms, tb = ms + [D(x, a[i] * tm)], tb + [tm]
+        x = _dpmpp_update(x, ms, tb, tn, order_of(step + 1), scale=c[i])
+        ms, tb = ms[-3:], tb[-3:]
+    return x
+
+
+AMED_REFERENCE = {"amed": amed_amed, "euler": amed_euler, "dpm2": amed_dpm2, "ipndm": amed_ipndm,
+                  "dpmpp": amed_dpmpp}

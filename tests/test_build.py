@@ -75,7 +75,7 @@ def test_pure_python_when_cpp_disabled(tmp_path):
 
 def test_version_has_one_source():
     version = re.search(r'__version__ = "(.+)"', (ROOT / "geosample" / "_version.py").read_text()).group(1)
-    assert gs.__version__ == version == importlib.metadata.version("geosample")
+    assert gs.__version__ == version == importlib.metadata.version("geosample-diffusion")
     if gs.has_cpp():
         assert gs._cpp._C.__version__ == version
     build_files = [ROOT / "pyproject.toml", ROOT / "setup.py", ROOT / "CMakeLists.txt",
@@ -132,7 +132,7 @@ def test_no_cpp_installs_pure_python(broken_cmake_tree, tmp_path):
     """GEOSAMPLE_NO_CPP=1 at build time never runs CMake and installs every module, without _C."""
     r = pip_wheel(broken_cmake_tree, tmp_path / "wheel", GEOSAMPLE_NO_CPP="1")
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
-    (wheel,) = (tmp_path / "wheel").glob("geosample-*.whl")
+    (wheel,) = (tmp_path / "wheel").glob("geosample_diffusion-*.whl")
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
         z.extractall(tmp_path / "site")
@@ -152,7 +152,7 @@ def test_no_cpp_installs_pure_python(broken_cmake_tree, tmp_path):
 def test_sdist_carries_the_cpp_sources(tmp_path):
     src = copy_sources(tmp_path / "src")
     run(sys.executable, "setup.py", "-q", "sdist", "--dist-dir", tmp_path / "dist", cwd=src)
-    (sdist,) = (tmp_path / "dist").glob("geosample-*.tar.gz")
+    (sdist,) = (tmp_path / "dist").glob("geosample_diffusion-*.tar.gz")
     with tarfile.open(sdist) as t:
         names = {n.split("/", 1)[1] for n in t.getnames() if "/" in n}
     wanted = {"CMakeLists.txt", "csrc/include/geosample/version.hpp.in", "csrc/python/module.cpp",
@@ -165,14 +165,14 @@ def test_missing_matplotlib_names_the_plots_extra(monkeypatch):
     from geosample.figures import geometry_figures
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
-    with pytest.raises(ImportError, match=re.escape("pip install 'geosample[plots]'")):
+    with pytest.raises(ImportError, match=re.escape("pip install 'geosample-diffusion[plots]'")):
         geometry_figures({}, "title")
 
 
 def test_missing_diffusers_names_the_diffusers_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "diffusers", None)
     monkeypatch.delitem(sys.modules, "geosample.integrations.diffusers", raising=False)
-    with pytest.raises(ImportError, match=re.escape("pip install 'geosample[diffusers]'")):
+    with pytest.raises(ImportError, match=re.escape("pip install 'geosample-diffusion[diffusers]'")):
         importlib.import_module("geosample.integrations.diffusers")
 
 

@@ -53,8 +53,9 @@ def test_no_arguments_runs_sample_with_defaults(monkeypatch):
     seen = {}
     monkeypatch.setattr(cmd, "run", lambda args: seen.update(vars(args)) or 0)
     assert cli.main([]) == 0
-    assert seen["command"] == "sample" and seen["data"] == "digits" and seen["solver"] == "ipndm"
+    assert seen["command"] == "sample" and seen["data"] is None and seen["model"] is None and seen["solver"] == "ipndm"
     assert seen["nfe"] == 6 and seen["schedule"] == "gits" and seen["out"] == "geosample-out"
+    assert seen["gamma"] == list(gs.gits.GAMMAS) and seen["refine"] and seen["num_warmup"] is None
 
 
 def test_main_job_end_to_end_small(tmp_path, monkeypatch, capsys):
@@ -67,20 +68,30 @@ def test_main_job_end_to_end_small(tmp_path, monkeypatch, capsys):
     assert report["rows"][1]["sigmas"] == gs.schedules.polynomial(6).tolist()
     sched = gs.gits.load(out / "schedule.json")
     assert sched.sigmas.tolist() == report["rows"][0]["sigmas"] and len(sched.sigmas) == 7
-    # the default picks gamma from the sweep for the job's solver; --gamma 1.15 is the reference's
-    assert sched.params["gamma"] == list(gs.gits.GAMMAS) and report["gits_gamma"] == sched.params["selected_gamma"]
-    # ... then refines the path by the solver's error, on warm-up noise (seed 1) that is not the scored noise (seed 0)
-    assert sched.params["refine"] and report["gits_refinement"] == sched.params["refinement"]
-    assert sched.params["seed"] == 1 and report["seed"] == 0
+    # the default is the recommended search for the job's solver; --gamma 1.15 --no-refine is the reference's
+    assert sched.params["gamma"] == list(gs.gits.GAMMAS) and sched.params["refine"]
+    assert report["gits"]["selected"] == sched.params["selected"] and report["gits"]["check"] == sched.params["check"]
+    # ... on warm-up noise (seed 1) that is not the scored noise (seed 0)
+    assert sched.params["seed"] == 1 and report["seed"] == 0 and report["gits"]["seed"] == 1
     assert cli.main(["sample", "--limit", "100", "--batch", "4", "--num-warmup", "16", "--gamma", "1.15",
                      "--no-refine", "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["gits_gamma"] == 1.15 and report["gits_refinement"] is None
+    assert report["gits"]["selected"] is None and report["gits"]["refinement"] is None
     assert gs.gits.load(out / "schedule.json").config == gs.gits.GITSConfig(num_warmup=16, seed=1)  # the reference's
     img = Image.open(out / "samples.png")
     assert img.width > 2.5 * img.height   # three panels side by side: gits, polynomial, reference
     table = capsys.readouterr().out
     assert "gits" in table and "polynomial" in table and "RMSE" in table
+    # `geosample gits` with the same flags searches the same schedule: a cache hit
+    assert cli.main(["gits", "--limit", "100", "--num-warmup", "16", "--gamma", "1.15", "--no-refine",
+                     "--out", str(tmp_path / "s.json")]) == 0
+    assert gs.gits.load(tmp_path / "s.json").sigmas.tolist() == report["rows"][0]["sigmas"]
+
+
+def test_model_with_data_is_refused(capsys):
+    """--model ignored --data and --limit silently."""
+    assert cli.main(["sample", "--model", "cifar10-tiny", "--data", "cifar10"]) == 2
+    assert "--data and --limit do not apply" in capsys.readouterr().err
 
 
 def test_main_job_heun_polynomial_only(tmp_path):

@@ -1,7 +1,9 @@
 """The ahead-of-time compile check (no GPU needed): every launched kernel compiles for sm_80,
-sm_90 (and sm_100 where the installed Triton supports it) without spills, on a reduced set of variants that still takes every value of every launch
-choice once (CI's .ci/run compiles the full set); the check itself catches the defects it is for;
-and the launchers choose only configurations the check compiles."""
+sm_90 (and sm_100 where the installed Triton supports it) without spills, on a reduced set of
+variants that still takes every value of every launch choice once (CI's .ci/run compiles the full
+set, on the pinned and the newest Triton); the check itself catches the defects it is for; the
+launchers choose only configurations the check compiles, with the options of the installed Triton
+release's table."""
 import json
 
 import pytest
@@ -12,7 +14,7 @@ import triton.language as tl  # noqa: E402
 from geosample.kernels import compile_check as cc  # noqa: E402
 from geosample.kernels import configs  # noqa: E402
 
-KEYS = {"kernel", "target", "config", "ok", "n_regs", "n_spills", "shared_bytes"}
+KEYS = {"kernel", "target", "config", "ok", "n_regs", "n_spills", "shared_bytes", "triton", "ptxas", "options"}
 
 
 def covering(space):
@@ -74,15 +76,52 @@ def test_check_reports_globals_and_spills():
     assert not row["ok"] and row["n_spills"] > 0 and "spills" in row["error"]
 
 
-def test_cli_json_and_exit_status(tmp_path, capsys):
-    out = tmp_path / "rows.json"
-    assert cc.main(["--targets", "sm_90", "--kernels", "_moment_kernel", "--json", str(out)]) == 0
+def test_cli_json_and_exit_status(tmp_path, capsys, monkeypatch):
+    out, cache = tmp_path / "rows.json", tmp_path / "cache"
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton-default"))
+    assert cc.main(["--targets", "sm_90", "--kernels", "_moment_kernel", "--json", str(out),
+                    "--cache-dir", str(cache)]) == 0
     rows = json.loads(out.read_text())
     assert len(rows) == 2 * len(cc.INTS) and all(KEYS <= set(r) and r["ok"] for r in rows)
+    assert {r["triton"] for r in rows} == {triton.__version__}                # which release compiled them
+    assert all(r["options"] == {"num_warps": configs.COST_WARPS} and r["ptxas"] for r in rows)
+    assert any(cache.rglob("*.cubin")) and not (tmp_path / "triton-default").exists()  # its own cache folder
     printed = capsys.readouterr().out
     assert "gits_cost._moment_kernel" in printed and "Roofline model" in printed
+    assert f"with Triton {triton.__version__}" in printed
     with pytest.raises(SystemExit):
         cc.main(["--targets", "sm_12"])
+
+
+def test_default_cache_is_per_triton_version(tmp_path, monkeypatch):
+    monkeypatch.setenv("GEOSAMPLE_CACHE", str(tmp_path))
+    assert cc.default_cache_dir() == str(tmp_path / f"triton-{triton.__version__}")
+
+
+def test_exact_tuning_is_chosen_by_triton_release():
+    """A release takes the entry of the newest tabled release at or below it, an older one the oldest."""
+    table = configs.KDE_EXACT_TUNING
+    oldest, newest = min(table), max(table)
+    assert configs.triton_release() == configs._release(triton.__version__)
+    assert configs._release("3.10.0+git1a2b") == (3, 10) and configs._release("3.9.0") == (3, 9)
+    with pytest.raises(ValueError, match="not a Triton version"):
+        configs._release("main")
+    for release, tuning in table.items():
+        assert configs.exact_tuning(release) is tuning
+        assert configs.exact_tuning((release[0], release[1], 5)) is tuning          # patch releases
+        for kernel in ("logits", "wsum"):
+            assert set(getattr(tuning, kernel)) == set(configs.KDE_QUERY_BLOCKS)
+            for bb in configs.KDE_QUERY_BLOCKS:
+                bk, options = configs.kde_two_phase(kernel, False, bb, release)
+                assert (bk, options.get("maxnreg")) == getattr(tuning, kernel)[bb]
+                # tl.dot's K is at least 16, and the slices tile both summed axes (D blocks, row tiles)
+                assert bk >= 16 and configs.KDE_BD % bk == 0 and configs.KDE_BN % bk == 0
+                fast = configs.kde_two_phase(kernel, True, bb, release)
+                assert fast == configs.kde_two_phase(kernel, True, bb, oldest) and fast[0] == configs.KDE_BN
+        for bd in configs.FUSED_BD:
+            assert configs.fused_options(False, bd, release)["maxnreg"] == tuning.fused.get(bd, tuning.fused_default)
+    assert configs.exact_tuning((newest[0], newest[1] + 1)) is table[newest]
+    assert configs.exact_tuning((2, 3)) is table[oldest]
 
 
 def test_launchers_choose_only_checked_configurations():
@@ -137,9 +176,14 @@ def _launch_kwargs(monkeypatch, fn, kernel, b, d, storage, k, fast):
     return spies[kernel].calls[-1]
 
 
-def test_kde_launchers_pass_the_checked_constexprs_and_options(monkeypatch):
-    """Every KDE launch uses a variant of the table with the table's constexprs and launch options."""
+@pytest.mark.parametrize("release", [None, *configs.KDE_EXACT_TUNING])
+def test_kde_launchers_pass_the_checked_constexprs_and_options(monkeypatch, release):
+    """Every KDE launch uses a variant of the table with the table's constexprs and launch options,
+    those of the installed Triton release (None) or of each tabled release."""
     from geosample.kernels import kde_triton
+    if release is not None:
+        monkeypatch.setattr(configs, "triton_release", lambda: release)
+    tuning = configs.exact_tuning(release)
     space = {s.kernel: s for s in configs.SPACES}
     runtime = ("num_warps", "num_stages", "maxnreg")
     seen = set()
@@ -156,6 +200,13 @@ def test_kde_launchers_pass_the_checked_constexprs_and_options(monkeypatch):
                 assert variant in list(space[kernel].variants()), (kernel, variant)
                 assert space[kernel].constexprs(variant) == {c: v for c, v in kw.items() if c not in runtime}
                 assert space[kernel].options(variant) == {c: v for c, v in kw.items() if c in runtime}
+                if fast:
+                    assert kw.get("BK", configs.KDE_BN) == configs.KDE_BN and kw["maxnreg"] == 255
+                elif kernel == "_fused_kernel":
+                    assert kw["maxnreg"] == tuning.fused.get(kw["BD"], tuning.fused_default)
+                else:
+                    table = tuning.logits if kernel == "_logits_kernel" else tuning.wsum
+                    assert (kw["BK"], kw.get("maxnreg")) == table[kw["BB"]]
                 seen.add((kernel, tuple(variant.values())))
     assert len(seen) > 50
 
@@ -169,3 +220,30 @@ def test_roofline_model_follows_the_shapes():
     assert step.bytes_min == 7 * 4 * 256 * 3 * 64 * 64
     us, kind = step.bound_us("H100")
     assert kind == "memory" and us == pytest.approx(1e6 * step.bytes_min / 3.35e12)
+
+
+def test_kde_launch_model_occupancy_and_prediction():
+    """Occupancy follows the SM's register, warp and shared-memory limits; the predicted time is the
+    roofline bound, scaled up for too few resident warps and a partly filled last wave."""
+    from geosample.kernels import roofline
+    assert roofline.blocks_per_sm(128, 8, 32768, "sm_90") == 2        # 4,096 registers per warp: 16 warps
+    assert roofline.blocks_per_sm(255, 8, 0, "sm_90") == 1            # rounded to 256 per thread: 8 warps
+    assert roofline.blocks_per_sm(32, 8, 0, "sm_80") == 8             # the 64-warp limit
+    assert roofline.blocks_per_sm(40, 4, 80 * 1024, "sm_90") == 2     # shared memory: 2 x 81 KiB of 228 KiB
+    launches = roofline.kde_launches()
+    assert {launch.kernel.split(".")[1] for launch in launches} == {"_fused_kernel", "_logits_kernel", "_wsum_kernel"}
+    assert len({(launch.call.shape, launch.config["precision"]) for launch in launches}) == 8
+
+    def rows(regs):
+        return [{"kernel": launch.kernel, "target": t, "config": launch.config, "n_regs": regs, "n_spills": 0,
+                 "shared_bytes": 16384, "triton": "9.9.9", "options": {"num_warps": 8}}
+                for launch in launches for t in roofline.SM]
+    lean, fat = roofline.kde_model(rows(64)), roofline.kde_model(rows(255))
+    assert len(lean) == len(fat) == len(launches) * len(roofline.SM)
+    for a, b in zip(lean, fat):
+        assert a["triton"] == "9.9.9" and a["occupancy"] == 0.5 and b["occupancy"] == 0.125
+        assert a["bound_us"] == b["bound_us"] <= a["predicted_us"] <= b["predicted_us"]
+    assert any(a["predicted_us"] < b["predicted_us"] for a, b in zip(lean, fat))   # occupancy matters somewhere
+    assert "| 9.9.9 | _fused_kernel | N=1000000 D=64 B=16 |" in roofline.format_kde_model(lean)
+    with pytest.raises(ValueError, match="launch options"):
+        roofline.kde_model([{k: v for k, v in r.items() if k != "options"} for r in rows(64)])

@@ -204,3 +204,59 @@ def test_archives_that_do_not_fit_in_memory_are_refused_up_front(tmp_path, monke
     monkeypatch.setattr(data, "available_memory", lambda: 100)
     with pytest.raises(MemoryError, match="more than the 0.00 GiB available"):
         data.load_images(tmp_path / "a.tar", progress=False, cache=False)
+
+
+def test_a_file_that_is_no_dataset_is_a_value_error(tmp_path):
+    """--data README.md raised tarfile.ReadError (a traceback in the CLI); a truncated archive EOFError."""
+    text = tmp_path / "README.md"
+    text.write_text("# not images\n")
+    with pytest.raises(ValueError, match="is not a dataset: expected a folder or tar"):
+        data.load_dataset(str(text))
+    good = tmp_path / "imgs.tar.gz"
+    with tarfile.open(good, "w:gz") as tar:
+        for i in range(20):
+            blob = io.BytesIO()
+            Image.fromarray(np.random.default_rng(i).integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(blob, "PNG")
+            info = tarfile.TarInfo(f"{i}.png")
+            info.size = len(blob.getvalue())
+            tar.addfile(info, io.BytesIO(blob.getvalue()))
+    cut = tmp_path / "cut.tar.gz"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(ValueError, match="damaged archive"):
+        data.load_dataset(str(cut))
+
+
+def _cifar_python_archive(path, batches, payload=None):
+    """A tar.gz laid out like the official cifar-10-python.tar.gz (pickled dicts, protocol 2)."""
+    import pickle
+    with tarfile.open(path, "w:gz") as tar:
+        for k, data in batches.items():
+            blob = payload or pickle.dumps({b"batch_label": b"x", b"labels": [0] * len(data), b"data": data}, protocol=2)
+            info = tarfile.TarInfo(f"cifar-10-batches-py/data_batch_{k}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+
+
+def test_the_official_cifar10_python_archive(tmp_path, monkeypatch):
+    """What a user downloads as CIFAR-10: data_batch_1..5 pickles of uint8 [N, 3072] (R, G, B planes)."""
+    monkeypatch.setenv("GEOSAMPLE_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    batches = {k: rng.integers(0, 256, (4, 3072), dtype=np.uint8) for k in (2, 1)}
+    _cifar_python_archive(tmp_path / "cifar-10-python.tar.gz", batches)
+    monkeypatch.setenv("GEOSAMPLE_CIFAR10", str(tmp_path / "cifar-10-python.tar.gz"))
+    got = data.load_dataset("cifar10", dtype="uint8", progress=False)
+    want = np.concatenate([batches[1], batches[2]]).reshape(8, 3, 32, 32)
+    np.testing.assert_array_equal(got.numpy(), want)
+
+
+def test_a_hostile_pickle_in_a_cifar_archive_is_refused(tmp_path, monkeypatch):
+    import pickle
+    monkeypatch.setenv("GEOSAMPLE_CACHE", str(tmp_path / "cache"))
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+    _cifar_python_archive(tmp_path / "evil.tar.gz", {1: None}, payload=pickle.dumps(Evil(), protocol=2))
+    with pytest.raises(ValueError, match="may not reference"):
+        data.load_dataset(str(tmp_path / "evil.tar.gz"), progress=False)
+    assert not (tmp_path / "pwned").exists()

@@ -202,3 +202,111 @@ def test_half_precision_sample_keeps_float32_state(unet):
         s.set_timesteps(5)
         want = loop(unet, s, x, s.timesteps)
     assert (half.float() - want).abs().max() < 2e-3 * want.abs().max()  # fp16 rounding of each step's sample
+
+
+def _ddim_loop(unet, ddim, latents, **step_options):
+    with torch.no_grad():
+        for t in ddim.timesteps:
+            latents = ddim.step(unet(latents, t).sample, t, latents, **step_options).prev_sample
+    return latents
+
+
+@pytest.mark.parametrize("clipping", [{"clip_sample": True, "clip_sample_range": 0.5},
+                                      {"thresholding": True, "dynamic_thresholding_ratio": 0.9,
+                                       "sample_max_value": 1.5}])
+def test_clip_sample_and_thresholding_as_ddim(unet, clipping):
+    """clip_sample / thresholding of a DDIM config act on the x0 prediction (they were accepted and
+    ignored: 1.0 off DDIM in image space): Euler then equals DDIM with use_clipped_model_output=True."""
+    ddim = DDIMScheduler(set_alpha_to_one=True, timestep_spacing="trailing", **clipping)
+    ours = GITSScheduler.from_config(ddim.config, solver="euler", schedule="discrete")
+    ddim.set_timesteps(5)
+    ours.set_timesteps(5)
+    want = _ddim_loop(unet, ddim, _latents(), use_clipped_model_output=True)
+    torch.testing.assert_close(loop(unet, ours, _latents(), ours.timesteps), want, rtol=1e-4, atol=1e-4)
+    unclipped = GITSScheduler.from_config(ddim.config, solver="euler", schedule="discrete", clip_sample=False,
+                                          thresholding=False)
+    unclipped.set_timesteps(5)
+    assert (loop(unet, unclipped, _latents(), unclipped.timesteps) - want).abs().max() > 0.05  # clipping acted
+
+
+def test_a_default_ddim_config_keeps_clipping():
+    """DDIMScheduler() clips by default; from_config drops default values, so this must be carried."""
+    assert GITSScheduler.from_config(DDIMScheduler().config).config.clip_sample is True
+    assert GITSScheduler.from_config(DDIMScheduler().config, clip_sample=False).config.clip_sample is False
+    assert GITSScheduler.from_config(DDIMScheduler(clip_sample=False).config).config.clip_sample is False
+
+
+def test_clipping_options_are_checked():
+    for bad in ({"clip_sample_range": 0.0}, {"dynamic_thresholding_ratio": 1.5}, {"sample_max_value": 0.5}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            GITSScheduler(**bad)
+
+
+def test_timesteps_outside_the_model_range_are_refused():
+    """set_timesteps(timesteps=[5000, 10]) was clamped to 999 and [500, -10] to 0, silently."""
+    s = GITSScheduler()
+    for bad in ([5000, 10], [500, -10], [float("nan"), 1]):
+        with pytest.raises(ValueError, match=r"timesteps must lie in \[0, 999\]"):
+            s.set_timesteps(timesteps=bad)
+    s.set_timesteps(timesteps=[999, 500, 0.5])
+    assert s.num_inference_steps == 3
+
+
+def test_gits_sigmas_of_the_wrong_length_are_refused():
+    """gits_sigmas={"5": [14, 1, 0.03]} then set_timesteps(6) ran 3 steps."""
+    with pytest.raises(ValueError, match=r"gits_sigmas\['5'\] must be a 5-step schedule \(6 sigmas\), got 3"):
+        GITSScheduler(schedule="gits", gits_sigmas={"5": [14.0, 1.0, 0.03]})
+    with pytest.raises(ValueError, match="keys must be step counts"):
+        GITSScheduler(schedule="gits", gits_sigmas={"five": [14.0, 1.0]})
+    with pytest.raises(ValueError):  # not decreasing
+        GITSScheduler(schedule="gits", gits_sigmas={"2": [1.0, 14.0, 0.03]})
+
+
+def test_zero_snr_step_checks_the_model_output_shape(unet):
+    """At sigma = inf a wrongly shaped model output broadcast instead of raising (finite sigma raised)."""
+    s = GITSScheduler(rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing",
+                      schedule="discrete")
+    s.set_timesteps(4)
+    assert math.isinf(float(s.eval_sigmas[0]))
+    x = _latents()
+    with pytest.raises(ValueError, match=r"model output has shape \(1, 3, 1, 1\), expected \(1, 3, 8, 8\)"):
+        s.step(torch.ones(1, 3, 1, 1), s.timesteps[0], x)
+
+
+def test_integer_samples_are_refused():
+    """An int64 sample came back as int64 (truncated)."""
+    s = GITSScheduler(solver="euler")
+    s.set_timesteps(3)
+    x = torch.ones(1, 3, 8, 8, dtype=torch.int64)
+    with pytest.raises(TypeError, match="sample must be a floating-point tensor"):
+        s.step(torch.zeros(1, 3, 8, 8), s.timesteps[0], x)
+    with pytest.raises(TypeError, match="model_output must be a floating-point tensor"):
+        s.step(torch.zeros(1, 3, 8, 8, dtype=torch.int64), s.timesteps[0], x.float())
+    with pytest.raises(TypeError, match="original_samples must be a floating-point tensor"):
+        s.add_noise(x, torch.zeros(1, 3, 8, 8), torch.tensor([10]))
+
+
+def test_use_gits_on_another_model_drops_the_first_models_schedules(unet, capsys):
+    """use_gits(model_b) after a search for model A served A's schedules (cached by step count only)."""
+    from diffusers import UNet2DModel
+    torch.manual_seed(1)
+    other = UNet2DModel(**unet.config).eval()
+    options = dict(num_warmup=2, batch_size=2, teacher_steps=6, use_cache=False)
+    s = GITSScheduler(solver="euler")
+    s.use_gits(unet, (3, 8, 8), **options)
+    s.set_timesteps(4)
+    first = s.config.gits_sigmas["3"]
+    err = capsys.readouterr().err   # the recommended search for the scheduler's solver, with its progress
+    assert "gits: a 3-step schedule for euler" in err and "gits refine" in err
+    key = s.config.gits_key
+    s.use_gits(unet, (3, 8, 8), **options)               # the same model and options keep them
+    assert s.config.gits_sigmas == {"3": first} and s.config.gits_key == key
+    s.use_gits(other, (3, 8, 8), **options)
+    assert s.config.gits_sigmas == {} and s.config.gits_key != key
+    s.set_timesteps(4)
+    expect = gs.gits.search(EpsDenoiser(other, s._finite_ac), (3, 8, 8), 3, sigma_min=s.model_sigma_range[0],
+                            sigma_max=s.model_sigma_range[1], solver="euler", gamma=gs.gits.GAMMAS, refine=True,
+                            **options).sigmas
+    torch.testing.assert_close(s._edm_sigmas[:-1], expect)
+    s.use_gits(other, (3, 8, 8), **{**options, "gamma": 1.0})   # other options: searched again
+    assert s.config.gits_sigmas == {}

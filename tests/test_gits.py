@@ -281,7 +281,7 @@ def test_cache_makes_second_search_free(mixture, cache_dir):
     c = gs.gits.search(other, (3, 4, 4), 6, gamma=1.0, **SMALL)   # same teacher: cost matrix reused
     assert other.calls == 3 and len(c.indices) == 7
     assert first.calls > 3 * 20
-    assert sorted(p.name.split("-")[0] for p in cache_dir.iterdir()) == ["cost", "schedule", "schedule"]
+    assert sorted(p.name.split("-")[0] for p in cache_dir.iterdir()) == ["cost", "schedule", "schedule", "targets"]
 
 
 def test_cache_key_includes_the_model(mixture, cache_dir):
@@ -333,7 +333,7 @@ def test_gamma_sweep_keeps_the_path_closest_to_the_teacher(mixture, cache_dir):
     again = Counting(mixture)
     t = gs.gits.search(again, (3, 4, 4), 5, gamma=gammas, solver="euler", **SMALL)
     assert again.calls <= 3 + len(gammas) * 5 and t.params["selected_gamma"] in gammas
-    assert sorted(p.name.split("-")[0] for p in cache_dir.iterdir()) == ["cost", "schedule", "schedule", "target"]
+    assert sorted(p.name.split("-")[0] for p in cache_dir.iterdir()) == ["cost", "schedule", "schedule", "targets"]
 
 
 def test_gamma_sweep_with_afs_judges_each_insertion(mixture):
@@ -521,4 +521,4 @@ def test_cache_keys_unchanged_by_the_config(tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "gits").iterdir()) == [
         "cost-75888c92818cf1eb6e7f11be52c5a82a.pt", "cost-8d6b71be4c6a1f5e12e71ed480645e28.pt",
         "schedule-09f050bb5722d0184f71bae3996b18d2.json", "schedule-bcf6a65fdc6f52ff204f785a09379bf5.json",
-        "target-75888c92818cf1eb6e7f11be52c5a82a.pt"]
+        "targets-75888c92818cf1eb6e7f11be52c5a82a.pt", "targets-8d6b71be4c6a1f5e12e71ed480645e28.pt"]

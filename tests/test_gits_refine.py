@@ -72,33 +72,77 @@ def test_descent_errors(error, indices, err, match):
         coordinate_descent(error, indices)
 
 
-def _student_error(denoiser, path, solver="ipndm", seed=0, n=6, afs=False):
-    """Mean L2 distance of ``solver`` on polynomial(20)[path] to the 20-step iPNDM teacher, from
-    round 0's noise (float32, as the search draws it)."""
-    noise = torch.randn((n, *SHAPE), generator=torch.Generator().manual_seed(seed))
-    grid = gs.schedules.polynomial(20)
-    target = gs.sample(denoiser, noise, grid, solver="ipndm", afs=afs)
-    x = gs.sample(denoiser, noise, grid[path], solver=solver, afs=afs)
-    return float((x - target).flatten(1).double().norm(dim=1).mean())
+def _warmup(denoiser, afs=False):
+    """The search's warm-up noise (rounds of 6, seed 0) and the 20-step iPNDM teacher's samples."""
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.cat([torch.randn((6, *SHAPE), generator=gen) for _ in range(2)])
+    return noise, gs.sample(denoiser, noise, gs.schedules.polynomial(20), solver="ipndm", afs=afs)
+
+
+def _pooled_error(denoiser, sigmas, half, solver="ipndm", afs=False):
+    """Pooled RMSE of ``solver`` on ``sigmas`` to the teacher on the fit (0) or check (1) half."""
+    noise, target = _warmup(denoiser, afs)
+    x = gs.sample(denoiser, noise[half::2], sigmas, solver=solver, afs=afs)
+    return float((x - target[half::2]).double().pow(2).mean().sqrt())
 
 
 @pytest.mark.parametrize("solver, gamma, steps", [("ipndm", 1.15, 3), ("euler", 1.15, 4), ("dpmpp", 1.15, 5),
-                                                  ("ipndm", (0.8, 1.0, 1.15), 3)])
-def test_refined_schedule_is_closer_to_the_teacher_than_the_dp_path(mixture, solver, gamma, steps):
+                                                  ("ipndm", (0.8, 1.0, 1.15), 3), ("heun", (1.0, 1.15), 2)])
+def test_recommended_search_judges_refines_and_checks(mixture, solver, gamma, steps):
     dp = gs.gits.search(mixture, SHAPE, steps, solver=solver, gamma=gamma, use_cache=False, **SMALL)
     s = gs.gits.search(mixture, SHAPE, steps, solver=solver, gamma=gamma, refine=True, use_cache=False, **SMALL)
-    rec = s.params["refinement"]
-    assert rec["from"] == dp.indices and s.params["refine"] and "refine" not in dp.params
-    assert s.indices[0] == 0 and s.indices[-1] == 20 and len(s.indices) == steps + 1
-    assert torch.equal(s.sigmas, gs.schedules.polynomial(20)[s.indices]) and s.params["nfe"] == dp.params["nfe"]
-    # the recorded errors are the solver's own, recomputed here on round 0's noise
-    before, after = _student_error(mixture, dp.indices, solver), _student_error(mixture, s.indices, solver)
-    assert rec["error_from"] == pytest.approx(before, rel=1e-9) and rec["error"] == pytest.approx(after, rel=1e-9)
-    assert after < before                            # these DP paths are not local minima of the solver's error
-    assert rec["samples"] == 6 and rec["nfe"] == rec["paths"] * dp.params["nfe"] and rec["paths"] >= 1
-    assert _is_local_minimum(lambda p: _student_error(mixture, p, solver), s.indices)
-    # the DP part (cost matrix, its path and cost) is the reference search's
-    assert torch.equal(s.cost_matrix, dp.cost_matrix) and s.cost == dp.cost and s.gamma == dp.gamma
+    grid, p = s.grid_sigmas, s.params
+    assert s.params["refine"] and "refine" not in dp.params and torch.equal(s.sigmas, grid[s.indices])
+    # R: the fine grid plus every hand-made schedule's points, each hand-made schedule a candidate on it
+    for name in gs.gits.config.HANDMADE:
+        hm = gs.schedules.by_name(name, steps)
+        cand = next(c for c in p["candidates"] if c["name"] == name)
+        torch.testing.assert_close(grid[cand["indices"]], hm, rtol=1e-12, atol=0)
+    assert set(gs.schedules.polynomial(20).tolist()) <= set(grid.tolist())
+    # every candidate's error is the solver's pooled RMSE to the teacher on the fit half
+    for c in p["candidates"]:
+        assert c["error"] == pytest.approx(_pooled_error(mixture, grid[c["indices"]], 0, solver), rel=1e-9)
+    gammas = [gamma] if isinstance(gamma, float) else list(gamma)
+    dp_paths = {tuple(gs.gits.solve_dp(dp.cost_matrix, steps, g)) for g in gammas}
+    assert {tuple(c["indices"]) for c in p["candidates"] if c["name"].startswith("gamma")} == \
+        {tuple(grid.tolist().index(float(v)) for v in dp.grid_sigmas[list(q)]) for q in dp_paths}
+    # refinement from the best DP path and the best hand-made one: never worse on the fit half
+    assert [r["from"] for r in p["refinement"]][0].startswith("gamma")
+    for r in p["refinement"]:
+        assert r["error"] <= r["error_from"] and r["paths"] >= 1
+        assert r["error"] == pytest.approx(_pooled_error(mixture, grid[r["indices"]], 0, solver), rel=1e-9)
+    # the pick, on the check half no step before used: a refined path only if clearly better
+    for c in p["check"]:
+        assert c["error"] == pytest.approx(_pooled_error(mixture, grid[c["indices"]], 1, solver), rel=1e-9)
+    hm, refined = p["check"][-1], min(p["check"][:-1], key=lambda c: c["error"])
+    assert hm["name"] in gs.gits.config.HANDMADE
+    assert p["check_margin"] == gs.gits.config.CHECK_MARGIN and p["refine_paths"] == 6
+    want = refined if refined["error"] < hm["error"] * (1 - p["check_margin"]) else hm
+    assert s.indices == want["indices"] and p["selected"] == want["name"]
+    assert p["nfe"] == dp.params["nfe"] and p["samples"] == {"fit": 6, "check": 6}
+    assert set(p["calls"]) == {"teacher", "candidates", "refinement", "check"} and p["calls"]["teacher"] == 12 * 20
+    assert torch.equal(s.cost_matrix, dp.cost_matrix)
+
+
+def test_refined_path_is_a_local_minimum_unless_the_budget_ran_out(mixture):
+    s = gs.gits.search(mixture, SHAPE, 4, solver="euler", refine=True, use_cache=False, **SMALL)
+    grid = s.grid_sigmas
+    for r in s.params["refinement"]:
+        fit = lambda q: _pooled_error(mixture, grid[q], 0, "euler")  # noqa: E731
+        budget = s.params["refine_paths"] * 3
+        assert r["paths"] <= budget and (r["paths"] == budget or _is_local_minimum(fit, r["indices"]))
+
+
+def test_a_hand_made_schedule_comes_back_exactly_when_no_path_beats_it(mixture, monkeypatch):
+    """With a margin no refined path can clear, the best hand-made schedule (on the fit half) is the
+    result, with its exact sigmas (points of R, not snapped to the fine grid)."""
+    import importlib
+    monkeypatch.setattr(importlib.import_module("geosample.gits.config"), "CHECK_MARGIN", 0.999)
+    s = gs.gits.search(mixture, SHAPE, 4, solver="ipndm", refine=True, use_cache=False, **SMALL)
+    fit_best = min((c for c in s.params["candidates"] if c["name"] in gs.gits.config.HANDMADE),
+                   key=lambda c: c["error"])
+    assert s.params["selected"] == fit_best["name"] == s.params["check"][-1]["name"]
+    torch.testing.assert_close(s.sigmas, gs.schedules.by_name(fit_best["name"], 4), rtol=1e-12, atol=0)
 
 
 def test_refined_gaussian_schedule_also_helps_on_new_noise():
@@ -121,7 +165,10 @@ def test_refined_gaussian_schedule_also_helps_on_new_noise():
 def test_refine_with_afs_keeps_the_free_first_step(mixture):
     s = gs.gits.search(mixture, SHAPE, 3, afs=True, refine=True, use_cache=False, **SMALL)
     assert len(s.indices) == 5 and s.params["nfe"] == 3
-    assert s.params["refinement"]["error"] == pytest.approx(_student_error(mixture, s.indices, afs=True), rel=1e-9)
+    best = min(s.params["check"], key=lambda c: c["error"])
+    assert best["error"] == pytest.approx(_pooled_error(mixture, s.grid_sigmas[best["indices"]], 1, afs=True),
+                                          rel=1e-9)
+    assert all(len(c["indices"]) == 5 for c in s.params["candidates"])
 
 
 def test_refine_is_part_of_the_config_and_the_cache_key(mixture, tmp_path, monkeypatch):
@@ -141,3 +188,32 @@ def test_refine_is_part_of_the_config_and_the_cache_key(mixture, tmp_path, monke
 def test_refine_must_be_a_bool(value):
     with pytest.raises(TypeError, match="refine must be a bool"):
         gs.gits.GITSConfig(refine=value)
+
+
+def test_the_recommended_search_defaults_to_64_warm_up_samples(mixture):
+    assert gs.gits.GITSConfig(refine=True).num_warmup == 64 and gs.gits.GITSConfig().num_warmup == 256
+    s = gs.gits.search(mixture, SHAPE, 2, refine=True, teacher_steps=6, use_cache=False)
+    assert s.params["num_warmup"] == 64 and s.params["samples"] == {"fit": 32, "check": 32}
+    assert s.params["calls"]["teacher"] == 64 * 6
+
+
+def test_every_phase_shows_progress_and_an_estimate_first(mixture, capsys):
+    gs.gits.search(mixture, SHAPE, 3, refine=True, progress=True, use_cache=False, **SMALL)
+    err = capsys.readouterr().err
+    first = err.index("gits: a 3-step schedule for ipndm")
+    assert first < err.index("gits teacher") < err.index("gits candidates") < err.index("gits refine") < \
+        err.index("gits check")
+    assert "gits: the teacher took" in err and "judging paths takes at most about" in err
+    gs.gits.search(mixture, SHAPE, 3, refine=True, progress=False, use_cache=False, **SMALL)
+    assert capsys.readouterr().err == ""
+
+
+def test_refine_paths_is_a_knob_in_the_cache_key(mixture, tmp_path, monkeypatch):
+    """A cached schedule searched with another refinement budget must not be served."""
+    monkeypatch.setenv("GEOSAMPLE_CACHE", str(tmp_path))
+    a = gs.gits.search(mixture, SHAPE, 4, refine=True, refine_paths=1, **SMALL)
+    b = gs.gits.search(mixture, SHAPE, 4, refine=True, refine_paths=6, **SMALL)
+    assert all(r["paths"] <= 3 for r in a.params["refinement"]) and a.params["refine_paths"] == 1
+    assert b.params["refine_paths"] == 6 and b.config.refine_paths == 6 and a.config.refine_paths == 1
+    with pytest.raises(ValueError, match="refine_paths must be >= 1"):
+        gs.gits.GITSConfig(refine_paths=0)

@@ -38,7 +38,8 @@ def reference(unet, scheduler, latents):
     """gs.sample on the same model and schedule, from the same x_T = sqrt(1 + sigma_0^2) x_vp."""
     s0 = float(scheduler.sigmas[0])
     noise = latents * math.sqrt(1 + s0 * s0) / s0
-    denoiser = EpsDenoiser(unet, scheduler.alphas_cumprod, scheduler.config.prediction_type)
+    model = EpsDenoiser(unet, scheduler.alphas_cumprod, scheduler.config.prediction_type)
+    denoiser = lambda x, sigma: scheduler.clip_denoised(model(x, sigma))  # noqa: E731  (clip_sample, thresholding)
     return gs.sample(denoiser, noise, scheduler.sigmas, scheduler.config.solver,
                      **(scheduler.config.solver_options or {}))
 
@@ -49,7 +50,7 @@ def reference(unet, scheduler, latents):
     ("unipc", {}, "v_prediction"), ("deis", {}, "epsilon"),
 ])
 def test_matches_gs_sample(unet, solver, options, prediction_type):
-    config = DDPMScheduler(prediction_type=prediction_type).config
+    config = DDPMScheduler(prediction_type=prediction_type, clip_sample=False).config  # DDPM clips x0 by default
     scheduler = GITSScheduler.from_config(config, solver=solver, solver_options=options)
     latents = _latents(batch=1)
     got = run_like_a_pipeline(unet, scheduler, latents, 5)

@@ -197,8 +197,10 @@ def test_bad_input(gmm, noise):
         kd.get_sigmas_gits(1, _model(gmm), (6,))
 
 
-def test_get_sigmas_gits(gmm):
+def test_get_sigmas_gits(gmm, capsys):
     sigmas = kd.get_sigmas_gits(5, gmm, (6,), num_warmup=16, teacher_steps=20, use_cache=False)
+    err = capsys.readouterr().err   # the recommended search, with its progress
+    assert "gits teacher" in err and "gits refine" in err and "gits check" in err
     assert sigmas.dtype == torch.float32 and sigmas.shape == (6,)      # as k-diffusion's get_sigmas_karras
     wide = kd.get_sigmas_gits(5, gmm, (6,), num_warmup=16, teacher_steps=20, use_cache=False, dtype=torch.float64)
     assert wide.dtype == torch.float64 and torch.equal(wide.float(), sigmas)

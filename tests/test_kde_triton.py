@@ -2,7 +2,8 @@
 (:mod:`triton_script`): compiled on a CUDA machine, under TRITON_INTERPRET=1 on CPU.
 With ``index``, the certified sets run on the same device in front of the kernels.
 The fused small-D kernel is checked at D in {16, 64} (N = 300: splits of several tiles, one or two
-query blocks, ranges of 128 rows), the two-phase kernels at D = 48 by setting FUSED_MAX_D = 0.
+query blocks, ranges of 128 rows), the two-phase kernels at D = 48 by setting FUSED_MAX_D = 0, with
+the installed Triton's dot depth and with dots in 16-row slices.
 """
 import textwrap
 
@@ -92,6 +93,11 @@ SCRIPT = textwrap.dedent("""
         for sigma in (80.0, 10.0, 1.0, 0.05, 0.002):
             check(y, sigma, **kw)
     hostile(y)
+    two_phase = kde_triton.kde_two_phase               # dots in 16-row slices (Triton >= 3.8, exact precision)
+    kde_triton.kde_two_phase = lambda kernel, fast, bb: (16, two_phase(kernel, fast, bb)[1])
+    for kw in ({}, {"storage": "uint8"}):
+        for sigma in (1.0, 0.002):
+            check(y, sigma, b=20, **kw)
     print("ok")
 """)
 

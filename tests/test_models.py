@@ -100,3 +100,45 @@ def test_cli_sample_runs_the_main_job_on_the_model(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["model"] == "cifar10-tiny" and report["rows"][0]["nfe"] == 4
     assert (out / "samples.png").exists()
+
+
+@pytest.mark.parametrize("damage", ["flip", "nan", "truncate", "empty", "junk"])
+def test_damaged_weights_are_refused(monkeypatch, tmp_path, damage):
+    """One flipped byte loaded (output off by 1e-4), NaN weights loaded and returned NaN, junk gave a traceback."""
+    from importlib import resources
+    blob = bytearray(resources.files(models).joinpath("cifar10_tiny.pt").read_bytes())
+    if damage == "flip":
+        blob[len(blob) // 2] ^= 1
+    elif damage == "nan":
+        weights = torch.load(resources.files(models).joinpath("cifar10_tiny.pt"), weights_only=True)
+        weights["state_dict"] = {k: torch.full_like(v, float("nan")) for k, v in weights["state_dict"].items()}
+        torch.save(weights, tmp_path / "nan.pt")
+        blob = bytearray((tmp_path / "nan.pt").read_bytes())
+    elif damage == "truncate":
+        blob = blob[: len(blob) // 3]
+    else:
+        blob = bytearray(b"" if damage == "empty" else b"not a checkpoint\n" * 10)
+    (tmp_path / "cifar10_tiny.pt").write_bytes(bytes(blob))
+    monkeypatch.setattr(models.resources, "files", lambda package: tmp_path)
+    with pytest.raises(ValueError, match="weights of 'cifar10-tiny' .* are damaged"):
+        models.load("cifar10-tiny")
+
+
+def test_dtype_names_and_bad_devices():
+    assert models.load("cifar10-tiny", dtype="float64").net.stem.weight.dtype == torch.float64
+    assert models.load("cifar10-tiny", dtype="torch.bfloat16").net.stem.weight.dtype == torch.bfloat16
+    with pytest.raises(TypeError, match="dtype must be a floating torch.dtype"):
+        models.load("cifar10-tiny", dtype="int8")
+    with pytest.raises(TypeError, match="dtype must be a floating torch.dtype"):
+        models.load("cifar10-tiny", dtype=torch.int64)
+    with pytest.raises(ValueError, match="unknown device 'tpu'"):
+        models.load("cifar10-tiny", device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device 'cuda' is not available"):
+            models.load("cifar10-tiny", device="cuda")
+
+
+def test_integer_inputs_are_refused(model):
+    """int64 x came back as int64 (truncated)."""
+    with pytest.raises(TypeError, match="x must be a floating-point tensor, got torch.int64"):
+        model(torch.zeros(2, 3, 16, 16, dtype=torch.int64), 1.0)

@@ -20,15 +20,14 @@ from __future__ import annotations
 import argparse
 import time
 
+from .common import add_source_arguments, check_counts, load_source
+
 HELP = "trajectory geometry on a closed-form denoiser or a trained network: boomerang, PCA, 3-D projections (PNGs + analysis.json)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_source_arguments(parser)
     a = parser.add_argument
-    a("--data", default="digits", help="dataset name (digits, cifar10) or path (default digits, bundled)")
-    a("--model", default=None, help="a shipped trained denoiser (e.g. cifar10-tiny; see geosample.models.available()) "
-      "instead of --data's closed form")
-    a("--limit", type=int, default=None, help="use a seeded random subset of LIMIT images (the same for every run; image sets are often sorted by class)")
     a("--steps", type=int, default=100, help="solver steps on the polynomial rho=7 grid (default 100)")
     a("--solver", default="euler", help="solver (default euler); see geosample.SOLVERS")
     a("--num", type=int, default=64, help="trajectories (default 64)")
@@ -37,7 +36,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--dtype", default="float64", choices=("float64", "float32"),
       help="dtype of the trajectory (default float64: in float32, rounding of the stored states dominates the "
            "curvature at small sigma; float32 is ~3x faster on CPU)")
-    a("--device", default="cpu", help="torch device for sampling (default cpu)")
     a("--out", default="geosample-analyze", help="output folder (default ./geosample-analyze)")
 
 
@@ -45,8 +43,6 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from .. import schedules
-    from ..data import load_dataset
-    from ..denoisers.kde import KDEDenoiser
     from ..solvers import get_solver, sample
     from .._io import check_out_dir, json_bytes, publish_run, run_id, versions
     from ..figures import geometry_figures
@@ -54,20 +50,12 @@ def run(args: argparse.Namespace) -> int:
 
     t_start = time.perf_counter()
     solver = get_solver(args.solver).name
-    for name in ("num", "steps"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    check_counts(args, "num", "steps")
     if args.window < 2:
         raise ValueError(f"--window must be >= 2, got {args.window}")
     out = check_out_dir(args.out)
     dtype = getattr(torch, args.dtype)
-    if args.model:
-        from ..models import load
-        denoiser = load(args.model, device=args.device, dtype=dtype)
-        shape, source = tuple(denoiser.shape), f"model={args.model}"
-    else:
-        data = torch.as_tensor(load_dataset(args.data, limit=args.limit)).to(args.device)
-        denoiser, shape, source = KDEDenoiser(data), tuple(data.shape[1:]), f"data={args.data} {tuple(data.shape)}"
+    denoiser, shape, source, data = load_source(args, dtype=dtype)
     print(f"geosample analyze: {source}, solver={solver}, steps={args.steps}, num={args.num}, device={args.device}")
     noise = torch.randn((args.num, *shape), generator=torch.Generator().manual_seed(args.seed), dtype=dtype)
     noise = noise.to(args.device)
@@ -79,8 +67,8 @@ def run(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     m = measure(traj, window=args.window)
-    numbers = {"data": None if args.model else args.data, "model": args.model,
-               "data_shape": None if args.model else list(data.shape), "solver": solver, "steps": args.steps,
+    numbers = {"data": None if args.model else (args.data or "digits"), "model": args.model,
+               "data_shape": None if data is None else list(data.shape), "solver": solver, "steps": args.steps,
                "schedule": "polynomial rho=7", "num": args.num, "seed": args.seed, "window": args.window, "dtype": args.dtype,
                **report(m), "sample_s": sample_s, "measure_s": time.perf_counter() - t0}
     title = f"{args.model or args.data} ({solver}, {args.steps} steps, {args.num} samples)"

@@ -1,10 +1,10 @@
 """``geosample sample``: the main job.  With no options, on the bundled 8x8 digits:
 
 1. closed-form (KDE) denoiser of the dataset;
-2. GITS search (iPNDM teacher, 60-step polynomial fine grid, gamma picked from
-   :data:`geosample.gits.GAMMAS` by iPNDM's error to the teacher, the path then refined by that
-   error, ``refine=True``; warm-up noise seeded ``--seed + 1``, never the noise scored below) for
-   an iPNDM schedule of NFE 6;
+2. the recommended GITS search (:func:`geosample.gits.search` with ``gamma=GAMMAS, refine=True``:
+   iPNDM teacher on a 60-step polynomial grid; the DP paths of every gamma and the hand-made
+   schedules judged, refined and checked by iPNDM's own error; warm-up noise seeded ``--seed + 1``,
+   never the noise scored below) for an iPNDM schedule of NFE 6;
 3. iPNDM samples from the same seeded noise on that schedule and on EDM's polynomial rho=7 one;
 4. a reference solve (Heun, 100 steps, polynomial rho=7) from the same noise; per schedule the
    RMSE and PSNR to it (:func:`geosample.metrics.reference_error`) and the wall time;
@@ -12,6 +12,8 @@
    ``schedule.json`` and ``report.json`` into ``--out`` as one set with a ``manifest.json`` naming
    the run (:func:`geosample._io.publish_run`), and prints a table.  ``--out`` is checked
    (a writable folder) before any work starts.
+With ``--amed`` one more row: AMED on ``--solver`` at ``--nfe`` (:mod:`.sample_amed`; ``amed.pt`` joins
+the published set).
 """
 from __future__ import annotations
 
@@ -23,74 +25,26 @@ from typing import TYPE_CHECKING
 from .._io import check_out_dir, json_bytes, publish_run, run_id, versions
 from ..figures import labelled_panels, png_bytes
 from ..solvers import steps_for_nfe
-from .gits import gammas
+from .common import (SCHEDULES, add_gits_arguments, add_source_arguments, check_counts, load_source,
+                     make_schedule, search_options)
+from . import sample_amed
 
 if TYPE_CHECKING:  # imported lazily at run time, so that `geosample --help` stays fast
     import torch
 
 HELP = "the main job: GITS vs EDM schedule on a dataset's closed-form denoiser (samples.png, report.json)"
-SCHEDULES = ("gits", "polynomial", "logsnr", "time_uniform")
 BASELINE = "polynomial"
 REFERENCE = {"solver": "heun", "steps": 100}
-SMALL = 1024  # values per sample below which --threads 0 means one thread
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_source_arguments(parser)
+    add_gits_arguments(parser)
     a = parser.add_argument
-    a("--data", default="digits", help="dataset name (digits, cifar10) or path (default digits, bundled)")
-    a("--limit", type=int, default=None, help="use a seeded random subset of LIMIT images (the same for every run; image sets are often sorted by class)")
-    a("--model", default=None, help="sample a shipped trained denoiser (e.g. cifar10-tiny; see "
-      "geosample.models.available()) instead of --data's closed form")
-    a("--solver", default="ipndm", help="solver (default ipndm); see geosample.SOLVERS")
-    a("--nfe", type=int, default=6, help="denoiser calls per sample (default 6); heun/dpm2 use 2 per step")
     a("--schedule", default="gits", help="gits | polynomial | logsnr | time_uniform | a schedule .json (default gits)")
     a("--batch", type=int, default=64, help="samples (default 64)")
-    a("--seed", type=int, default=0, help="noise seed (default 0)")
-    a("--device", default="cpu", help="torch device (default cpu)")
     a("--out", default="geosample-out", help="output folder (default ./geosample-out)")
-    a("--afs", action="store_true", help="analytical first step (saves one denoiser call)")
-    a("--threads", type=int, default=0, help="torch CPU threads (default 0: 1 for small samples (< 1024 values, "
-      "e.g. digits), where thread start-up costs more than it saves, else torch's default)")
-    a("--num-warmup", type=int, default=256, help="GITS teacher samples (default 256)")
-    a("--gamma", type=gammas, default="sweep",
-      help="GITS DP discount: 'sweep' (default: the gamma in 0.8-1.3 whose schedule brings --solver closest "
-           "to the teacher), a comma list to pick from, or one value (1.15: the reference's)")
-    a("--refine", action=argparse.BooleanOptionalAction, default=True,
-      help="refine the GITS path by --solver's own error to the teacher (default on; --no-refine with "
-           "--gamma 1.15 is the reference's search)")
-    a("--no-cache", action="store_true", help="do not read or write the GITS schedule cache")
-
-
-def make_schedule(name: str, solver: str, nfe: int, denoiser=None, shape=None, *, afs: bool = False,
-                  seed: int = 0, num_warmup: int = 256, gamma=1.15, refine: bool = False, device="cpu",
-                  use_cache: bool = True, progress: bool = False, distributed: bool = False):
-    """(sigmas, gits_schedule_or_None) for ``name`` with ``nfe`` calls of ``solver``.
-
-    gits: :func:`geosample.gits.search` with the defaults (iPNDM teacher, 60-step polynomial
-    grid, dev metric, ``num_warmup`` teacher samples from ``seed``), ``gamma`` (one value, or a
-    sequence to pick from for ``solver``) and ``refine`` for ``denoiser`` on samples of ``shape``;
-    with ``afs`` it searches one step fewer and inserts the free analytical first step.
-    ``distributed``: :func:`geosample.distributed.gits_search` (teacher split across ranks, no cache).
-    """
-    from .. import gits, schedules
-
-    steps = steps_for_nfe(solver, nfe, afs)
-    if name == "gits":
-        if steps - int(afs) < 1:
-            raise ValueError(f"GITS with afs needs at least 2 steps; got nfe={nfe} for {solver}")
-        if distributed:
-            from ..distributed import gits_search as search
-            cache = {}
-        else:
-            search, cache = gits.search, {"use_cache": use_cache}
-        found = search(denoiser, shape, steps - int(afs), seed=seed, num_warmup=num_warmup, gamma=gamma, afs=afs,
-                       refine=refine, solver=solver, device=device, progress=progress, **cache)
-        return found.sigmas, found
-    if name.endswith(".json"):
-        return gits.load_sigmas(name), None
-    if name in SCHEDULES:
-        return schedules.by_name(name, steps), None
-    raise ValueError(f"unknown schedule {name!r}; valid: {', '.join(SCHEDULES)} or a .json file")
+    sample_amed.add_arguments(a)
 
 
 def _table(rows: list[dict]) -> str:
@@ -103,8 +57,6 @@ def _table(rows: list[dict]) -> str:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..data import load_dataset
-    from ..denoisers.kde import KDEDenoiser
     from ..distributed import init_from_env
     from ..metrics import reference_error, reference_solve
     from ..solvers import get_solver
@@ -113,11 +65,9 @@ def run(args: argparse.Namespace) -> int:
 
     t_start = time.perf_counter()
     solver = get_solver(args.solver).name
-    if args.batch < 1:
-        raise ValueError(f"--batch must be >= 1, got {args.batch}")
-    if args.threads < 0:
-        raise ValueError(f"--threads must be >= 0, got {args.threads}")
+    check_counts(args, "batch", "nfe")
     steps_for_nfe(solver, args.nfe, args.afs)
+    sample_amed.check(args, solver)
     if args.schedule != "gits":
         make_schedule(args.schedule, solver, args.nfe, afs=args.afs)   # a bad name or file fails here, not later
     out = check_out_dir(args.out)
@@ -126,27 +76,17 @@ def run(args: argparse.Namespace) -> int:
         from .. import distributed as gd
         main, ranks, sample, make_denoiser = gd.is_main(), gd.world_size(), gd.sample, gd.closed_form_denoiser
     else:
-        main, ranks, make_denoiser = True, 1, KDEDenoiser
+        main, ranks, make_denoiser = True, 1, None
     say = print if main else (lambda *a, **k: None)
-
-    if args.model:
-        from ..models import load
-        denoiser = load(args.model, device=args.device)
-        shape, source = denoiser.shape, f"model={args.model}"
-    else:
-        data = torch.as_tensor(load_dataset(args.data, limit=args.limit)).to(args.device)
-        denoiser = make_denoiser(data)
-        shape, source = tuple(data.shape[1:]), f"data={args.data} {tuple(data.shape)}"
-    if args.threads or torch.Size(shape).numel() < SMALL:
-        torch.set_num_threads(args.threads or 1)
+    denoiser, shape, source, data = load_source(args, make_denoiser)
     say(f"geosample sample: {source}, solver={solver}, NFE={args.nfe}, "
         f"schedule={args.schedule}, batch={args.batch}, device={args.device}, threads={torch.get_num_threads()}, "
         f"ranks={ranks}")
 
     t0 = time.perf_counter()
-    sigmas, found = make_schedule(args.schedule, solver, args.nfe, denoiser, shape, afs=args.afs, seed=args.seed + 1,
-                                  num_warmup=args.num_warmup, gamma=args.gamma, refine=args.refine, device=args.device,
-                                  use_cache=not args.no_cache, progress=main, distributed=parallel)
+    options = {k: v for k, v in search_options(args).items() if k not in ("solver", "afs")}
+    sigmas, found = make_schedule(args.schedule, solver, args.nfe, denoiser, shape, afs=args.afs, device=args.device,
+                                  use_cache=not args.no_cache, progress=main, distributed=parallel, **options)
     search_s = time.perf_counter() - t0
     grids = {args.schedule: sigmas}
     if args.schedule != BASELINE:
@@ -170,6 +110,13 @@ def run(args: argparse.Namespace) -> int:
                      "sigmas": sig.tolist(), "rmse": err["rmse"], "psnr": err["psnr"],
                      "time_s": elapsed})
         panels.append((f"{label} ({solver}, NFE {n}) RMSE {err['rmse']:.3f}", x))
+    amed = None
+    if args.amed is not None:
+        if parallel:
+            raise ValueError("--amed trains on one process; run it without torchrun")
+        amed_row, x, amed_file, amed = sample_amed.row(args, solver, denoiser, shape, noise, ref, found, main)
+        rows.append(amed_row)
+        panels.append((f"amed ({amed_row['solver']}, NFE {amed_row['nfe']}) RMSE {amed_row['rmse']:.3f}", x))
     panels.append((f"reference ({REFERENCE['solver']}, {REFERENCE['steps']} steps)", ref))
     if not main:
         return 0
@@ -183,16 +130,18 @@ def run(args: argparse.Namespace) -> int:
         files["schedule.json"] = json_bytes({"schedule": rows[0]["schedule"], "solver": solver, "nfe": rows[0]["nfe"],
                                              "afs": args.afs, "sigmas": rows[0]["sigmas"]})
     run = run_id()
-    report = {"run": run, "data": None if args.model else args.data, "model": args.model,
-              "data_shape": None if args.model else list(data.shape), "solver": solver, "nfe": args.nfe,
+    report = {"run": run, "data": None if args.model else (args.data or "digits"), "model": args.model,
+              "data_shape": None if data is None else list(data.shape), "solver": solver, "nfe": args.nfe,
               "afs": args.afs, "schedule": args.schedule, "batch": args.batch, "seed": args.seed,
               "device": str(args.device),
               "reference": {**REFERENCE, "nfe": count_nfe(REFERENCE["solver"], REFERENCE["steps"]),
                             "schedule": "polynomial rho=7", "time_s": ref_s},
-              "gits_gamma": found.gamma if found is not None else None,
-              "gits_refinement": found.params.get("refinement") if found is not None else None,
-              "schedule_search_s": search_s, "rows": rows, "total_s": time.perf_counter() - t_start,
+              "gits": None if found is None else {k: found.params.get(k) for k in (
+                  "selected", "selected_gamma", "num_warmup", "seed", "calls", "candidates", "refinement", "check")},
+              "schedule_search_s": search_s, "rows": rows, "amed": amed, "total_s": time.perf_counter() - t_start,
               "versions": versions()}
+    if amed is not None:
+        files["amed.pt"] = amed_file
     files["report.json"] = json_bytes(report)
     publish_run(out, files, {"run": run, "command": "sample"})
     written = [out / name for name in files]

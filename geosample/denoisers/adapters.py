@@ -54,6 +54,8 @@ def vp_to_denoised(output: torch.Tensor, x: torch.Tensor, sigma, prediction_type
     v_prediction: D = x / (1 + sigma^2) - sigma v / sqrt(1 + sigma^2)
                   (v = sqrt(alpha) eps - sqrt(1 - alpha) x0, alpha = 1 / (1 + sigma^2))
     sample:       D = output
+    sigma = inf (zero terminal SNR, a float): x is the noise (the VP sample) and D = -v or the
+    output; an epsilon model's D is undefined there (ValueError).
     A learned-variance output with 2C channels for a C-channel x keeps its first C channels.
     """
     _check_prediction_type(prediction_type)
@@ -62,6 +64,10 @@ def vp_to_denoised(output: torch.Tensor, x: torch.Tensor, sigma, prediction_type
     if output.shape != x.shape:
         raise ValueError(f"model output has shape {tuple(output.shape)}, expected {tuple(x.shape)}")
     output = output.to(x.dtype)
+    if isinstance(sigma, float) and sigma == float("inf"):
+        if prediction_type == "epsilon":
+            raise ValueError("an epsilon model's x0 = x - sigma eps is undefined at sigma = inf (zero terminal SNR)")
+        return -output if prediction_type == "v_prediction" else output
     s = _per_sample(sigma, x)
     if prediction_type == "epsilon":
         return x - s * output

@@ -8,7 +8,7 @@ from .config import GITSConfig
 from .cost import METRICS, cost_matrix
 from .dp import available_backends, path_cost, solve_dp, solve_dp_sweep
 from .schedule import GITSSchedule, fine_grid, load, load_sigmas
-from .search import GAMMAS, fingerprint, search
+from .search import GAMMAS, Warmup, fingerprint, search, warmup
 
 __all__ = ["search", "GITSConfig", "cost_matrix", "solve_dp", "solve_dp_sweep", "path_cost", "available_backends",
-           "GITSSchedule", "load", "load_sigmas", "fine_grid", "fingerprint", "METRICS", "GAMMAS"]
+           "GITSSchedule", "load", "load_sigmas", "fine_grid", "fingerprint", "METRICS", "GAMMAS", "warmup", "Warmup"]

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .._io import atomic_write, atomic_write_text, cache_root, remove_stale_temps
+from .._io import atomic_write, cache_root, remove_stale_temps
 
 from .schedule import GITSSchedule
 
@@ -106,28 +106,39 @@ def get_tensor(kind: str, k: str, shape: tuple, dtype: torch.dtype) -> torch.Ten
     return t
 
 
+def _put(path: Path, write) -> None:
+    """``atomic_write(path, write)``; a cache that cannot be written (``$GEOSAMPLE_CACHE`` a file, the
+    entry's path a folder, a read-only disk) is a :class:`CacheWarning`, never a lost result."""
+    try:
+        remove_stale_temps(path.parent, legacy=True)
+        atomic_write(path, write)
+    except OSError as e:
+        warnings.warn(f"GITS cache entry {path} cannot be written ({e.strerror or e}); the result is not cached",
+                      CacheWarning, stacklevel=3)
+
+
 def put_tensor(kind: str, k: str, t: torch.Tensor) -> None:
-    remove_stale_temps(cache_dir(), legacy=True)
     t = t.detach().cpu().contiguous()
     entry = {"format": FORMAT, "key": k, "sha256": _tensor_hash(t), "tensor": t}
-    atomic_write(cache_dir() / f"{kind}-{k}.pt", lambda f: torch.save(entry, f))
+    _put(cache_dir() / f"{kind}-{k}.pt", lambda f: torch.save(entry, f))
 
 
 def _valid_schedule(s: GITSSchedule) -> None:
     """The invariants of a searched schedule (raises _Invalid)."""
     idx = s.indices
     _check(all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in idx), "non-integer indices")
-    last = s.grid.get("teacher_steps")
-    _check(isinstance(last, int) and len(idx) >= 2 and idx[0] == 0 and idx[-1] == last,
-           f"indices must run from 0 to teacher_steps, got {idx[:3]}...{idx[-1:]}")
-    _check(all(a < b for a, b in zip(idx, idx[1:])), "indices not strictly increasing")
-    _check(s.cost_matrix.shape == (last + 1, last + 1), "cost matrix of the wrong shape")
+    teacher_steps = s.grid.get("teacher_steps")
+    _check(isinstance(teacher_steps, int), "no teacher_steps")
+    _check(s.cost_matrix.shape == (teacher_steps + 1, teacher_steps + 1), "cost matrix of the wrong shape")
     _check(_finite(_upper(s.cost_matrix)), "non-finite costs")
     _check(math.isfinite(s.cost) and all(math.isfinite(c) for c in s.step_costs), "non-finite path cost")
     try:
         grid = s.grid_sigmas
     except (KeyError, TypeError, ValueError) as e:
         raise _Invalid(f"bad grid: {e}") from None
+    _check(len(idx) >= 2 and idx[0] == 0 and idx[-1] == grid.numel() - 1,
+           f"indices must run from 0 to the grid's last point, got {idx[:3]}...{idx[-1:]}")
+    _check(all(a < b for a, b in zip(idx, idx[1:])), "indices not strictly increasing")
     _check(s.sigmas.shape == (len(idx),) and torch.allclose(s.sigmas, grid[idx], rtol=1e-12, atol=0),
            "sigmas differ from the grid at the indices")
 
@@ -157,7 +168,6 @@ def get_schedule(k: str) -> GITSSchedule | None:
 
 
 def put_schedule(k: str, schedule: GITSSchedule) -> None:
-    remove_stale_temps(cache_dir(), legacy=True)
     d = schedule.to_dict()
     entry = {"format": FORMAT, "key": k, "sha256": _json_hash(d), "schedule": d}
-    atomic_write_text(cache_dir() / f"schedule-{k}.json", json.dumps(entry))
+    _put(cache_dir() / f"schedule-{k}.json", lambda f: f.write(json.dumps(entry).encode("utf-8")))

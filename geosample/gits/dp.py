@@ -196,4 +196,6 @@ def path_cost(cost, indices, gamma: float = 1.15) -> tuple[float, list[float]]:
     """(objective sum_k gamma^k C[i_k, i_{k+1}], per-step costs C[i_k, i_{k+1}]) of a path."""
     c = np.asarray(cost, dtype=np.float64)
     steps = [float(c[a, b]) for a, b in zip(indices[:-1], indices[1:])]
-    return float(sum(gamma ** k * s for k, s in enumerate(steps))), steps
+    with np.errstate(over="ignore"):   # a huge gamma^k overflows to inf (the objective is then inf)
+        weights = np.float64(gamma) ** np.arange(len(steps))
+    return float(np.dot(weights, steps)), steps

@@ -12,7 +12,8 @@ the DP's path, by coordinate descent: for k = 1..K-1, move ``i_k`` by -1 while E
 +1 while E falls; repeat sweeps until a whole sweep moves nothing.  Every accepted move lowers E
 strictly, so the descent stops, at a path no single +-1 move improves (a local minimum; never
 worse than the start).  Each distinct path is evaluated once; a NaN error counts as +inf (never
-an improvement).
+an improvement).  With a ``budget`` the descent also stops once that many distinct paths have been
+evaluated (the best path so far is returned).
 """
 from __future__ import annotations
 
@@ -32,15 +33,18 @@ def _check_path(indices) -> list[int]:
     return path
 
 
-def coordinate_descent(error: Callable[[list[int]], float],
-                       indices: Sequence[int]) -> tuple[list[int], dict[tuple[int, ...], float]]:
+def coordinate_descent(error: Callable[[list[int]], float], indices: Sequence[int],
+                       budget: int | None = None) -> tuple[list[int], dict[tuple[int, ...], float]]:
     """(path, {every path evaluated, as a tuple: its E}) of the descent above from ``indices``.
 
     error: E, a path (list of grid positions) -> float; indices: the start path (strictly
-    increasing ints; the first and last stay fixed).
+    increasing ints; the first and last stay fixed); budget: at most this many distinct paths
+    (None: no limit).
     """
     if not callable(error):
         raise TypeError(f"error must be callable path -> float, got {type(error).__name__}")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+        raise ValueError(f"budget must be a positive int or None, got {budget!r}")
     seen: dict[tuple[int, ...], float] = {}
 
     def e(path: list[int]) -> float:
@@ -57,6 +61,8 @@ def coordinate_descent(error: Callable[[list[int]], float],
             for step in (-1, 1):
                 while path[k - 1] < path[k] + step < path[k + 1]:
                     cand = path[:k] + [path[k] + step] + path[k + 1:]
+                    if budget is not None and tuple(cand) not in seen and len(seen) >= budget:
+                        return path, seen
                     if e(cand) >= best:
                         break
                     path, best, moved = cand, e(cand), True

@@ -8,7 +8,7 @@ import torch
 
 from .. import schedules
 from .._io import atomic_write_text
-from .config import GRIDS, GITSConfig, fine_grid
+from .config import GRIDS, GITSConfig, fine_grid, with_points
 
 __all__ = ["GITSSchedule", "load", "load_sigmas", "fine_grid", "GRIDS", "FORMAT_VERSION"]
 
@@ -20,8 +20,9 @@ class GITSSchedule:
     """A GITS schedule.
 
     sigmas: float64 [len(indices)] = grid_sigmas[indices], decreasing (the solver's sigmas);
-    indices: positions in the fine grid, from 0 to teacher_steps;
-    grid: the fine grid's family and parameters (family, teacher_steps, sigma_min, sigma_max, rho);
+    indices: positions in ``grid_sigmas``, from 0 to its last;
+    grid: the fine grid's family and parameters (family, teacher_steps, sigma_min, sigma_max, rho;
+    a refined search adds "points", the hand-made schedules' sigmas it could move through);
     cost: the DP objective sum_k gamma^k step_costs[k] (over the DP path, before any AFS step);
     step_costs: C[i_k, i_{k+1}] along the DP path;
     params: every other search argument (teacher, metric, gamma, num_warmup, seed, batch_size,
@@ -56,8 +57,10 @@ class GITSSchedule:
 
     @property
     def grid_sigmas(self) -> torch.Tensor:
+        """The sigmas ``indices`` point into: the fine grid, with a refined search's added points."""
         g = self.grid
-        return fine_grid(g["family"], g["teacher_steps"], g["sigma_min"], g["sigma_max"], g["rho"])
+        fine = fine_grid(g["family"], g["teacher_steps"], g["sigma_min"], g["sigma_max"], g["rho"])
+        return with_points(fine, g.get("points", ()))
 
     def to_dict(self) -> dict:
         d = asdict(self)

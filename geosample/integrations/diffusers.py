@@ -39,14 +39,16 @@ import torch
 try:
     from diffusers import DDPMScheduler
 except ImportError as e:
-    raise ImportError("geosample.integrations.diffusers needs diffusers: pip install 'geosample[diffusers]'") from e
+    raise ImportError("geosample.integrations.diffusers needs diffusers: pip install 'geosample-diffusion[diffusers]'") from e
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
 from diffusers.utils import BaseOutput
 
 from .. import schedules
 from ..denoisers.adapters import EpsDenoiser, FlowDenoiser, flow_to_denoised, vp_to_denoised, _check_prediction_type
+from ..solvers import amed as _amed
 from ..solvers import get_solver
+from ..solvers.base import dynamic_threshold
 from ..solvers.plan import Run, plan
 from ..solvers.sampling import _check_options, check_grid, state_dtype
 
@@ -88,11 +90,41 @@ def _pipeline_steps(sigmas) -> int:
 
 
 def _check_tensors(**tensors) -> None:
-    """TypeError unless each keyword is a tensor."""
+    """TypeError unless each keyword is a floating-point tensor."""
     for name, v in tensors.items():
         if not isinstance(v, torch.Tensor):
             hint = " (a model's output: take .sample or [0])" if name == "model_output" else ""
             raise TypeError(f"{name} must be a torch.Tensor, got {type(v).__name__}{hint}")
+        if not v.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor (float16/bfloat16/float32/float64), got {v.dtype}")
+
+
+def _check_gits_sigmas(gits_sigmas) -> dict:
+    """``{str(steps): [steps + 1 decreasing sigmas]}``, each entry checked (ValueError naming it)."""
+    if not isinstance(gits_sigmas, dict):
+        raise TypeError(f"gits_sigmas must be a dict {{steps: sigmas}}, got {type(gits_sigmas).__name__}")
+    out = {}
+    for k, v in gits_sigmas.items():
+        try:
+            steps = int(k)
+        except (TypeError, ValueError):
+            raise ValueError(f"gits_sigmas keys must be step counts, got {k!r}") from None
+        sigmas = check_grid(torch.as_tensor(v, dtype=torch.float64).flatten())
+        if steps < 1 or str(steps) != str(k).strip() or sigmas.numel() != steps + 1:
+            raise ValueError(f"gits_sigmas[{k!r}] must be a {k}-step schedule ({steps + 1} sigmas), "
+                             f"got {sigmas.numel()} sigmas")
+        out[str(steps)] = sigmas.tolist()
+    return out
+
+
+def _check_clipping(clip_sample_range: float, ratio: float, sample_max_value: float) -> None:
+    if not (math.isfinite(clip_sample_range) and clip_sample_range > 0):
+        raise ValueError(f"clip_sample_range must be a finite number > 0, got {clip_sample_range}")
+    if not 0 < ratio <= 1:
+        raise ValueError(f"dynamic_thresholding_ratio must be in (0, 1], got {ratio}")
+    if not sample_max_value >= 1:
+        raise ValueError(f"sample_max_value must be >= 1 (the threshold s is clamped to [1, sample_max_value]), "
+                         f"got {sample_max_value}")
 
 
 def _is_flow_config(config: dict) -> bool:
@@ -116,7 +148,9 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
     "trailing" are diffusers' integer timesteps); ``sigmas``, a fixed schedule that overrides
     ``schedule`` (flow times for a flow model, as ``set_timesteps(sigmas=)``); ``gits_sigmas``,
     the GITS schedules found so far by step count (saved with the config, so a loaded scheduler
-    needs no model); ``denoise_to_zero``.
+    needs no model); ``denoise_to_zero``; ``amed``: AMED predictions per interval ({"r": [...],
+    "scale_dir": ..., "scale_time": ...}, see :meth:`use_amed`) for ``solver`` "amed" or a base of
+    the AMED-Plugin, two model calls per interval.
 
     Flow matching: ``use_flow_sigmas=True`` with ``prediction_type="flow_prediction"``;
     ``schedule="flow"`` is FlowMatchEulerDiscreteScheduler's as Flux uses it (N flow times uniform
@@ -137,9 +171,12 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
                  solver: str = "ipndm", solver_options: dict | None = None,
                  schedule: str = "polynomial", rho: float | None = None, sigma_min: float | None = None,
                  sigma_max: float | None = None, sigmas: list | None = None, gits_sigmas: dict | None = None,
-                 denoise_to_zero: bool = True, use_flow_sigmas: bool = False, shift: float = 1.0,
+                 denoise_to_zero: bool = True, amed: dict | None = None, use_flow_sigmas: bool = False,
+                 shift: float = 1.0,
                  use_dynamic_shifting: bool = False, base_shift: float = 0.5, max_shift: float = 1.15,
-                 base_image_seq_len: int = 256, max_image_seq_len: int = 4096):
+                 base_image_seq_len: int = 256, max_image_seq_len: int = 4096, clip_sample: bool = False,
+                 clip_sample_range: float = 1.0, thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
+                 sample_max_value: float = 1.0, gits_key: str | None = None):
         if use_flow_sigmas != (prediction_type == FLOW):
             raise ValueError(f"use_flow_sigmas=True and prediction_type={FLOW!r} go together (flow matching), got "
                              f"use_flow_sigmas={use_flow_sigmas}, prediction_type={prediction_type!r}")
@@ -153,12 +190,19 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"shift must be a finite number > 0, got {shift}")
         if use_flow_sigmas and not num_train_timesteps >= 2:  # training times 1 / T .. 1 need two
             raise ValueError(f"a flow-matching model needs num_train_timesteps >= 2, got {num_train_timesteps}")
-        _check_options(get_solver(solver), dict(solver_options or {}))
+        if amed is None and solver == "amed":
+            raise ValueError("solver 'amed' (AMED-Solver) needs predictions: GITSScheduler(solver='amed', "
+                             "amed=gs.amed.Fixed(...).to_dict()), or use_amed(...) with another solver first")
+        if amed is None:
+            _check_options(get_solver(solver), dict(solver_options or {}))
+        else:
+            _amed.Fixed.from_dict(amed)
+            _amed.check_options(solver, dict(solver_options or {}))
         if sigmas is not None and not isinstance(sigmas, list):  # a tensor or array: as the list save_pretrained writes
             self._set_config(sigmas=torch.as_tensor(sigmas, dtype=torch.float64).flatten().tolist())
         if gits_sigmas is not None:  # keyed by str(steps) with lists, as save_pretrained writes them
-            self._set_config(gits_sigmas={str(k): torch.as_tensor(v, dtype=torch.float64).flatten().tolist()
-                                          for k, v in gits_sigmas.items()})
+            self._set_config(gits_sigmas=_check_gits_sigmas(gits_sigmas))
+        _check_clipping(clip_sample_range, dynamic_thresholding_ratio, sample_max_value)
         if schedule not in FAMILIES:
             raise ValueError(f"schedule must be one of {FAMILIES}, got {schedule!r}")
         if timestep_spacing not in SPACINGS:
@@ -197,8 +241,11 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
         unless ``kwargs`` say otherwise.  Options whose steps it does not reproduce (``invert_sigmas``,
         ``stochastic_sampling``) raise ValueError, and so do those of the source's schedule
         (``shift_terminal``, Karras / exponential / beta sigmas, ``time_shift_type="linear"``) unless
-        ``kwargs`` give ``sigmas`` or another ``schedule``."""
+        ``kwargs`` give ``sigmas`` or another ``schedule``.  The source's ``clip_sample`` is kept even
+        at its default (True for DDIM and DDPM), so such a config clips x0 here as it did there."""
         own = isinstance(config, dict) and (config.get("_class_name") == cls.__name__ or "gits_sigmas" in config)
+        if isinstance(config, dict) and not own and config.get("clip_sample") and "clip_sample" not in kwargs:
+            kwargs["clip_sample"] = True  # DDIM / DDPM clip by default, and from_config drops values left at defaults
         if isinstance(config, dict) and not own and _is_flow_config(config):
             own_schedule = kwargs.get("schedule", "flow") == "flow" and kwargs.get("sigmas") is None
             options = _FLOW_UNSUPPORTED + (_FLOW_SCHEDULE_UNSUPPORTED if own_schedule else ())
@@ -222,7 +269,7 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
     @property
     def order(self) -> int:
         """Model evaluations per interval of the schedule (img2img pipelines start at t_start * order)."""
-        return get_solver(self.config.solver).evals_per_step
+        return 2 if self.config.amed is not None else get_solver(self.config.solver).evals_per_step
 
     @property
     def step_index(self) -> int | None:
@@ -251,6 +298,15 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
             s = torch.where(t >= len(self.alphas_cumprod) - 1, math.inf, s)
         return s
 
+    def _check_timesteps(self, timesteps) -> torch.Tensor:
+        """Given model timesteps as float64, each within the model's range (ValueError naming the first outside)."""
+        t = torch.as_tensor(timesteps, dtype=torch.float64).cpu().flatten()
+        top = self.config.num_train_timesteps if self.flow else len(self.alphas_cumprod) - 1
+        bad = ~((t >= 0) & (t <= top))
+        if bool(bad.any()):
+            raise ValueError(f"timesteps must lie in [0, {top}] (the model's), got {float(t[bad][0])}")
+        return t
+
     def _sigma_to_t(self, s: torch.Tensor) -> torch.Tensor:
         if self.flow:
             return schedules.sigma_to_flow_t(s) * self.config.num_train_timesteps
@@ -264,8 +320,11 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
         its flow transformer through :class:`FlowDenoiser`) lazily: at each ``set_timesteps`` with a
         step count not in the config's ``gits_sigmas``, ``gs.gits.search(denoiser, shape, steps,
         **search_options)`` (shape: one sample, e.g. (4, 64, 64), or Flux's packed (tokens, 64);
-        sigma_min / sigma_max default to the scheduler's finite range, device to the model's); each
-        result is added to ``gits_sigmas``.  Sets ``schedule="gits"``.  A flow model is called as
+        by default the recommended search for the scheduler's solver, ``solver=config.solver,
+        gamma=GAMMAS, refine=True``, with progress bars; sigma_min / sigma_max default to the
+        scheduler's finite range, device to the model's); each result is added to ``gits_sigmas``.  Sets ``schedule="gits"``.  The schedules found are keyed
+        (``gits_key``) by the model's fingerprint, ``shape`` and the options: ``use_gits`` with another
+        model or other options drops them (schedules given by hand, with no key, are kept).  A flow model is called as
         ``model(x_t, timestep=t * timestep_scale, **model_kwargs)``; ``timestep_scale`` defaults to
         ``num_train_timesteps`` (SD3); Flux's transformer takes 1.  A model with a ``dtype`` (diffusers'
         models; bf16 / fp16 checkpoints) gets its samples in that dtype; the search runs in float32."""
@@ -279,8 +338,37 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
         else:
             denoiser = EpsDenoiser(lambda x, t, **kw: model(cast(x), t, **kw), self._finite_ac,
                                    self.config.prediction_type, model_kwargs)
-        self._gits = (denoiser, shape, {"device": getattr(model, "device", "cpu"), **search_options})
-        self._set_config(schedule="gits")
+        from .. import gits  # imported lazily: only GITS schedules need the search
+
+        if self.config.clip_sample or self.config.thresholding:  # search on the D the steps will use
+            unclipped = denoiser
+            denoiser = lambda x, sigma: self.clip_denoised(unclipped(x, sigma))  # noqa: E731
+        options = {"device": getattr(model, "device", "cpu"), "solver": self.config.solver, "gamma": gits.GAMMAS,
+                   "refine": True, "progress": True, **search_options}
+        chosen = {k: v for k, v in options.items() if k != "progress"}
+        key = gits.cache.key({"fingerprint": gits.fingerprint(denoiser, shape, options["device"]), "shape": list(shape),
+                              "options": chosen})
+        if self.config.gits_key not in (None, key):  # schedules searched on another model or with other options
+            self._set_config(gits_sigmas={})
+        self._gits = (denoiser, shape, options)
+        self._set_config(schedule="gits", gits_key=key)
+
+    def use_amed(self, predictions, solver: str | None = None) -> None:
+        """Run AMED (two model calls per interval) with ``predictions``: :class:`geosample.amed.Fixed`,
+        its dict, or a trained :class:`geosample.amed.Predictor`, whose mean predictions over its
+        training samples (:meth:`~geosample.amed.Predictor.fixed`) are used, as the reference's
+        diffusers plugin does: a pipeline gives one timestep per batch, so per-sample times cannot
+        be passed (docs/amed.md measures the difference).  Sets ``amed`` in the config (kept by
+        ``save_pretrained``) and ``solver`` (the predictor's, or ``solver``); the schedule must have
+        as many intervals as the predictions (``num_inference_steps`` = K + 1 with the final denoise),
+        and a predictor needs the schedule it was trained on (pass ``sigmas=`` to ``set_timesteps``)."""
+        if hasattr(predictions, "fixed") and hasattr(predictions, "solver"):
+            solver = solver or predictions.solver
+            predictions = predictions.fixed()
+        fixed = predictions if isinstance(predictions, _amed.Fixed) else _amed.Fixed.from_dict(predictions)
+        solver = solver or self.config.solver
+        _amed.check_options(solver, dict(self.config.solver_options or {}))
+        self._set_config(amed=fixed.to_dict(), solver=solver)
 
     def _set_config(self, **values) -> None:
         """register_to_config, and the values no longer count as defaults (which from_config would drop)."""
@@ -293,7 +381,8 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
             if self._gits is None:
                 raise ValueError(f"schedule='gits' has no {steps}-step schedule: call scheduler.use_gits(pipe.unet, "
                                  f"shape) first (found so far: {sorted(found, key=int) or 'none'}), or pass sigmas=")
-            from .. import gits  # imported lazily: only GITS schedules need the search
+            from .. import gits
+
             denoiser, shape, options = self._gits
             options = {"sigma_min": lo, "sigma_max": hi, **options}
             found[str(steps)] = [float(v) for v in gits.search(denoiser, shape, steps, **options).sigmas]
@@ -373,7 +462,7 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
         if sigmas is not None:
             grid, given = self._given(sigmas), "sigmas"
         elif timesteps is not None:
-            grid, given = check_grid(torch.cat([self._t_to_sigma(timesteps), zero])), "timesteps"
+            grid, given = check_grid(torch.cat([self._t_to_sigma(self._check_timesteps(timesteps)), zero])), "timesteps"
         elif self.config.sigmas is not None:
             grid, given = self._given(self.config.sigmas), "the config's sigmas"
         if grid is not None:
@@ -430,9 +519,21 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
         self._step_index = self._begin_index = None
         self._run = None
 
-    def _plan(self, grid: torch.Tensor):
-        spec = get_solver(self.config.solver)
-        return plan(spec, grid.tolist(), False, _check_options(spec, dict(self.config.solver_options or {})))
+    def _plan(self, grid: torch.Tensor, first: int = 0):
+        """The solver's ops over ``grid``, which starts at interval ``first`` of the schedule."""
+        options = dict(self.config.solver_options or {})
+        if self.config.amed is None:
+            spec = get_solver(self.config.solver)
+            return plan(spec, grid.tolist(), False, _check_options(spec, options))
+        fixed = _amed.Fixed.from_dict(self.config.amed)
+        ode = grid.numel() - 1 - int(float(grid[-1]) == 0.0) + first
+        if ode != fixed.steps:
+            extra = int(self.config.denoise_to_zero)
+            raise ValueError(f"the AMED predictions are for {fixed.steps} intervals, this schedule has {ode}: use "
+                             f"num_inference_steps={fixed.steps + extra} (denoise_to_zero={self.config.denoise_to_zero})")
+        r, c, a = (v[first:] for v in fixed.predictions())
+        return _amed.Fixed(r, c, a).plan(self.config.solver, grid.tolist(), False,
+                                         _amed.check_options(self.config.solver, options))
 
     # ---- stepping --------------------------------------------------------------------------
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
@@ -456,7 +557,7 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"begin index {k} is not the first evaluation of an interval of this schedule "
                              f"({len(self.timesteps)} evaluations, order {self.order})")
         interval = self._eval_interval[k]
-        ops, size = self._plan(self._edm_sigmas[interval:])
+        ops, size = self._plan(self._edm_sigmas[interval:], interval)
         sigma = float(self._edm_sigmas[interval])
         x = sample.to(state_dtype(sample.dtype)) * (1.0 / _scale(sigma, self.flow))
         self._run, self._step_index, self._prev = Run(ops, size, x), k, None
@@ -504,13 +605,24 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
         return GITSSchedulerOutput(prev_sample=prev_sample, pred_original_sample=denoised)
 
     def _denoised(self, output: torch.Tensor, x: torch.Tensor, sigma: float) -> torch.Tensor:
-        """D from the model output; at sigma = inf, D = -v (v-prediction), the output (sample) or
-        noise - v (flow)."""
+        """D from the model output (at sigma = inf: -v for v-prediction, the output for sample, noise - v
+        for flow), then clipped or thresholded as the config asks (:meth:`clip_denoised`)."""
         if self.flow:
-            return flow_to_denoised(output, x, sigma)
-        if not math.isinf(sigma):
-            return vp_to_denoised(output, x, sigma, self.config.prediction_type)
-        return -output if self.config.prediction_type == "v_prediction" else output
+            return self.clip_denoised(flow_to_denoised(output, x, sigma))
+        return self.clip_denoised(vp_to_denoised(output, x, sigma, self.config.prediction_type))
+
+    def clip_denoised(self, x0: torch.Tensor) -> torch.Tensor:
+        """The prediction of x0 as diffusers' schedulers treat it before a step: ``thresholding``
+        (Imagen's dynamic thresholding: s = the ``dynamic_thresholding_ratio`` quantile of |x0| per
+        sample, clamped to [1, ``sample_max_value``]; x0 -> clamp(x0, -s, s) / s), else ``clip_sample``
+        (x0 -> clamp(x0, -clip_sample_range, clip_sample_range)), else x0 as is.  Every solver then
+        steps with this D (for ``solver="euler"`` that is DDIMScheduler with use_clipped_model_output=True)."""
+        cfg = self.config
+        if cfg.thresholding:
+            return dynamic_threshold(x0, cfg.dynamic_thresholding_ratio, cfg.sample_max_value)
+        if cfg.clip_sample:
+            return x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
+        return x0
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         """x_vp = (x0 + sigma n) / sqrt(1 + sigma^2) per sample, sigma the timestep's (= noise at inf),

@@ -5,7 +5,12 @@ follows k-diffusion's conventions: ``x`` is already ``sigmas[0] * noise``; ``mod
 **extra_args)`` returns the denoised x0 with ``sigma`` a [B] tensor; ``sigmas`` usually ends in 0
 (the last step is then the full denoise ``x = D(x, sigmas[-2])``); ``callback`` gets a dict with
 ``x, i, sigma, sigma_hat, denoised`` once per step (``sigma`` and ``sigma_hat`` are ``sigmas[i]``);
-``disable`` turns the progress bar off.  ``options`` are the geosample solver's options.
+``disable`` turns the progress bar off.  ``options`` are the geosample solver's options, and
+``amed=`` (:mod:`geosample.amed` predictions) runs the AMED-Plugin on euler, dpm_2, ipndm and the
+DPM-Solver++ samplers, or AMED-Solver with :func:`sample_amed` (2 calls per interval; a final 0 is
+the usual full denoise).  Without ``extra_args`` the model itself is the denoiser, so a predictor
+trained on ``model`` (``gs.amed.train(model, ...)``) is recognised; with them, train on the same
+callable you sample with.
 
 Same maths as k-diffusion (to rounding): euler, heun, dpm_2 (k-diffusion's second evaluation is
 skipped on the step to 0, exactly geosample's final denoise), dpmpp_2m (k-diffusion's
@@ -36,7 +41,8 @@ from ..solvers import sample
 from ..solvers.sampling import check_grid
 
 __all__ = ["sample_euler", "sample_heun", "sample_dpm_2", "sample_ipndm", "sample_ipndm_v",
-           "sample_dpmpp_2m", "sample_dpmpp_3m", "sample_unipc", "sample_deis", "get_sigmas_gits", "flow_sampler"]
+           "sample_dpmpp_2m", "sample_dpmpp_3m", "sample_unipc", "sample_deis", "sample_amed", "get_sigmas_gits",
+           "flow_sampler"]
 
 
 def _check_x(x, sigmas) -> None:
@@ -54,8 +60,10 @@ def _sample(solver: str, model: Callable, x: torch.Tensor, sigmas: torch.Tensor,
     grid = check_grid(sigmas)
     extra_args = {} if extra_args is None else extra_args
 
-    def denoiser(xi, sigma):
+    def conditioned(xi, sigma):
         return model(xi, sigma, **extra_args)
+
+    denoiser = conditioned if extra_args else model  # the model itself: an AMED predictor's fingerprint
 
     def on_step(info):
         i = info["i"]
@@ -89,13 +97,18 @@ sample_dpmpp_3m = _sampler("sample_dpmpp_3m", "dpmpp", "Deterministic DPM-Solver
                            max_order=3, lower_order_final=False)
 sample_unipc = _sampler("sample_unipc", "unipc", "UniPC (bh2, order 3) with the free corrector.")
 sample_deis = _sampler("sample_deis", "deis", "DEIS-tAB3: exponential-integrator multistep in VP time.")
+sample_amed = _sampler("sample_amed", "amed", "AMED-Solver: one extra call per interval at the predicted time "
+                       "(needs amed=, geosample.amed predictions).")
 
 
 def get_sigmas_gits(n: int, model: Callable, shape, extra_args=None, device="cpu", dtype: torch.dtype | None = None,
                     **search_options) -> torch.Tensor:
     """A GITS schedule in k-diffusion form: ``n + 1`` decreasing sigmas ending in 0 (like
     ``get_sigmas_karras(n, ...)``): the ``n - 1``-step GITS schedule searched on ``model`` (see
-    :func:`geosample.gits.search`, which takes ``shape`` and ``search_options``), then the final 0.
+    :func:`geosample.gits.search`, which takes ``shape`` and ``search_options``; by default the
+    recommended search, ``gamma=GAMMAS, refine=True``, judged with ``solver="ipndm"``: pass the
+    ``solver`` you will sample with, e.g. ``solver="dpmpp"`` for DPM-Solver++(2M)-like samplers;
+    progress bars on unless ``progress=False``), then the final 0.
 
     model: a k-diffusion denoiser ``model(x, sigma, **extra_args)``; its ``sigma_min`` / ``sigma_max``
     attributes (k-diffusion's discrete-model wrappers have them) set the search range unless
@@ -116,6 +129,7 @@ def get_sigmas_gits(n: int, model: Callable, shape, extra_args=None, device="cpu
     for name in ("sigma_min", "sigma_max"):
         if name not in search_options and hasattr(model, name):
             search_options[name] = float(getattr(model, name))
+    search_options = {"gamma": gits.GAMMAS, "refine": True, "progress": True, **search_options}
     found = gits.search(lambda x, sigma: model(x, sigma, **extra_args), shape, n - 1, **search_options)
     sigmas = torch.as_tensor(found.sigmas, dtype=torch.float64).cpu()
     out = torch.cat([sigmas, sigmas.new_zeros(1)]).to(dtype)

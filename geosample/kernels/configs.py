@@ -5,17 +5,23 @@ Each :class:`Space` names a kernel, its launch options, and for every launch-tim
 bounded set of values a launcher can pick (dtypes, constexpr flags, precision modes, block sizes).
 The launchers read their constants and choice functions from here (never their own literals), and
 the choice functions only return values from these sets, so a variant the check has not compiled
-cannot be launched.  Pure Python: importing this module needs neither torch nor Triton.
+cannot be launched.  Where code generation differs between Triton releases, a launcher's choice
+depends on the installed release too (:func:`triton_release`), through tables measured per release
+(:data:`KDE_EXACT_TUNING`); the compile check compiles what the installed release gets.  Pure
+Python: importing this module needs neither torch nor Triton.
 """
 from __future__ import annotations
 
+import functools
 import itertools
+import re
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 __all__ = ["Space", "SPACES", "cdiv", "next_power_of_2", "powers_of_2",
            "STEP_BLOCK", "STEP_WARPS", "STEP_MAX_ORDER", "cost_block_t", "COST_BLOCK_D", "MOMENT_BLOCK_D", "COST_WARPS",
-           "kde_query_block", "kde_options", "fused_options", "fused_max_d", "KDE_BN", "KDE_BD", "KDE_MIN_TOP_K", "KDE_MAX_TOP_K", "top_k_width", "fused_tiles",
+           "triton_release", "ExactTuning", "KDE_EXACT_TUNING", "exact_tuning", "kde_two_phase",
+           "kde_query_block", "fused_options", "fused_max_d", "KDE_BN", "KDE_BD", "KDE_MIN_TOP_K", "KDE_MAX_TOP_K", "top_k_width", "fused_tiles",
            "FUSED_MAX_D", "FUSED_BB", "FUSED_BN", "FUSED_BN_WIDE", "FUSED_PROGRAMS", "FUSED_MIN_TILES"]
 
 
@@ -99,8 +105,6 @@ KDE_QUERY_BLOCKS = (16, 64)
 # 256-thread blocks per SM), 192 for its [64, 128] tiles.
 KDE_OPTIONS = {"exact": {"num_warps": 8, "num_stages": 1}, "fast": {"num_warps": 4, "num_stages": 3, "maxnreg": 255}}
 KDE_WIDE_WARPS = 8
-FUSED_EXACT_MAXNREG = 128
-FUSED_EXACT_MAXNREG_BD = {128: 192}
 FUSED_MAX_D = 256       # D above this takes the two-phase path ([BN, D] row tiles no longer fit in registers)
 FUSED_MAX_D_DEQUANT_EXACT = 128   # ... for float16 / uint8 rows at exact precision (256 spills ~2 KB)
 FUSED_BB = 16           # queries per program (the smallest tl.dot M)
@@ -115,19 +119,84 @@ KDE_STORAGE = {"fp32": False, "fp16": True, "u8": True}    # stored row type -> 
 KDE_PRECISION = {"exact": False, "fast": True}             # precision -> FAST
 
 
-def kde_options(fast: bool, bb: int) -> dict:
-    """Launch options (num_warps, num_stages, maxnreg) of the two-phase KDE kernels for blocks of bb
-    queries (fast: precision "fast", else "exact")."""
+# --- what changes with the Triton release ---------------------------------------------------------
+# An exact ("ieee") float32 tl.dot runs on the CUDA cores, its operands in registers.  Triton 3.7
+# unrolls it as K outer products (each step needs one column of A and one row of B); from 3.8 on,
+# each output element's K products form one chain, so a thread holds its whole rows of A and columns
+# of B at once: (4 + 4) x 64 values for the two-phase kernels' [64, 64] tiles, which spilled up to
+# 4 KB per thread.  ptxas's register targets moved too (3.9 compiles sm_90 with the ptxas of CUDA 13,
+# which holds some variants at 80 or 128 registers and spills 8-16 bytes, or spills a few bytes under
+# a .maxnreg bound that it fills).  So the exact kernels take, per Triton release, a dot depth (the
+# two-phase kernels' tl.dot K, BK: tiles are summed in BK-row slices, in the same order) and register
+# bounds, from measured tables (benchmarks/results/kde_exact_sweep_triton-*.md), each checked in full
+# by the compile check (benchmarks/results/compile_check_triton-*.json; docs/gpu.md).  A release
+# uses the entry of the newest release at or below it, an older one the oldest entry.
+def _release(version: str) -> tuple[int, int]:
+    """"3.9.0" (or "3.10.0+git1234") -> (3, 9) (or (3, 10))."""
+    m = re.match(r"(\d+)\.(\d+)", version)
+    if m is None:
+        raise ValueError(f"not a Triton version: {version!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+@functools.lru_cache(maxsize=None)
+def triton_release() -> Optional[tuple[int, int]]:
+    """(major, minor) of the installed Triton (imported on first call), None without Triton."""
+    try:
+        import triton
+    except ImportError:
+        return None
+    return _release(triton.__version__)
+
+
+@dataclass(frozen=True)
+class ExactTuning:
+    """Exact-precision KDE launch choices for one Triton release.
+
+    logits, wsum: the two-phase kernels' (BK, maxnreg) per query block BB: tl.dot depth (KDE_BN is
+    whole tiles) and .maxnreg bound (None: ptxas's own register target); fused: the fused kernel's
+    bound per D block BD (absent: ``fused_default``)."""
+    logits: dict
+    wsum: dict
+    fused: dict
+    fused_default: int = 128     # two 256-thread blocks per SM
+
+
+# Each entry: of the candidates that spill nowhere (every storage, both integer specialisations,
+# sm_80, sm_90 and sm_100; benchmarks/kde_exact_sweep.py), the one with the fewest registers.
+KDE_EXACT_TUNING = {
+    (3, 7): ExactTuning(logits={16: (64, None), 64: (64, None)}, wsum={16: (64, None), 64: (64, None)},
+                        fused={128: 192}),
+    (3, 8): ExactTuning(logits={16: (16, None), 64: (32, 168)}, wsum={16: (32, None), 64: (16, 255)},
+                        fused={128: 192, 256: 192}),
+}
+
+
+def exact_tuning(release: Optional[tuple[int, int]] = None) -> ExactTuning:
+    """The :data:`KDE_EXACT_TUNING` entry for ``release`` (default: the installed Triton's)."""
+    release = release or triton_release() or min(KDE_EXACT_TUNING)
+    known = [r for r in KDE_EXACT_TUNING if r <= release]
+    return KDE_EXACT_TUNING[max(known) if known else min(KDE_EXACT_TUNING)]
+
+
+def kde_two_phase(kernel: str, fast: bool, bb: int, release: Optional[tuple[int, int]] = None) -> tuple[int, dict]:
+    """(BK, launch options) of the two-phase KDE kernel ``kernel`` ("logits" or "wsum") for blocks of
+    bb queries (fast: precision "fast", else "exact") under Triton ``release`` (default: installed):
+    the tl.dot depth and num_warps, num_stages, maxnreg."""
     options = dict(KDE_OPTIONS["fast" if fast else "exact"])
-    if fast and bb > KDE_QUERY_BLOCKS[0]:
-        options["num_warps"] = KDE_WIDE_WARPS
-    return options
+    if fast:
+        if bb > KDE_QUERY_BLOCKS[0]:
+            options["num_warps"] = KDE_WIDE_WARPS
+        return KDE_BN, options
+    bk, maxnreg = getattr(exact_tuning(release), kernel)[bb]
+    return bk, options if maxnreg is None else {**options, "maxnreg": maxnreg}
 
 
-def fused_options(fast: bool, bd: int) -> dict:
-    """Launch options of the fused KDE kernel for the D block bd."""
+def fused_options(fast: bool, bd: int, release: Optional[tuple[int, int]] = None) -> dict:
+    """Launch options of the fused KDE kernel for the D block bd under Triton ``release``."""
     if not fast:
-        return {**KDE_OPTIONS["exact"], "maxnreg": FUSED_EXACT_MAXNREG_BD.get(bd, FUSED_EXACT_MAXNREG)}
+        tuning = exact_tuning(release)
+        return {**KDE_OPTIONS["exact"], "maxnreg": tuning.fused.get(bd, tuning.fused_default)}
     options = dict(KDE_OPTIONS["fast"])
     if bd > 128:                                  # [FUSED_BN_WIDE, 256] row tiles
         options["num_warps"] = KDE_WIDE_WARPS
@@ -164,6 +233,15 @@ def _kde_flags(v: dict) -> dict:
     return {"dequant": KDE_STORAGE[v["storage"]], "fast": KDE_PRECISION[v["precision"]]}
 
 
+def _kde_two_phase(kernel: str) -> tuple[Callable[[dict], dict], Callable[[dict], dict]]:
+    """(constexprs, options) of the two-phase kernel ``kernel`` ("logits" or "wsum") for the Space."""
+    def constexprs(v):
+        flags = _kde_flags(v)
+        return {"BB": v["BB"], "BN": KDE_BN, "BD": KDE_BD, "BK": kde_two_phase(kernel, flags["fast"], v["BB"])[0],
+                **{k.upper(): f for k, f in flags.items()}}
+    return constexprs, lambda v: kde_two_phase(kernel, KDE_PRECISION[v["precision"]], v["BB"])[1]
+
+
 _KDE_TWO_PHASE = {"storage": tuple(KDE_STORAGE), "precision": tuple(KDE_PRECISION), "BB": KDE_QUERY_BLOCKS}
 _COST_ARGS = {"x_ptr den_ptr": "*{dtype}", "grid_ptr out_ptr": "*fp64"}
 
@@ -185,12 +263,10 @@ SPACES = (
           _COST_ARGS, lambda v: {"BLOCK_D": MOMENT_BLOCK_D}, _warps(COST_WARPS)),
     Space("geosample.kernels.kde_triton", "_logits_kernel", _KDE_TWO_PHASE,
           {"Y": "*{storage}", "X HY2 INV L TMAX SHIFT": "*fp32", "scale": "fp32"},
-          lambda v: {"BB": v["BB"], "BN": KDE_BN, "BD": KDE_BD, **{k.upper(): f for k, f in _kde_flags(v).items()}},
-          lambda v: kde_options(KDE_PRECISION[v["precision"]], v["BB"])),
+          *_kde_two_phase("logits")),
     Space("geosample.kernels.kde_triton", "_wsum_kernel", _KDE_TWO_PHASE,
           {"Y": "*{storage}", "L M TMAX OUT SHIFT": "*fp32", "scale": "fp32"},
-          lambda v: {"BB": v["BB"], "BN": KDE_BN, "BD": KDE_BD, **{k.upper(): f for k, f in _kde_flags(v).items()}},
-          lambda v: kde_options(KDE_PRECISION[v["precision"]], v["BB"])),
+          *_kde_two_phase("wsum")),
     Space("geosample.kernels.kde_triton", "_fused_kernel",
           {"storage": tuple(KDE_STORAGE), "precision": tuple(KDE_PRECISION), "BD": FUSED_BD,
            "KP": powers_of_2(KDE_MIN_TOP_K, KDE_MAX_TOP_K)},

@@ -11,6 +11,10 @@ float16 / uint8 q with y - c = scale q + shift[col]):
    skips tiles whose max is below m - SKIP for all its queries, and accumulates
    exp(L - m) @ y; the splits' partial sums are added on the host.
 
+Both kernels issue their dots in slices of BK along the summed axis (D in 1., the tile's rows in 3.;
+BK = BD = BN is one dot per block), summed in the same order: the depth that keeps an exact float32
+dot in registers under the installed Triton release (:func:`geosample.kernels.configs.kde_two_phase`).
+
 Weights below e^-SKIP are exactly 0 (:mod:`geosample.kernels.online_softmax`).  Ranges are merged
 by log-sum-exp (:func:`geosample.kernels.online_softmax.merge`).  ``exact`` uses
 ``input_precision="ieee"`` (full float32 FMA, never TF32); ``fast`` rounds the dot inputs to
@@ -37,7 +41,7 @@ import triton.language as tl
 
 from . import run_with_fallback
 from .configs import (FUSED_BB, FUSED_MAX_D, FUSED_MIN_TILES, FUSED_PROGRAMS, KDE_BD, KDE_BN, fused_max_d,
-                      fused_options, fused_tiles, kde_options, kde_query_block, top_k_width)
+                      fused_options, fused_tiles, kde_query_block, kde_two_phase, top_k_width)
 from .online_softmax import SKIP as _SKIP
 from .online_softmax import WEIGHT_FLOOR as _FLOOR
 from .online_softmax import Partial, exp_weights, merge
@@ -75,16 +79,17 @@ def _dot(a, b, acc, FAST: tl.constexpr):
 
 @triton.jit
 def _logits_kernel(X, Y, HY2, INV, L, TMAX, B, n, D, T, scale, SHIFT,
-                   BB: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+                   BB: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr,
                    DEQUANT: tl.constexpr, FAST: tl.constexpr):
     rb = tl.program_id(0) * BB + tl.arange(0, BB)
     rn = tl.program_id(1) * BN + tl.arange(0, BN)
     acc = tl.zeros((BB, BN), dtype=tl.float32)
     for d0 in range(0, D, BD):
-        rd = d0 + tl.arange(0, BD)
-        x = tl.load(X + rb[:, None] * D + rd[None, :], mask=(rb[:, None] < B) & (rd[None, :] < D), other=0.0)
-        y = _load_rows(Y, rn, rd, n, D, scale, SHIFT, DEQUANT)
-        acc = _dot(x, tl.trans(y), acc, FAST)
+        for k0 in tl.static_range(0, BD, BK):
+            rd = d0 + k0 + tl.arange(0, BK)
+            x = tl.load(X + rb[:, None] * D + rd[None, :], mask=(rb[:, None] < B) & (rd[None, :] < D), other=0.0)
+            y = _load_rows(Y, rn, rd, n, D, scale, SHIFT, DEQUANT)
+            acc = _dot(x, tl.trans(y), acc, FAST)
     inv = tl.load(INV + rb, mask=rb < B, other=0.0)
     hy2 = tl.load(HY2 + rn, mask=rn < n, other=0.0)
     logit = tl.where(rn[None, :] < n, acc - inv[:, None] * hy2[None, :], -float("inf"))
@@ -94,7 +99,7 @@ def _logits_kernel(X, Y, HY2, INV, L, TMAX, B, n, D, T, scale, SHIFT,
 
 @triton.jit
 def _wsum_kernel(L, Y, M, TMAX, OUT, B, n, D, T, tiles_per_split, scale, SHIFT,
-                 BB: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+                 BB: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr,
                  DEQUANT: tl.constexpr, FAST: tl.constexpr):
     rb = tl.program_id(0) * BB + tl.arange(0, BB)
     rd = tl.program_id(1) * BD + tl.arange(0, BD)
@@ -105,12 +110,13 @@ def _wsum_kernel(L, Y, M, TMAX, OUT, B, n, D, T, tiles_per_split, scale, SHIFT,
     for t in range(t0, tl.minimum(t0 + tiles_per_split, T)):
         tmax = tl.load(TMAX + rb * T + t, mask=rb < B, other=-float("inf"))
         if tl.max(tmax - m, axis=0) > -SKIP:                     # tile skipping
-            rn = t * BN + tl.arange(0, BN)
-            logit = tl.load(L + rb[:, None] * n + rn[None, :], mask=(rb[:, None] < B) & (rn[None, :] < n),
-                            other=-float("inf"))
-            p = _weights(logit - m[:, None])
-            y = _load_rows(Y, rn, rd, n, D, scale, SHIFT, DEQUANT)
-            acc = _dot(p, y, acc, FAST)
+            for k0 in tl.static_range(0, BN, BK):
+                rn = t * BN + k0 + tl.arange(0, BK)
+                logit = tl.load(L + rb[:, None] * n + rn[None, :], mask=(rb[:, None] < B) & (rn[None, :] < n),
+                                other=-float("inf"))
+                p = _weights(logit - m[:, None])
+                y = _load_rows(Y, rn, rd, n, D, scale, SHIFT, DEQUANT)
+                acc = _dot(p, y, acc, FAST)
     tl.store(OUT + split * B * D + rb[:, None] * D + rd[None, :], acc, mask=(rb[:, None] < B) & (rd[None, :] < D))
 
 
@@ -119,19 +125,21 @@ def _range_partial(q, hy2, xs, inv, k, fast, scale, shift):
     b, d = xs.shape
     n = q.shape[0]
     bb, bn, bd = kde_query_block(b), KDE_BN, KDE_BD
+    bk, options = kde_two_phase("logits", fast, bb)
     tiles = triton.cdiv(n, bn)
     logits = torch.empty(b, n, device=xs.device)
     tmax = torch.empty(b, tiles, device=xs.device)
     dequant = q.dtype != torch.float32
     _logits_kernel[(triton.cdiv(b, bb), tiles)](xs, q, hy2, inv, logits, tmax, b, n, d, tiles, scale, shift,
-                                                BB=bb, BN=bn, BD=bd, DEQUANT=dequant, FAST=fast, **kde_options(fast, bb))
+                                                BB=bb, BN=bn, BD=bd, BK=bk, DEQUANT=dequant, FAST=fast, **options)
     m = tmax.amax(1)
     splits = max(1, min(tiles, 128 // max(1, triton.cdiv(b, bb) * triton.cdiv(d, bd))))
     per = triton.cdiv(tiles, splits)
     out = torch.empty(splits, b, d, device=xs.device)
+    bk, options = kde_two_phase("wsum", fast, bb)
     _wsum_kernel[(triton.cdiv(b, bb), triton.cdiv(d, bd), splits)](logits, q, m, tmax, out, b, n, d, tiles, per,
-                                                                 scale, shift, BB=bb, BN=bn, BD=bd,
-                                                                 DEQUANT=dequant, FAST=fast, **kde_options(fast, bb))
+                                                                 scale, shift, BB=bb, BN=bn, BD=bd, BK=bk,
+                                                                 DEQUANT=dequant, FAST=fast, **options)
     p = exp_weights(logits - m[:, None])
     top_v, top_i = logits.topk(min(k, n), dim=1)
     return Partial(m, p.sum(1, dtype=torch.float64), (p * p).sum(1, dtype=torch.float64), out.sum(0), top_v, top_i)

@@ -4,10 +4,15 @@ Frechet (FID when the features are Inception-v3 pool features) between N(mu1, S1
 
     FD = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)).
 
-tr((S1 S2)^(1/2)) is computed as tr((A S2 A)^(1/2)) with A = S1^(1/2): S1 S2 is similar to
-A S2 A (A^-1 (A S2 A) A = S1 S2 when S1 is invertible, and by continuity otherwise), which is
-symmetric PSD, so a float64 ``eigh`` gives its eigenvalues with negatives (round-off) clamped
-to 0.  No complex parts and no ``eps * I`` offset are needed, unlike ``scipy.linalg.sqrtm``.
+tr((S1 S2)^(1/2)) is the sum of the square roots of the eigenvalues of S1 S2, which is similar
+to a symmetric PSD matrix M, so one float64 ``eigvalsh`` gives them (round-off negatives clamped
+to 0); no complex parts and no ``eps * I`` offset are needed, unlike ``scipy.linalg.sqrtm``:
+
+* S1 positive definite (a reference set larger than d): S1 = L L^T (Cholesky), M = L^T S2 L
+  (L^-1 (S1 S2) L = L^T S2 L).  By Sylvester's law of inertia M is PSD exactly when S2 is, so
+  M's eigenvalues also check S2.
+* otherwise: A = S1^(1/2) from ``eigh``, M = A S2 A (A^-1 M A = S1 S2 when S1 is invertible, and
+  by continuity otherwise), and S2 is checked by its own eigenvalues.
 
 KID: the unbiased estimate of MMD^2 with the cubic polynomial kernel k(x, y) = (x.y / d + 1)^3,
 averaged over random subsets (Binkowski et al. 2018).
@@ -19,7 +24,8 @@ import torch
 
 from .stats import feature_stats
 
-__all__ = ["fid_from_features", "sqrtm_psd", "trace_sqrt_product", "frechet_distance", "mmd2_unbiased", "kid"]
+__all__ = ["fid_from_features", "sqrtm_psd", "trace_sqrt_product", "frechet_distance", "frechet_distances",
+           "frechet_distance_to_features", "mmd2_unbiased", "kid"]
 
 
 #: Relative tolerance for a covariance's negative eigenvalues (round-off of a PSD estimate is
@@ -63,27 +69,80 @@ def _sqrtm_psd(s: torch.Tensor, name: str) -> torch.Tensor:
     return (evecs * evals.clamp(min=0).sqrt()) @ evecs.T
 
 
-def trace_sqrt_product(s1, s2) -> float:
-    """tr((S1 S2)^(1/2)) = sum_i sqrt(max(l_i, 0)), l = eig(A S2 A), A = S1^(1/2)."""
-    a = _sqrtm_psd(_check_cov(_as64(s1, "sigma1", 2), "sigma1"), "sigma1")
+def _root(s1: torch.Tensor):
+    """(R, congruent): R with S1 = R R^T.  The Cholesky factor when S1 is positive definite
+    (congruent: M = R^T S2 R), else the symmetric root A = S1^(1/2) (M = A S2 A)."""
+    factor, info = torch.linalg.cholesky_ex(s1)
+    if int(info) == 0:
+        return factor, True
+    return _sqrtm_psd(s1, "sigma1"), False
+
+
+def _trace_sqrt(root, s2) -> float:
+    """sum_i sqrt(max(l_i, 0)), l = eig(M), M similar to S1 S2 (``root`` from :func:`_root`)."""
+    r, congruent = root
     s2 = _check_cov(_as64(s2, "sigma2", 2), "sigma2")
-    if a.shape != s2.shape:
-        raise ValueError(f"covariances differ in shape: {tuple(a.shape)} vs {tuple(s2.shape)}")
-    _check_psd(torch.linalg.eigvalsh(s2), "sigma2")
-    m = a @ s2 @ a
+    if r.shape != s2.shape:
+        raise ValueError(f"covariances differ in shape: {tuple(r.shape)} vs {tuple(s2.shape)}")
+    m = r.T @ s2 @ r if congruent else r @ s2 @ r
     evals = torch.linalg.eigvalsh(0.5 * (m + m.T))
+    _check_psd(evals if congruent else torch.linalg.eigvalsh(s2), "sigma2")
     return float(evals.clamp(min=0).sqrt().sum())
+
+
+def trace_sqrt_product(s1, s2) -> float:
+    """tr((S1 S2)^(1/2)) = sum_i sqrt(max(l_i, 0)), l = eig(M) for M similar to S1 S2 (module doc)."""
+    return _trace_sqrt(_root(_check_cov(_as64(s1, "sigma1", 2), "sigma1")), s2)
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     """|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)); mu [d], sigma [d, d]; float64."""
-    mu1, mu2 = _as64(mu1, "mu1", 1), _as64(mu2, "mu2", 1)
+    return frechet_distances(mu1, sigma1, [(mu2, sigma2)])[0]
+
+
+def frechet_distances(mu1, sigma1, others) -> list[float]:
+    """:func:`frechet_distance` from (mu1, sigma1) to each (mu2, sigma2) of ``others``, with
+    S1's factor computed once (a bootstrap scores many sample sets against one reference)."""
+    mu1 = _as64(mu1, "mu1", 1)
     s1 = _check_cov(_as64(sigma1, "sigma1", 2), "sigma1")
-    s2 = _check_cov(_as64(sigma2, "sigma2", 2), "sigma2")
-    if not (mu1.shape == mu2.shape and s1.shape == s2.shape == (mu1.numel(), mu1.numel())):
-        raise ValueError(f"shapes do not match: mu1 {tuple(mu1.shape)}, sigma1 {tuple(s1.shape)}, "
-                         f"mu2 {tuple(mu2.shape)}, sigma2 {tuple(s2.shape)}")
-    fd = float(((mu1 - mu2) ** 2).sum()) + float(s1.trace() + s2.trace()) - 2 * trace_sqrt_product(s1, s2)
+    if s1.shape != (mu1.numel(), mu1.numel()):
+        raise ValueError(f"shapes do not match: mu1 {tuple(mu1.shape)}, sigma1 {tuple(s1.shape)}")
+    root = _root(s1)
+    out = []
+    for mu2, sigma2 in others:
+        mu2 = _as64(mu2, "mu2", 1)
+        s2 = _check_cov(_as64(sigma2, "sigma2", 2), "sigma2")
+        if not (mu1.shape == mu2.shape and s1.shape == s2.shape):
+            raise ValueError(f"shapes do not match: mu1 {tuple(mu1.shape)}, sigma1 {tuple(s1.shape)}, "
+                             f"mu2 {tuple(mu2.shape)}, sigma2 {tuple(s2.shape)}")
+        fd = float(((mu1 - mu2) ** 2).sum()) + float(s1.trace() + s2.trace()) - 2 * _trace_sqrt(root, s2)
+        out.append(max(fd, 0.0))
+    return out
+
+
+def frechet_distance_to_features(mu1, sigma1, features) -> float:
+    """:func:`frechet_distance` from (mu1, sigma1) to the Gaussian statistics of ``features`` [n, d].
+
+    With n <= d the samples' covariance S2 = X^T X / (n - 1) (X: the centred features, [n, d]) has
+    rank < n, and the nonzero eigenvalues of S1 S2 are those of the n x n PSD matrix
+    X S1 X^T / (n - 1) (AB and BA share them), so the trace term is an n x n eigenproblem and S1
+    needs no factorisation (its PSD check is that matrix's).  Larger n: :func:`feature_stats`,
+    then :func:`frechet_distance`."""
+    f = _as64(features, "features", 2)
+    if f.shape[0] > f.shape[1]:
+        return frechet_distance(mu1, sigma1, *feature_stats(f))
+    mu1 = _as64(mu1, "mu1", 1)
+    s1 = _check_cov(_as64(sigma1, "sigma1", 2), "sigma1")
+    n, d = f.shape
+    if n < 2 or s1.shape != (d, d) or mu1.numel() != d:
+        raise ValueError(f"shapes do not match: mu1 {tuple(mu1.shape)}, sigma1 {tuple(s1.shape)}, features {tuple(f.shape)}")
+    mu2 = f.mean(0)
+    x = f - mu2
+    m = x @ s1 @ x.T / (n - 1)
+    evals = torch.linalg.eigvalsh(0.5 * (m + m.T))
+    _check_psd(evals, "sigma1 seen through the samples")
+    fd = float(((mu1 - mu2) ** 2).sum()) + float(s1.trace()) + float((x * x).sum()) / (n - 1) \
+        - 2 * float(evals.clamp(min=0).sqrt().sum())
     return max(fd, 0.0)
 
 

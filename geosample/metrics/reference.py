@@ -2,7 +2,11 @@
 
 For samples x and reference r of shape [B, ...] in [-1, 1] (peak-to-peak range 2):
 
-    rmse_b = sqrt(mean_j (x_bj - r_bj)^2),   psnr_b = 20 log10(2 / rmse_b)  (dB).
+    rmse_b = sqrt(mean_j (x_bj - r_bj)^2),   psnr_b = 20 log10(2 / rmse_b)  (dB)   per sample;
+    RMSE = sqrt(mean_b rmse_b^2),            PSNR = 20 log10(2 / RMSE)             pooled.
+
+A run is summarised by the pooled pair, so RMSE and PSNR always rank runs the same way (a mean of
+per-sample PSNRs beside a pooled or mean RMSE can rank them oppositely).
 """
 from __future__ import annotations
 
@@ -50,9 +54,9 @@ def psnr(x: torch.Tensor, ref: torch.Tensor, data_range: float = DATA_RANGE) -> 
 
 
 def reference_error(x: torch.Tensor, ref: torch.Tensor) -> dict:
-    """{"rmse": mean RMSE, "psnr": mean PSNR over finite values (dB), "rmse_per_sample": [B] list}."""
+    """{"rmse": pooled RMSE (over every sample and value), "psnr": PSNR of that pooled MSE (dB),
+    "rmse_per_sample": [B] list}."""
     e = rmse(x, ref)
-    p = 20 * torch.log10(DATA_RANGE / e)
-    finite = p[torch.isfinite(p)]
-    return {"rmse": float(e.mean()), "psnr": float(finite.mean()) if finite.numel() else math.inf,
+    pooled = float(e.pow(2).mean().sqrt())
+    return {"rmse": pooled, "psnr": 20 * math.log10(DATA_RANGE / pooled) if pooled > 0 else math.inf,
             "rmse_per_sample": e.tolist()}

@@ -14,13 +14,23 @@ from .._io import atomic_write
 __all__ = ["feature_stats", "save_stats", "load_stats"]
 
 
-def feature_stats(features) -> tuple[np.ndarray, np.ndarray]:
+def feature_stats(features, block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
     """mu = mean_i f_i [d] and the unbiased covariance sigma = sum_i (f_i - mu)(f_i - mu)^T / (n-1)
-    [d, d], float64, from features [n, d] with n >= 2."""
-    f = features.detach().cpu().double().numpy() if isinstance(features, torch.Tensor) else np.asarray(features, np.float64)
+    [d, d], float64, from features [n, d] with n >= 2 (any float dtype; summed in float64
+    ``block`` rows at a time, so 50,000 float32 Inception features need no float64 copy)."""
+    f = features.detach().cpu().numpy() if isinstance(features, torch.Tensor) else np.asarray(features)
     if f.ndim != 2 or f.shape[0] < 2:
         raise ValueError(f"features must be [n, d] with n >= 2, got shape {f.shape}")
-    return f.mean(0), np.cov(f, rowvar=False).reshape(f.shape[1], f.shape[1])
+    n, d = f.shape
+    mu = np.zeros(d)
+    for i in range(0, n, block):
+        mu += f[i:i + block].sum(0, dtype=np.float64)
+    mu /= n
+    sigma = np.zeros((d, d))
+    for i in range(0, n, block):
+        c = f[i:i + block].astype(np.float64) - mu
+        sigma += c.T @ c
+    return mu, sigma / (n - 1)
 
 
 def save_stats(path, mu, sigma) -> None:

@@ -110,6 +110,12 @@ class UNet(nn.Module):
         nn.init.zeros_(self.head[-1].weight)
         nn.init.zeros_(self.head[-1].bias)
 
+    @property
+    def bottleneck(self) -> nn.Module:
+        """The last middle block: its output [B, C, H / 2^(L-1), W / 2^(L-1)] is the lowest-resolution
+        representation (what AMED's predictor reads through a forward hook, geosample.amed)."""
+        return self.mid[-1]
+
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
         emb = self.embed(c_noise)
         h = self.stem(x)
@@ -141,7 +147,15 @@ class EDMDenoiser(nn.Module):
                            sigma_data=self.sigma_data, **unet)
         self.net = UNet(channels=self.shape[0], **unet)
 
+    @property
+    def bottleneck(self) -> nn.Module:
+        """The UNet's bottleneck module (:attr:`UNet.bottleneck`); hooking it changes nothing computed."""
+        return self.net.bottleneck
+
     def forward(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+            raise TypeError(f"x must be a floating-point tensor, got {got}")
         if x.dim() != 4 or tuple(x.shape[1:]) != self.shape:
             raise ValueError(f"x must have shape [B, {', '.join(map(str, self.shape))}], got {tuple(x.shape)}")
         param = self.net.stem.weight

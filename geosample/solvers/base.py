@@ -123,11 +123,13 @@ class CountedDenoiser:
         self.denoiser, self.dtype = denoiser, dtype
         self.calls = 0
 
-    def __call__(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        """D(x, sigma) for a float sigma, or per-sample sigmas [B] (AMED with a learned predictor)."""
         self.calls += 1
         x_in = x if self.dtype in (None, x.dtype) else x.to(self.dtype)
-        return checked_output(self.denoiser(x_in, torch.full((x.shape[0],), sigma, dtype=x_in.dtype, device=x.device)),
-                              x)
+        s = sigma.to(x.device, x_in.dtype) if isinstance(sigma, torch.Tensor) else \
+            torch.full((x.shape[0],), sigma, dtype=x_in.dtype, device=x.device)
+        return checked_output(self.denoiser(x_in, s), x)
 
 
 def checked_output(out, x: torch.Tensor) -> torch.Tensor:
@@ -153,9 +155,11 @@ def afs_denoised(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return x * (1.0 - sigma / math.sqrt(1.0 + sigma * sigma))
 
 
-def dynamic_threshold(x0: torch.Tensor, p: float = 0.995) -> torch.Tensor:
-    """Imagen dynamic thresholding: s = max(quantile_p |x0|, 1) per sample, x0 -> clamp(x0, -s, s) / s."""
-    flat = x0.reshape(x0.shape[0], -1).abs().float()
-    s = torch.quantile(flat, p, dim=1).clamp(min=1.0).to(x0.dtype)
+def dynamic_threshold(x0: torch.Tensor, p: float = 0.995, max_value: float = math.inf) -> torch.Tensor:
+    """Imagen dynamic thresholding: s = quantile_p |x0| per sample clamped to [1, max_value],
+    x0 -> clamp(x0, -s, s) / s (the quantile in float32 for half-precision x0, as diffusers does)."""
+    flat = x0.reshape(x0.shape[0], -1).abs()
+    flat = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
+    s = torch.quantile(flat, p, dim=1).clamp(min=1.0, max=max(max_value, 1.0)).to(x0.dtype)
     s = s.reshape(-1, *([1] * (x0.dim() - 1)))
     return torch.maximum(torch.minimum(x0, s), -s) / s

@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from . import amed as _amed
 from . import fused
 from .base import X, Y, Op, afs_denoised, checked_output, dynamic_threshold
 from .plan import plan as _plan
@@ -27,8 +28,15 @@ from .sampling import _check_options, _check_noise, check_grid, get_solver, stat
 __all__ = ["Op", "plan", "FusedSampler", "sample_fused"]
 
 
-def plan(solver: str, sigmas, *, afs: bool = False, **options) -> tuple[list[Op], int]:
-    """(ops, history size) running ``solver`` over ``sigmas`` (a trailing 0 adds the final denoise op)."""
+def plan(solver: str, sigmas, *, afs: bool = False, amed=None, **options) -> tuple[list[Op], int]:
+    """(ops, history size) running ``solver`` over ``sigmas`` (a trailing 0 adds the final denoise op);
+    ``amed``: fixed AMED predictions (:class:`geosample.amed.Fixed`; a learned predictor needs
+    per-sample times, which ``gs.sample`` runs)."""
+    if amed is not None:
+        if not isinstance(amed, _amed.Fixed):
+            raise TypeError(f"the fused sampler runs fixed AMED predictions (gs.amed.Fixed, or predictor.fixed()), "
+                            f"got {type(amed).__name__}")
+        return amed.plan(solver, check_grid(sigmas).tolist(), afs, _amed.check_options(solver, options))
     spec = get_solver(solver)
     return _plan(spec, check_grid(sigmas).tolist(), afs, _check_options(spec, options))
 
@@ -42,7 +50,7 @@ class FusedSampler:
     """
 
     def __init__(self, denoiser: Callable, like: torch.Tensor, sigmas, solver: str = "ipndm", *,
-                 afs: bool = False, graph: bool = False, backend: str = "auto", **options):
+                 afs: bool = False, graph: bool = False, backend: str = "auto", amed=None, **options):
         if not callable(denoiser):
             raise TypeError(f"denoiser must be callable D(x, sigma), got {type(denoiser).__name__}")
         like = _check_noise(like)
@@ -50,7 +58,7 @@ class FusedSampler:
             raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
         if graph and like.device.type != "cuda":
             raise ValueError(f"graph=True needs a CUDA tensor, got device {like.device}")
-        self.ops, size = plan(solver, sigmas, afs=afs, **options)
+        self.ops, size = plan(solver, sigmas, afs=afs, amed=amed, **options)
         self.sigma_max = float(check_grid(sigmas)[0])
         self.denoiser = denoiser
         self.backend = ("triton" if like.is_cuda else "torch") if backend == "auto" else backend
@@ -145,7 +153,9 @@ class FusedSampler:
 
 
 def sample_fused(denoiser: Callable, noise: torch.Tensor, sigmas, solver: str = "ipndm", *, afs: bool = False,
-                 graph: bool = False, backend: str = "auto", **options) -> torch.Tensor:
-    """``gs.sample(denoiser, noise, sigmas, solver, afs=afs, **options)`` on the fused ring-buffer
-    path (no trajectory or callback).  For repeated calls with one shape keep a :class:`FusedSampler`."""
-    return FusedSampler(denoiser, noise, sigmas, solver, afs=afs, graph=graph, backend=backend, **options)(noise)
+                 graph: bool = False, backend: str = "auto", amed=None, **options) -> torch.Tensor:
+    """``gs.sample(denoiser, noise, sigmas, solver, afs=afs, amed=amed, **options)`` on the fused
+    ring-buffer path (no trajectory or callback; ``amed``: fixed predictions only).  For repeated
+    calls with one shape keep a :class:`FusedSampler`."""
+    return FusedSampler(denoiser, noise, sigmas, solver, afs=afs, graph=graph, backend=backend, amed=amed,
+                        **options)(noise)

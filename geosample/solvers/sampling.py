@@ -8,6 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..schedules import check_sigmas, check_steps
+from . import amed as _amed
 from .base import SOLVERS, CountedDenoiser, Solver, Trajectory
 from .plan import Run, initial_state, plan
 
@@ -27,21 +28,33 @@ def get_solver(name) -> Solver:
     return SOLVERS[name]
 
 
-def nfe(solver, steps: int, afs: bool = False, denoise_to_zero: bool = False) -> int:
+def _uses_amed(solver, amed) -> bool:
+    """True for AMED-Solver ("amed") and for any solver given AMED predictions."""
+    return solver == "amed" or (amed is not None and amed is not False)
+
+
+def nfe(solver, steps: int, afs: bool = False, denoise_to_zero: bool = False, amed=None) -> int:
     """Denoiser calls per sample for ``steps`` steps of ``solver``.
 
     ``steps`` counts every interval of the grid; with ``denoise_to_zero`` (a trailing 0 in the
-    sigmas) the last one is the final full denoise, one call for every solver.
+    sigmas) the last one is the final full denoise, one call for every solver.  AMED (solver
+    "amed", or ``amed`` given: predictions or True): 2 calls per interval, 2 steps - afs.
     """
-    spec = get_solver(solver)
     steps = check_steps(steps)
+    if _uses_amed(solver, amed):
+        _amed.check_variant(solver)
+        return _amed.nfe(steps, afs, denoise_to_zero)
+    spec = get_solver(solver)
     final = int(bool(denoise_to_zero))
     return spec.nfe(steps - final, afs) + final
 
 
-def steps_for_nfe(solver, nfe: int, afs: bool = False) -> int:
+def steps_for_nfe(solver, nfe: int, afs: bool = False, amed=None) -> int:
     """Solver steps with exactly ``nfe`` denoiser calls (the inverse of :func:`nfe`):
-    nfe = evals_per_step * steps - afs; a ValueError lists the valid NFEs otherwise."""
+    nfe = evals_per_step * steps - afs (AMED: 2 steps - afs); a ValueError lists the valid NFEs otherwise."""
+    if _uses_amed(solver, amed):
+        _amed.check_variant(solver)
+        return _amed.steps_for_nfe(nfe, afs)
     spec = get_solver(solver)
     if isinstance(nfe, bool) or not isinstance(nfe, int):
         raise TypeError(f"nfe must be an int, got {type(nfe).__name__}")
@@ -115,10 +128,24 @@ def check_trajectory_memory(noise: torch.Tensor, steps: int) -> None:
                          "use fewer steps, a smaller batch, or a callback that keeps what you need")
 
 
+def _solver_and_options(solver, options: dict, amed) -> tuple[str, dict]:
+    """(the trajectory's solver name, checked options) with or without AMED predictions."""
+    if amed is None:
+        if solver == "amed":
+            raise ValueError("solver 'amed' (AMED-Solver) needs predictions: amed=gs.amed.Fixed(r, scale_dir) or a "
+                             "predictor from gs.amed.train / gs.amed.load")
+        spec = get_solver(solver)
+        return spec.name, _check_options(spec, options)
+    if not callable(getattr(amed, "start", None)):
+        raise TypeError(f"amed must be gs.amed.Fixed predictions or a predictor from gs.amed.train / gs.amed.load, "
+                        f"got {type(amed).__name__}")
+    return _amed.label(_amed.check_variant(solver)), _amed.check_options(solver, options)
+
+
 @torch.no_grad()
 def sample(denoiser: Callable, noise: torch.Tensor, sigmas, solver: str = "ipndm", *,
            afs: bool = False, return_trajectory: bool = False, callback: Callable | None = None,
-           progress: bool = False, **options):
+           progress: bool = False, amed=None, **options):
     """Solve the probability-flow ODE from ``x_T = sigmas[0] * noise`` along ``sigmas``.
 
     denoiser: D(x, sigma) -> x0_hat with x [B, ...] and sigma a [B] tensor.
@@ -127,19 +154,19 @@ def sample(denoiser: Callable, noise: torch.Tensor, sigmas, solver: str = "ipndm
     sigmas: decreasing schedule; a trailing 0 means a final full denoise x = D(x, sigmas[-2]);
       ``sigmas[0] = inf`` starts from x_T = noise at zero SNR (:mod:`geosample.solvers.plan`).
     callback: called after every step's evaluation with a dict (x, i, sigma, sigma_next, denoised).
+    amed: AMED predictions (:class:`geosample.amed.Fixed`, or a predictor from
+      :func:`geosample.amed.train`) for ``solver`` "amed" (AMED-Solver) or the AMED-Plugin on
+      "euler", "dpm2", "ipndm", "dpmpp": one extra call per interval (:mod:`geosample.solvers.amed`).
     Returns the sample [B, ...], or a :class:`Trajectory` with ``return_trajectory=True``.
     """
-    spec = get_solver(solver)
-    options = _check_options(spec, options)
+    name, options = _solver_and_options(solver, options, amed)
     noise = _check_noise(noise)
     grid = check_grid(sigmas)
     s = grid.tolist()
     if return_trajectory:
         check_trajectory_memory(noise, len(s) - 1)
-    ops, size = plan(spec, s, afs, options)
     model = CountedDenoiser(denoiser, noise.dtype)
     xs, ds = [], []
-    bar = tqdm(total=len(s) - 1, desc=f"sample[{spec.name}]", leave=False) if progress else None
 
     def on_step(i: int, x: torch.Tensor, denoised: torch.Tensor) -> None:
         if return_trajectory:
@@ -151,17 +178,22 @@ def sample(denoiser: Callable, noise: torch.Tensor, sigmas, solver: str = "ipndm
         if bar is not None:
             bar.update(1)
 
-    run = Run(ops, size, initial_state(noise.to(state_dtype(noise.dtype)), s[0]), on_step)
+    x0 = initial_state(noise.to(state_dtype(noise.dtype)), s[0])
+    bar = tqdm(total=len(s) - 1, desc=f"sample[{name}]", leave=False) if progress else None
+    run = None
     try:
+        run = Run(*plan(get_solver(name), s, afs, options), x0, on_step) if amed is None else \
+            amed.start(solver, s, afs, options, x0, on_step, denoiser)
         while (request := run.request()) is not None:
             run.send(model(*request))
     finally:
         if bar is not None:
             bar.close()
+        getattr(run, "close", lambda: None)()  # a learned predictor's feature hook
     x = run.x
     if not bool(torch.isfinite(x.sum())):  # NaN and inf reach the sum (one reduction, no [B, ...] mask)
-        raise FloatingPointError(f"solver {spec.name!r} produced non-finite values; check the denoiser and sigmas")
+        raise FloatingPointError(f"solver {name!r} produced non-finite values; check the denoiser and sigmas")
     if not return_trajectory:
         return x.to(noise.dtype)
     return Trajectory(x=torch.stack(xs + [x]).to(noise.dtype), denoised=torch.stack(ds).to(noise.dtype), sigmas=grid,
-                      nfe=model.calls, solver=spec.name)
+                      nfe=model.calls, solver=name)
