@@ -403,7 +403,9 @@ def write_report(args) -> None:
         md += [f"Floor (converged solve, {floor['method']} {floor['nfe']} NFE on EDM's schedule): FID "
                f"{floor['fid']:.2f} ± {_fmt(floor['fid_std'], '.2f')}, KID {1e3 * floor['kid']:.2f}e-3.", ""]
     md += ["FID:", "", table(cells, "fid", ".2f", nfes, "fid_std"), "",
-           f"KID x 1e3 (± spread over {cells[0].get('kid_subsets')} subsets of {cells[0].get('kid_subset_size')}):", "",
+           f"KID x 1e3 (± spread over {cells[0].get('kid_subsets')} subsets of {cells[0].get('kid_subset_size')}"
+           + ("; each subset holds every sample, so the spread is the reference side's" if
+              cells[0].get("kid_subset_size") == report["num"] else "") + "):", "",
            table(kid_cells, "kid", ".2f", nfes, "kid_std"), ""]
     if any("latency_ms_per_image" in c for c in cells):
         lat = next(c for c in cells if "latency_ms_per_image" in c)
@@ -416,7 +418,9 @@ def write_report(args) -> None:
     searched = [{**c, "evals": c["gits"]["search_evals_per_image"]} for c in cells if "gits" in c]
     if searched:
         md += [f"GITS search cost in sample evaluations per scored image (the teacher's included; compare with the "
-               "NFE):", "", table(searched, "evals", ".2f", nfes), ""]
+               "NFE):", "", table(searched, "evals", ".2f", nfes), "",
+               "GITS search wall time (s) when it ran (the first search also ran the teacher the others reuse; "
+               "same machine and load as the study):", "", table(searched, "setup_s", ".0f", nfes), ""]
     md += [f"Command: `{report['command']}`; results `{args.name}.json`, figure `{args.name}.png`.", ""]
     atomic_write_text(Path(args.out) / f"{args.name}.md", "\n".join(md))
     plot(report, Path(args.out) / f"{args.name}.png")
