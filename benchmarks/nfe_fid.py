@@ -434,7 +434,9 @@ def plot(report: dict, path: Path) -> None:
 
     cells = report["cells"]
     floor = next((c for c in cells if c["schedule"] == "floor"), None)
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    timed = any(c.get("wall_ms_per_image") is not None for c in cells)    # no latency stage: one panel
+    fig, axes = plt.subplots(1, 2 if timed else 1, figsize=(10 if timed else 5.5, 4), squeeze=False)
+    a1, a2 = axes[0, 0], axes[0, -1]
     lines = sorted({(c["method"], c["schedule"]) for c in cells if c["schedule"] != "floor"})
     colors = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(m for m, _ in lines))}
     for m, s in lines:
@@ -447,7 +449,7 @@ def plot(report: dict, path: Path) -> None:
             a2.plot([p[3] for p in pts], [p[1] for p in pts], marker="o", linestyle=style, color=colors[m])
             for p in pts:
                 a2.annotate(str(p[0]), (p[3], p[1]), fontsize=7, xytext=(2, 2), textcoords="offset points")
-    for ax in (a1, a2):
+    for ax in dict.fromkeys((a1, a2)):
         if floor:
             ax.axhline(floor["fid"], color="k", linewidth=0.8, label=f"floor ({floor['method']}, {floor['nfe']} NFE)")
         ax.set_yscale("log")
@@ -455,10 +457,11 @@ def plot(report: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     a1.set_xlabel("NFE")
     a1.set_xticks(sorted({c["nfe"] for c in cells if c["schedule"] != "floor"}))
-    a2.set_xscale("log")
     a1.set_title("FID vs NFE")
-    a2.set_xlabel("ms per image (sampling + search amortised)")
-    a2.set_title("FID vs wall time (labels: NFE)")
+    if timed:
+        a2.set_xscale("log")
+        a2.set_xlabel("ms per image (sampling + search amortised)")
+        a2.set_title("FID vs wall time (labels: NFE)")
     a1.legend(fontsize=7)
     fig.suptitle(f"{MODEL}: {report['num']} samples per cell vs {report['reference']['num']} CIFAR-10 images")
     fig.tight_layout()
