@@ -70,6 +70,8 @@ def test_nfe_fid_study_runs(tmp_path, monkeypatch):
     assert nfe_fid.main(["--stage", "all", *argv]) == 0       # resumed: no chunk written again
     assert [p.stat().st_mtime_ns for p in chunks] == stamps
     report = json.loads((tmp_path / "out" / "nfe_fid.json").read_text())
+    assert report["inception"]["images"] == 16 + 3 * 6        # features timed once: the resumed run read them
     assert all(c["latency_ms_per_image"] > 0 for c in report["cells"])
-    assert (tmp_path / "out" / "nfe_fid.md").read_text().startswith("### FID vs NFE")
+    md = (tmp_path / "out" / "nfe_fid.md").read_text()
+    assert md.startswith("### FID vs NFE") and "**Reduced study**: 6 samples per cell against 16 reference" in md
     assert (tmp_path / "out" / "nfe_fid.png").stat().st_size > 0

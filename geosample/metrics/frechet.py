@@ -126,8 +126,10 @@ def frechet_distance_to_features(mu1, sigma1, features) -> float:
     With n <= d the samples' covariance S2 = X^T X / (n - 1) (X: the centred features, [n, d]) has
     rank < n, and the nonzero eigenvalues of S1 S2 are those of the n x n PSD matrix
     X S1 X^T / (n - 1) (AB and BA share them), so the trace term is an n x n eigenproblem and S1
-    needs no factorisation (its PSD check is that matrix's).  Larger n: :func:`feature_stats`,
-    then :func:`frechet_distance`."""
+    needs no factorisation (its PSD check is that matrix's).  X's rows sum to zero, so that matrix
+    has the eigenvector of ones with eigenvalue exactly 0, its smallest: it is left out, rather than
+    let its round-off e enter the trace as sqrt(e).  Larger n: :func:`feature_stats`, then
+    :func:`frechet_distance`."""
     f = _as64(features, "features", 2)
     if f.shape[0] > f.shape[1]:
         return frechet_distance(mu1, sigma1, *feature_stats(f))
@@ -142,7 +144,7 @@ def frechet_distance_to_features(mu1, sigma1, features) -> float:
     evals = torch.linalg.eigvalsh(0.5 * (m + m.T))
     _check_psd(evals, "sigma1 seen through the samples")
     fd = float(((mu1 - mu2) ** 2).sum()) + float(s1.trace()) + float((x * x).sum()) / (n - 1) \
-        - 2 * float(evals.clamp(min=0).sqrt().sum())
+        - 2 * float(evals[1:].clamp(min=0).sqrt().sum())
     return max(fd, 0.0)
 
 

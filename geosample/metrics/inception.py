@@ -9,8 +9,8 @@ conv in float64,
 
 so a layer is one conv with bias and a ReLU, and activations stay channels-last end to end
 (oneDNN's fast layout on CPU).  Only the order of float32 roundings changes: features agree with
-the TorchScript module to ~1e-6 relative (tests/test_fid.py), at ~1.6x its speed on CPU
-(benchmarks/results/inception_cpu.md).
+the TorchScript module to ~1e-6 relative (tests/test_fid.py); benchmarks/bench_inception.py
+times the two.
 
 TF's layout, kept here: the stem's and the reduction blocks' pools are 3x3 stride-2 max pools,
 the branch pools 3x3 stride-1 average pools that do not count the padding, except in the last
