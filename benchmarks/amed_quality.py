@@ -72,6 +72,7 @@ def parse_args(argv=None):
                    help="resumable state (tensors and finished cells), outside the repository")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     p.add_argument("--max-minutes", type=float, default=None)
+    p.add_argument("--report-only", action="store_true", help="write the report from the cells in --work, run nothing")
     p.add_argument("--studies", default=",".join((*STUDIES, "budget")),
                    help="studies to run after the cells, and 'budget' (the default gs.amed.train timed); '' for none")
     return p.parse_args(argv)
@@ -137,6 +138,10 @@ def main(argv=None) -> int:
     settings = {k: getattr(args, k) for k in ("batch", "seed", "num_warmup", "num_samples", "epochs", "lr",
                                               "batch_size", "loss", "features")}
     state = State(Path(args.work), settings)
+    nfes, methods = [int(v) for v in args.nfes.split(",")], args.methods.split(",")
+    if args.report_only:
+        write_report(state, args, nfes, methods)
+        return 0
     deadline = None if args.max_minutes is None else time.time() + 60 * args.max_minutes
     net = gs.models.load("cifar10-tiny")
     shape = net.shape
@@ -167,8 +172,6 @@ def main(argv=None) -> int:
             return True
         return False
 
-    nfes = [int(v) for v in args.nfes.split(",")]
-    methods = args.methods.split(",")
     for nfe in nfes:   # the best non-learned cell, recomputed, and the GITS cells AMED starts from
         key = f"baseline/{nfe}"
         if state.get(key) is None:
