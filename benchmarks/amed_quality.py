@@ -326,6 +326,8 @@ def write_report(state: State, args, nfes, methods) -> None:
                   f"{b['cpu_seconds']:.0f} s CPU on {b['threads']} threads, load {b['load']:.1f} at the end "
                   f"(budget: 600 s on 2 cores); RMSE {b['rmse']:.4f}."]
     m = report["machine"]
+    lines += ["", "Settings of every cell (the runs that made them resume from one --work folder): "
+              + ", ".join(f"{k}={v}" for k, v in cells["_config"].items()) + "."]
     lines += ["", f"Command: `{report['command']}` ({m['date']}, {m['cpus']} shared CPU cores, {m['torch_threads']} "
               f"torch threads, torch {m['torch']}, geosample {m['geosample']})."]
     atomic_write_text(stem.with_suffix(".md"), "\n".join(lines) + "\n")
