@@ -153,7 +153,8 @@ def summary(report: dict) -> list[dict]:
                      "gits": rmses, "gain_median": statistics.median(gains), "gain_worst": min(gains),
                      "within": sum(g >= -report["tolerance"] for g in gains), "seeds": len(gains),
                      "picked_handmade": sum(r["selected"] in HANDMADE for r in seeds.values()),
-                     "teacher": teacher, **phase, "search_s": statistics.median(r["search_s"] for r in seeds.values())})
+                     "teacher": teacher, **phase, "total": teacher + sum(phase.values()),
+                     "search_s": statistics.median(r["search_s"] for r in seeds.values())})
     return rows
 
 
@@ -189,6 +190,14 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _settings(search: dict) -> str:
+    """A run's search settings in short: warm-up samples, teacher steps, gammas, refine paths."""
+    defaults = gs.gits.GITSConfig(refine=True)
+    warmup = search.get("num_warmup") or defaults.num_warmup
+    refine = search.get("refine_paths") or defaults.refine_paths
+    return f"w {warmup}, t {search['teacher_steps']}, {len(search['gammas'])} gammas, r {refine}"
+
+
 def ablation(model: str, tags: list[str], out: Path) -> str:
     """One row per tagged run of ``model``: its settings, cells with every seed within the tolerance,
     the worst and median gain, and the median cost per phase in batches of 64 at the target NFE."""
@@ -197,14 +206,14 @@ def ablation(model: str, tags: list[str], out: Path) -> str:
              "library's defaults); gains over the best hand-made schedule on held-out noise, costs in "
              "batches of 64 samples at the target NFE (medians over cells and seeds).", "",
              "| run | settings | cells all within 2% | worst gain | median gain | teacher | candidates | refinement "
-             "| check |", "|---|---|---|---|---|---|---|---|---|"]
+             "| check | total |", "|---|---|---|---|---|---|---|---|---|---|"]
     for tag in tags:
         report = json.loads((out / f"gits_robust_{model}_{tag}.json").read_text())
         rows = summary(report)
         med = lambda k: statistics.median(r[k] for r in rows)  # noqa: E731
-        lines.append(f"| {tag} | {report['search']} | {sum(r['within'] == r['seeds'] for r in rows)}/{len(rows)} | "
+        lines.append(f"| {tag} | {_settings(report['search'])} | {sum(r['within'] == r['seeds'] for r in rows)}/{len(rows)} | "
                      f"{min(r['gain_worst'] for r in rows):+.1%} | {med('gain_median'):+.1%} | {med('teacher'):.1f} | "
-                     f"{med('candidates'):.1f} | {med('refinement'):.1f} | {med('check'):.1f} |")
+                     f"{med('candidates'):.1f} | {med('refinement'):.1f} | {med('check'):.1f} | {med('total'):.1f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -140,6 +140,7 @@ def main(path: str) -> None:
     kde_checks(data, 0, "empty", out)                           # rank 0 holds nothing
     sharded, one = kde_checks(data, 190, "uneven", out)         # 190 + 111 rows
     kde_checks(data, 190, "uneven_indexed", out, index=dict(cache=False, rank=4))
+    kde_checks(data, 0, "empty_lazy_indexed", out, index=dict(cache=False, rank=4, build_below=0.5))
     index_checks(out)
     far_checks(data, out)
     sample_checks(sharded, one, out)

@@ -221,12 +221,17 @@ def _t_mid(t, tn, r):
     return (tn ** r) * (t ** (1 - r))
 
 
+def _midpoint(D, x, t, tn, r, first_afs):
+    """The reference's Euler step to t_mid: (d at t, t_mid, x at t_mid)."""
+    d = _d(D, x, t, first_afs)
+    tm = _t_mid(t, tn, r)
+    return d, tm, x + (tm - t) * d
+
+
 def amed_amed(D, x, ts, r, c, a, afs=False):
     for i in range(len(ts) - 1):
         t, tn = ts[i], ts[i + 1]
-        d = _d(D, x, t, afs and i == 0)
-        tm = _t_mid(t, tn, r[i])
-        xm = x + (tm - t) * d
+        d, tm, xm = _midpoint(D, x, t, tn, r[i], afs and i == 0)
         x = x + c[i] * (tn - t) * ((xm - D(xm, a[i] * tm)) / tm)
     return x
 
@@ -234,9 +239,7 @@ def amed_amed(D, x, ts, r, c, a, afs=False):
 def amed_euler(D, x, ts, r, c, a, afs=False):
     for i in range(len(ts) - 1):
         t, tn = ts[i], ts[i + 1]
-        d = _d(D, x, t, afs and i == 0)
-        tm = _t_mid(t, tn, r[i])
-        xm = x + (tm - t) * d
+        d, tm, xm = _midpoint(D, x, t, tn, r[i], afs and i == 0)
         x = xm + c[i] * (tn - tm) * ((xm - D(xm, a[i] * tm)) / tm)
     return x
 
@@ -244,9 +247,7 @@ def amed_euler(D, x, ts, r, c, a, afs=False):
 def amed_dpm2(D, x, ts, r, c, a, afs=False):
     for i in range(len(ts) - 1):
         t, tn = ts[i], ts[i + 1]
-        d = _d(D, x, t, afs and i == 0)
-        tm = _t_mid(t, tn, r[i])
-        xm = x + (tm - t) * d
+        d, tm, xm = _midpoint(D, x, t, tn, r[i], afs and i == 0)
         dm = (xm - D(xm, a[i] * tm)) / tm
         x = x + c[i] * (tn - t) * ((1 / (2 * r[i])) * dm + (1 - 1 / (2 * r[i])) * d)
     return x

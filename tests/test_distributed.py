@@ -57,6 +57,15 @@ def test_sharded_index_equals_one_process(two_ranks, sigma):
     assert two_ranks[f"{key}_finite"] and two_ranks[f"{key}_identical"]
 
 
+@pytest.mark.parametrize("sigma", ["80", "1", "0.05", "per_sample"])
+def test_sharded_lazy_index_with_an_empty_shard(two_ranks, sigma):
+    """index=dict(build_below=0.5): built on every shard at the first call with sigma <= 0.5 (the
+    empty rank joins the index's collective from then on)."""
+    key = f"kde_empty_lazy_indexed_{sigma}"
+    assert two_ranks[f"{key}_vs_one"] < TOL and two_ranks[f"{key}_vs_ref64"] < TOL
+    assert two_ranks[f"{key}_finite"] and two_ranks[f"{key}_identical"]
+
+
 @pytest.mark.parametrize("tag", ["indexed", "indexed_empty"])
 @pytest.mark.parametrize("sigma", ["80.0", "0.3", "0.01", "0.0001"])
 def test_sharded_index_prunes_whole_shards(two_ranks, tag, sigma):

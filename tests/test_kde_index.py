@@ -126,8 +126,8 @@ def test_cache_hits_misses_and_corruption(tmp_path, monkeypatch):
 
     y2 = y.clone()
     y2[0] += 1.0                                                         # another dataset, same shape
-    assert KDEIndex.key(KDEDenoiser(y2).store, 32, 4096, 0) != KDEIndex.key(kd.store, 32, 4096, 0)
-    assert KDEIndex.key(kd.store, 16, 4096, 0) != KDEIndex.key(kd.store, 32, 4096, 0)
+    assert KDEIndex.key(KDEDenoiser(y2).store, 32, 256, 4096, 0) != KDEIndex.key(kd.store, 32, 256, 4096, 0)
+    assert KDEIndex.key(kd.store, 16, 256, 4096, 0) != KDEIndex.key(kd.store, 32, 256, 4096, 0)
 
     raw = bytearray(files[0].read_bytes())
     raw[len(raw) // 2] ^= 0xFF                                           # a flipped byte
@@ -265,7 +265,7 @@ def test_unwritable_cache_warns_and_keeps_the_index(tmp_path, monkeypatch, bad):
     monkeypatch.setenv("GEOSAMPLE_CACHE", str(root))
     kd = KDEDenoiser(y)
     if bad == "entry_is_a_folder":
-        (root / "kde_index" / f"{KDEIndex.key(kd.store, 128, 4096, 0)}.npz").mkdir(parents=True)
+        (root / "kde_index" / f"{KDEIndex.key(kd.store, 128, 256, 4096, 0)}.npz").mkdir(parents=True)
     if bad == "read_only":
         import geosample.denoisers.kde_index as kde_index
 
@@ -279,3 +279,78 @@ def test_unwritable_cache_warns_and_keeps_the_index(tmp_path, monkeypatch, bad):
     out, st = kd(x, 0.003, return_stats=True)
     assert bool((st.path == INDEXED).all())
     assert rel(out, reference(kd.store, x, torch.full((4,), 0.003 ** -2, dtype=torch.float64))[0]) < 1e-12
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e3])
+@pytest.mark.parametrize("far", [0.0, 50.0])
+@pytest.mark.parametrize("storage", ["float32", "float16", "uint8"])
+def test_fine_bound_holds_for_every_row_and_is_tighter(offset, far, storage):
+    """The fine level (rank 40 over a coarse rank 8; its extra coordinates in float16) is a true
+    lower bound on every row, and sees more of the distance than the coarse one."""
+    y = clustered(d=48, spread=0.3, offset=offset)
+    kw = dict(storage="uint8", scale=(y.max() - y.min()).item() / 255, offset=y.min().item()) if storage == "uint8" \
+        else dict(storage=storage)
+    kd = KDEDenoiser(y, index=dict(cache=False, rank=8, fine_rank=40), **kw)
+    assert kd.index.fine is not None and kd.index.fine_rank == 40
+    rows = kd.store.gather64(torch.arange(kd.store.n))
+    x = near_data(rows, 8, 0.3) + far
+    q = Query.prepare(kd.store, x, torch.ones(8, dtype=torch.float64))
+    d2 = torch.cdist(x, rows, compute_mode="donot_use_mm_for_euclid_dist") ** 2
+    coarse = kd.index._lower_bounds(kd.index._query_cols(kd.store, q), 0, kd.store.n).double()
+    fine = kd.index._fine_bounds(kd.index._query_cols(kd.store, q, 40), torch.arange(kd.store.n)).double()
+    assert bool((fine <= d2).all()), (fine - d2).max().item()
+    assert (fine / d2).median() > (coarse / d2).median()
+
+
+def test_fine_level_shrinks_sets_and_stays_exact(tmp_path):
+    """Sets certified with the fine level are subsets of the coarse ones (here much smaller), the
+    results equal the float64 softmax, and the fine arrays survive the cache."""
+    y = clustered(n=3000, d=64, k=30, spread=0.2)
+    coarse = KDEDenoiser(y, index=dict(cache=False, rank=8, fine_rank=8))
+    both = KDEDenoiser(y, index=dict(cache=tmp_path, rank=8, fine_rank=48))
+    assert coarse.index.fine is None and both.index.fine is not None
+    x = near_data(y, 16, 0.05)
+    q = Query.prepare(both.store, x, torch.full((16,), 0.05 ** -2, dtype=torch.float64))
+    gap = 2 * math.log(3000 / 1e-12) / q.inv_s2
+    sets = [torch.bincount(ix.certify(ix_kd.store, q, gap)[1], minlength=16)
+            for ix_kd, ix in ((coarse, coarse.index), (both, both.index))]
+    assert bool((sets[1] <= sets[0]).all()) and sets[1].sum() < sets[0].sum() / 2, sets
+    out, st = both(x, 0.05, return_stats=True)
+    assert bool((st.path == INDEXED).all()) and rel(out, reference(both.store, x, q.inv_s2)[0]) < 1e-12
+    again = KDEDenoiser(y, index=dict(cache=tmp_path, rank=8, fine_rank=48)).index
+    assert again.cached and torch.equal(again.fine, both.index.fine) and torch.equal(again.fine_cols, both.index.fine_cols)
+    assert again.report()["bytes"] == both.index.nbytes == 3000 * (4 * 15 + 2 * 40 + 12) + 64 * 48 * 8
+
+
+def test_auto_index_is_built_at_the_first_small_sigma(monkeypatch, tmp_path):
+    """index="auto": none for small stores; for large ones (INDEX_AUTO_N, lowered here) built at
+    the first call with sigma <= 2 sigma_data, then used; index=False refuses it."""
+    import geosample.denoisers.kde as kde_module
+    y = clustered(n=2000, d=300, k=20, spread=0.05)
+    assert KDEDenoiser(y).index is None and KDEDenoiser(y)._index_options is None       # 2000 < INDEX_AUTO_N
+    monkeypatch.setattr(kde_module, "INDEX_AUTO_N", 1000)
+    monkeypatch.setenv("GEOSAMPLE_CACHE", str(tmp_path))
+    kd, off = KDEDenoiser(y), KDEDenoiser(y, index=False)
+    assert off._index_options is None
+    x = near_data(y, 4, 0.01)
+    big = 10 * kd.index_below
+    kd(x, big)
+    assert kd.index is None                                                   # large sigma: not yet
+    out, st = kd(x, 0.01, return_stats=True)
+    assert kd.index is not None and bool((st.path == INDEXED).all())
+    assert kd.index.report()["hit_rate"] == 1.0 and kd.index.report()["build_s"] > 0
+    assert rel(out, off(x, 0.01)) < 1e-12
+
+
+def test_rank_follows_the_data():
+    """Rows on a 10-dimensional subspace get a rank-10 index (no fine level, 4 * 17 bytes a row),
+    exact all the same; full-rank rows get the default ranks 128 / 256."""
+    g = torch.Generator().manual_seed(9)
+    low = (torch.randn(3000, 10, generator=g) @ torch.randn(10, 400, generator=g)).float()
+    kd = KDEDenoiser(low, index=dict(cache=False))
+    assert (kd.index.rank, kd.index.fine_rank, kd.index.fine) == (10, 10, None)
+    x = near_data(low, 4, 0.01)
+    out, st = kd(x, 0.01, return_stats=True)
+    assert bool((st.path == INDEXED).all()) and rel(out, reference(kd.store, x, torch.full((4,), 1e4, dtype=torch.float64))[0]) < 1e-12
+    full = KDEDenoiser(torch.rand(3000, 400, generator=g), index=dict(cache=False)).index
+    assert (full.rank, full.fine_rank) == (128, 256)

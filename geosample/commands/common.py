@@ -7,6 +7,7 @@ import argparse
 
 DATA = "digits"   # the bundled default
 SMALL = 1024      # values per sample below which --threads 0 means one thread
+SCHEDULES = ("gits", "polynomial", "logsnr", "time_uniform")
 
 
 def gammas(text: str):
@@ -103,3 +104,35 @@ def search_options(args: argparse.Namespace) -> dict:
     if args.num_warmup is not None:
         options["num_warmup"] = args.num_warmup
     return options
+
+
+def make_schedule(name: str, solver: str, nfe: int, denoiser=None, shape=None, *, afs: bool = False,
+                  device="cpu", use_cache: bool = True, progress: bool = False, distributed: bool = False,
+                  **search_options):
+    """(sigmas, gits_schedule_or_None) for ``name`` with ``nfe`` calls of ``solver``.
+
+    gits: :func:`geosample.gits.search` for ``denoiser`` on samples of ``shape`` with
+    ``search_options`` (its defaults otherwise; ``solver`` judges the paths); with ``afs`` it
+    searches one step fewer and inserts the free analytical first step.
+    ``distributed``: :func:`geosample.distributed.gits_search` (teacher split across ranks, no cache).
+    """
+    from .. import gits, schedules
+    from ..solvers import steps_for_nfe
+
+    steps = steps_for_nfe(solver, nfe, afs)
+    if name == "gits":
+        if steps - int(afs) < 1:
+            raise ValueError(f"GITS with afs needs at least 2 steps; got nfe={nfe} for {solver}")
+        if distributed:
+            from ..distributed import gits_search as search
+            cache = {}
+        else:
+            search, cache = gits.search, {"use_cache": use_cache}
+        found = search(denoiser, shape, steps - int(afs), afs=afs, solver=solver, device=device, progress=progress,
+                       **search_options, **cache)
+        return found.sigmas, found
+    if name.endswith(".json"):
+        return gits.load_sigmas(name), None
+    if name in SCHEDULES:
+        return schedules.by_name(name, steps), None
+    raise ValueError(f"unknown schedule {name!r}; valid: {', '.join(SCHEDULES)} or a .json file")

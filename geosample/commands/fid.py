@@ -23,7 +23,7 @@ import sys
 import time
 
 from .._io import atomic_write_text, check_out_file, versions
-from .common import add_gits_arguments, add_source_arguments, check_counts, load_source, search_options
+from .common import add_gits_arguments, add_source_arguments, check_counts, load_source, make_schedule, search_options
 
 HELP = "FID and KID of samples (folder, .npz, or a sampler run) against a dataset or saved statistics"
 
@@ -89,7 +89,6 @@ def _sampler_source(args, say):
     from .. import metrics
     from ..solvers import get_solver, sample, steps_for_nfe
     from ..solvers import nfe as count_nfe
-    from .sample import make_schedule
 
     solver = get_solver(args.solver).name
     check_counts(args, "nfe")

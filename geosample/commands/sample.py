@@ -25,14 +25,14 @@ from typing import TYPE_CHECKING
 from .._io import check_out_dir, json_bytes, publish_run, run_id, versions
 from ..figures import labelled_panels, png_bytes
 from ..solvers import steps_for_nfe
-from .common import add_gits_arguments, add_source_arguments, check_counts, load_source, search_options
+from .common import (SCHEDULES, add_gits_arguments, add_source_arguments, check_counts, load_source,
+                     make_schedule, search_options)
 from . import sample_amed
 
 if TYPE_CHECKING:  # imported lazily at run time, so that `geosample --help` stays fast
     import torch
 
 HELP = "the main job: GITS vs EDM schedule on a dataset's closed-form denoiser (samples.png, report.json)"
-SCHEDULES = ("gits", "polynomial", "logsnr", "time_uniform")
 BASELINE = "polynomial"
 REFERENCE = {"solver": "heun", "steps": 100}
 
@@ -45,37 +45,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--batch", type=int, default=64, help="samples (default 64)")
     a("--out", default="geosample-out", help="output folder (default ./geosample-out)")
     sample_amed.add_arguments(a)
-
-
-def make_schedule(name: str, solver: str, nfe: int, denoiser=None, shape=None, *, afs: bool = False,
-                  device="cpu", use_cache: bool = True, progress: bool = False, distributed: bool = False,
-                  **search_options):
-    """(sigmas, gits_schedule_or_None) for ``name`` with ``nfe`` calls of ``solver``.
-
-    gits: :func:`geosample.gits.search` for ``denoiser`` on samples of ``shape`` with
-    ``search_options`` (its defaults otherwise; ``solver`` judges the paths); with ``afs`` it
-    searches one step fewer and inserts the free analytical first step.
-    ``distributed``: :func:`geosample.distributed.gits_search` (teacher split across ranks, no cache).
-    """
-    from .. import gits, schedules
-
-    steps = steps_for_nfe(solver, nfe, afs)
-    if name == "gits":
-        if steps - int(afs) < 1:
-            raise ValueError(f"GITS with afs needs at least 2 steps; got nfe={nfe} for {solver}")
-        if distributed:
-            from ..distributed import gits_search as search
-            cache = {}
-        else:
-            search, cache = gits.search, {"use_cache": use_cache}
-        found = search(denoiser, shape, steps - int(afs), afs=afs, solver=solver, device=device, progress=progress,
-                       **search_options, **cache)
-        return found.sigmas, found
-    if name.endswith(".json"):
-        return gits.load_sigmas(name), None
-    if name in SCHEDULES:
-        return schedules.by_name(name, steps), None
-    raise ValueError(f"unknown schedule {name!r}; valid: {', '.join(SCHEDULES)} or a .json file")
 
 
 def _table(rows: list[dict]) -> str:

@@ -48,6 +48,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -67,15 +68,24 @@ MIXED_MAX_DELTA = 0.05                            # largest float32 logit error 
 REST_TOL = 1e-12                                  # largest relative weight an EXACT result may drop
 WIDE_K = 512                                      # candidates of the second try, before FULL64
 LOGIT_CAP = 1e30                                  # float32 logits are scaled to stay below this
+SETUP_BYTES = 1 << 22                             # float64 bytes per block of the setup passes
+STREAM_BYTES = 1 << 20                            # float32 bytes per block of the streaming pass (cache)
+INDEX_AUTO_N = 100_000                            # index="auto" builds one for stores of this many rows
+INDEX_AUTO_MIN_D = 256                            # ... of more coordinates than this
 UINT8_SCALE = 2.0 / 255.0                         # uint8 pixels q map to q * UINT8_SCALE + UINT8_OFFSET
 UINT8_OFFSET = -1.0                               # in [-1, 1] (geosample.data uses the same map)
 
 
 class Store:
-    """The dataset as stored (a torch tensor: float32 / float16 / uint8 with y = scale q + offset,
-    or a numpy memmap read chunk by chunk), its mean ``center`` c [D] (float64), the float32
-    rows y - c that the streaming pass reads, half the centred squared norms |y_i - c|^2 / 2
-    (float64 [N]) and the largest centred norm ``radius``."""
+    """The dataset as stored (a torch tensor of the store's own: float32 / float16 / uint8 with
+    y = scale q + offset, or a numpy memmap read in place), its mean ``center`` c [D] (float64),
+    half the centred squared norms |y_i - c|^2 / 2 (float64 [N]) and the largest centred norm
+    ``radius``.
+
+    The streaming pass reads blocks of ``stream_block`` rows y' = q - m in stored units, centred on
+    m [D] float32 (uint8: the rounded mean, so y' is exact; else the mean rounded to float32), with
+    y - c = scale y' + w, w = scale m + offset - c (float64, |w_j| <= scale / 2 for uint8): one
+    conversion per element, in a cache-sized buffer, and the scale and w folded into the queries."""
 
     def __init__(self, data, storage, scale, offset, chunk):
         self.mmap = isinstance(data, np.memmap)
@@ -100,10 +110,15 @@ class Store:
         self.storage, self.chunk = storage, chunk
         self.scale, self.offset = self._affine(data, kind, scale, offset)
         self.data = data if self.mmap else self._convert(data.reshape(self.n, self.dim), kind)
+        self.view = self._torch_view()
         self.center = self._mean()
         self.hy2, self.radius = self._centred_norms()
-        # float32 storage in memory: a centred copy, built once (other storages centre each chunk)
-        self.centred = self._centred_copy() if storage == "float32" and not self.mmap else None
+        m = (self.center - self.offset) / self.scale
+        self.m32 = (m.round() if self.storage == "uint8" else m).float()
+        self.w = self.m32.double() * self.scale + self.offset - self.center
+        self.stream_radius = self.radius + float(self.w.norm())      # >= scale |y'_i|
+        self.hy2_32 = self.hy2.float()
+        self.sigma_data = math.sqrt(2 * float(self.hy2.mean()) / self.dim)   # RMS distance to c per coordinate
         self._device_copies = {}
         self._digest = None
 
@@ -137,10 +152,25 @@ class Store:
         hi = self.n if hi is None else hi
         return [(a, min(a + chunk, hi)) for a in range(lo, hi, chunk)]
 
+    def _torch_view(self):
+        """The stored rows as a torch tensor [N, D]: the data, or a memmap's pages without a copy
+        (None when the memmap's layout has no such view: then each chunk is copied)."""
+        if not self.mmap:
+            return self.data
+        try:
+            with warnings.catch_warnings():              # read-only pages: never written through
+                warnings.simplefilter("ignore", UserWarning)
+                return torch.from_numpy(self.data).view(self.n, self.dim)
+        except (ValueError, RuntimeError):
+            return None
+
     def _raw(self, a, b, data=None):
+        """Rows a..b as stored [b - a, D] (a view; never written to)."""
+        if data is None and self.view is not None:
+            return self.view[a:b]
         rows = (self.data if data is None else data)[a:b]
         if isinstance(rows, np.ndarray):
-            rows = torch.from_numpy(np.array(rows))          # a writable copy of the chunk
+            rows = torch.from_numpy(np.array(rows))
         return rows.reshape(b - a, self.dim)
 
     def _dequant(self, q, dtype):
@@ -154,29 +184,32 @@ class Store:
         y = out[: b - a].copy_(self._raw(a, b))
         return y.mul_(self.scale).add_(self.offset) if self.storage == "uint8" else y
 
+    def blocks64(self):
+        """Row ranges of SETUP_BYTES of float64: the setup passes stay in cache (4 MB blocks run
+        them ~3x faster than chunks of thousands of rows, which stream every temporary through DRAM)."""
+        return self.ranges(chunk=max(1, SETUP_BYTES // (8 * self.dim)))
+
     def _mean(self):
+        """The float64 mean of the rows as stored (uint8: in stored units, exactly, then mapped)."""
         total = torch.zeros(self.dim, dtype=torch.float64)
-        buf = torch.empty(self.chunk, self.dim, dtype=torch.float64)      # reused: no page faults per chunk
-        for a, b in self.ranges():
-            y = self.rows64(a, b, buf)
-            if not bool(torch.isfinite(y).all()):
+        buf = torch.empty(self.blocks64()[0][1], self.dim, dtype=torch.float64)    # reused: no page faults
+        for a, b in self.blocks64():
+            q = buf[: b - a].copy_(self._raw(a, b))
+            if self.storage != "uint8" and not bool(torch.isfinite(q).all()):
                 raise ValueError(f"data contains NaN or inf (rows {a}..{b - 1})")
-            total += y.sum(0)
-        return total / self.n
+            total += q.sum(0)
+        return total / self.n * self.scale + self.offset if self.storage == "uint8" else total / self.n
 
     def _centred_norms(self):
+        """|y_i - c|^2 / 2 [N] float64 (uint8: scale^2 |q_i - m|^2 / 2, m = (c - offset) / scale) and
+        the radius max_i |y_i - c|."""
         hy2 = torch.empty(self.n, dtype=torch.float64)
-        buf = torch.empty(self.chunk, self.dim, dtype=torch.float64)
-        for a, b in self.ranges():
-            hy2[a:b] = 0.5 * self.rows64(a, b, buf).sub_(self.center).square_().sum(1)
+        buf = torch.empty(self.blocks64()[0][1], self.dim, dtype=torch.float64)
+        m = (self.center - self.offset) / self.scale if self.storage == "uint8" else self.center
+        half = 0.5 * self.scale ** 2 if self.storage == "uint8" else 0.5
+        for a, b in self.blocks64():
+            hy2[a:b] = buf[: b - a].copy_(self._raw(a, b)).sub_(m).square_().sum(1).mul_(half)
         return hy2, math.sqrt(2.0 * float(hy2.max()))
-
-    def _centred_copy(self):
-        out = torch.empty(self.n, self.dim)
-        for a, b in self.ranges():
-            y = (self.rows64(a, b) - self.center).float()
-            out[a:b] = y.masked_fill_(y.abs() < torch.finfo(torch.float32).tiny, 0.0)   # no subnormals
-        return out
 
     def digest(self) -> str:
         """sha256 of every stored byte, row by row (computed once: in-memory rows are the store's
@@ -194,30 +227,39 @@ class Store:
         return (self.offset - self.center).float().to(device)
 
     def stream_rows(self, a, b, device) -> torch.Tensor:
-        """Rows a..b [b - a, D] on ``device`` as the streaming pass reads them: the centred float32
-        rows y_i - c (in-memory float32 data), else the stored q with y_i - c = scale q + shift."""
-        if self.centred is not None:
-            return self.on(device, self.centred)[a:b]
+        """Rows a..b [b - a, D] on ``device`` for the Triton kernels: centred float32 rows y_i - c
+        (float32 storage: a centred copy per device, made on first use; memmaps centre each
+        chunk), else the stored q, with y_i - c = scale q + shift."""
+        if self.storage == "float32":
+            if self.mmap:
+                return (self._raw(a, b).double() - self.center).float().to(device)
+            key = (torch.device(device), "centred")
+            if key not in self._device_copies:
+                self._device_copies[key] = torch.cat([(self._raw(u, v).double() - self.center).float()
+                                                      for u, v in self.blocks64()]).to(device)
+            return self._device_copies[key][a:b]
         return (self.on(device)[a:b] if not self.mmap else self._raw(a, b).to(device)).contiguous()
 
-    def rows(self, a, b, device, out=None):
-        """Centred float32 rows y_i - c for i in a..b on ``device`` (into ``out`` [>= b - a, D] when
-        they must be computed; a view of the centred copy for in-memory float32 data)."""
-        q = self.stream_rows(a, b, device)
-        if q.dtype == torch.float32 and self.centred is not None:
-            return q
-        out = out[: b - a] if out is not None else torch.empty(b - a, self.dim, device=device)
-        out.copy_(q)
-        if self.storage == "uint8":
-            out.mul_(self.scale)
-        return out.add_(self.shift(device))
+    def stream_block(self, a, b, out):
+        """y' = q - m for rows a..b (float32, see the class notes) into ``out`` [>= b - a, D]."""
+        q, m = self._raw(a, b).to(out.device) if self.mmap else self.on(out.device)[a:b], self.on(out.device, self.m32)
+        if q.dtype == torch.float32:
+            return torch.sub(q, m, out=out[: b - a])
+        return out[: b - a].copy_(q).sub_(m)          # (a mixed-dtype sub takes the slow casting path: 2x)
+
+    def block_rows(self) -> int:
+        """Rows per block of the streaming pass: ``chunk``, at most STREAM_BYTES of float32 (the
+        block stays in cache between its conversion and both GEMMs)."""
+        return max(1, min(self.chunk, STREAM_BYTES // (4 * self.dim)))
 
     def gather64(self, idx):
         """float64 rows idx (any shape) -> [*idx.shape, D] on idx's device, as stored (not centred)."""
         flat = idx.reshape(-1).cpu()
-        if self.mmap:
+        if self.mmap and self.view is None:
             uniq, inv = np.unique(flat.numpy(), return_inverse=True)
             q = torch.from_numpy(np.array(self.data[uniq])).reshape(len(uniq), self.dim)[torch.from_numpy(inv)]
+        elif self.mmap:
+            q = self.view[flat]
         else:
             q = self.on(idx.device)[flat.to(idx.device)]
         return self._dequant(q.to(idx.device), torch.float64).reshape(*idx.shape, self.dim)
@@ -227,7 +269,7 @@ class Store:
         tensor = self.data if tensor is None else tensor
         device = torch.device(device)
         if (self.mmap and tensor is self.data) or device == tensor.device:
-            return tensor
+            return self.view if tensor is self.data and self.view is not None else tensor
         key = (device, id(tensor))
         if key not in self._device_copies:
             self._device_copies[key] = tensor.to(device)
@@ -245,46 +287,66 @@ def _file_id(mm: np.memmap):
 
 def stream(store: Store, xs: torch.Tensor, inv: torch.Tensor, lo: int, hi: int, k: int,
            mm_dtype: torch.dtype = torch.float32) -> Partial:
-    """Online log-sum-exp pass over data rows lo..hi for float32 queries xs = (x - c) * inv [B, D]
-    with logits L = xs (y - c)^T - inv |y - c|^2 / 2, inv [B] float32 the (capped) 1 / sigma^2.
+    """Online log-sum-exp pass over data rows lo..hi in the streamed coordinates y' = q - m of
+    :class:`Store` (y - c = scale y' + w): float32 queries xs = (x - c) scale / sigma^2 [B, D],
+    logits L = xs y'^T - inv |y - c|^2 / 2 with inv [B] float32 the (capped) 1 / sigma^2.  The
+    result is relative to y' (s = sum_i p_i y'_i); :func:`to_centred` adds the per-query constant
+    (x - c).w / sigma^2 that L leaves out and maps s to sum_i p_i (y_i - c).
 
-    Buffers: logits/weights [B, C], a centred chunk [C, D], the sum S [B, D].  ``mm_dtype``
-    bfloat16 is ``precision="fast"`` (bf16 matmul inputs, float32 accumulation)."""
-    b, dev, chunk = xs.shape[0], xs.device, store.chunk
+    Per block of C rows (Store.block_rows, cache-sized): one conversion, two GEMMs, and the
+    bookkeeping on [B, C] (the top-k merged only when a row beats some query's k-th logit, the sums
+    rescaled only when some query's max moves).  Buffers: logits/weights [B, C], the block [C, D],
+    the sum s [B, D].  ``mm_dtype`` bfloat16 is ``precision="fast"`` (bf16 GEMM inputs)."""
+    b, dev, rows = xs.shape[0], xs.device, store.block_rows()
     xs = xs.to(mm_dtype)
-    hy2 = store.hy2.to(dev, torch.float32)
-    logits = torch.empty(b, chunk, device=dev)
-    weights = torch.empty(b, chunk, device=dev)
-    ybuf = None if store.centred is not None else torch.empty(chunk, store.dim, device=dev)
+    hy2 = store.on(dev, store.hy2_32)
+    logits = torch.empty(b, rows, device=dev)
+    weights = torch.empty(b, rows, device=dev)
+    ybuf = torch.empty(rows, store.dim, device=dev)
     m = torch.full((b,), -math.inf, device=dev)
     z = torch.zeros(b, dtype=torch.float64, device=dev)
     z2 = torch.zeros_like(z)
     s = torch.zeros(b, store.dim, device=dev)
     top_v = torch.full((b, k), -math.inf, device=dev)
     top_i = torch.zeros(b, k, dtype=torch.long, device=dev)
-    for a, e in store.ranges(chunk, lo, hi):
-        y = store.rows(a, e, dev, ybuf).to(mm_dtype)
+    for a, e in store.ranges(rows, lo, hi):
+        y = store.stream_block(a, e, ybuf).to(mm_dtype)
         l = _mm(xs, y.T, logits[:, : e - a])
         l.addr_(inv, hy2[a:e], alpha=-1.0)
-        cv, ci = l.topk(min(k, e - a), dim=1)                       # chunk top-k, then merge
-        top_v, j = torch.cat([top_v, cv], 1).topk(k, dim=1)
-        top_i = torch.cat([top_i, ci + a], 1).gather(1, j)
-        m_new = torch.maximum(m, l.amax(1))
-        p = exp_weights(torch.sub(l, m_new[:, None], out=weights[:, : e - a]))
+        if bool((l > top_v[:, -1:]).any()):                         # some row enters a top k
+            cv, ci = l.topk(min(k, e - a), dim=1)
+            top_v, j = torch.cat([top_v, cv], 1).topk(k, dim=1)
+            top_i = torch.cat([top_i, ci + a], 1).gather(1, j)
+        cmax = l.amax(1)
+        if bool((cmax > m).any()):                                  # rescale the sums to the new max
+            m_new = torch.maximum(m, cmax)
+            alpha = exp_weights(m - m_new)
+            z.mul_(alpha.double())
+            z2.mul_(alpha.double() ** 2)
+            s.mul_(alpha[:, None])
+            m = m_new
+        p = exp_weights(torch.sub(l, m[:, None], out=weights[:, : e - a]))
         live = p.any(0)
         n_live = int(live.sum())
         if n_live == 0:
-            continue                                                # no query weighs this chunk
-        alpha = exp_weights(m - m_new)
-        z = z * alpha.double() + p.sum(1, dtype=torch.float64)
-        z2 = z2 * alpha.double() ** 2 + torch.mul(p, p, out=l).sum(1, dtype=torch.float64)
+            continue                                                # no query weighs this block
+        z += p.sum(1, dtype=torch.float64)
+        z2 += torch.mul(p, p, out=l).sum(1, dtype=torch.float64)
         if n_live < (e - a) // 2:                                   # the second GEMM over live rows only
             idx = live.nonzero()[:, 0]
             p, y = p.index_select(1, idx), y.index_select(0, idx)
-        s.mul_(alpha[:, None])
         s.add_(_mm(p.to(mm_dtype), y, None)) if mm_dtype != torch.float32 else s.addmm_(p, y)
-        m = m_new
     return Partial(m, z, z2, s, top_v, top_i)
+
+
+def to_centred(part: Partial, bias: torch.Tensor, scale: float, w: torch.Tensor) -> Partial:
+    """A streaming state over rows r_i with y_i - c = scale r_i + w, logits missing the per-query
+    constant ``bias`` [B] (float64): the same state over y_i - c, in float64 (m and top_v + bias,
+    s = scale s + z w)."""
+    bias = bias.to(part.m.device)
+    return Partial(part.m.double() + bias, part.z, part.z2,
+                   scale * part.s.double() + part.z[:, None] * w.to(part.s.device), part.top_v.double() + bias[:, None],
+                   part.top_i)
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
@@ -309,7 +371,8 @@ class Query:
     @classmethod
     def prepare(cls, store: Store, x64: torch.Tensor, inv_s2: torch.Tensor) -> "Query":
         xc = x64 - store.center.to(x64.device)
-        g_max = xc.norm(dim=1) * store.radius + store.radius ** 2      # |g_i| <= g_max for every row
+        r = store.stream_radius                                         # >= |y_i - c| and scale |y'_i|
+        g_max = xc.norm(dim=1) * r + r ** 2                              # |g_i| <= g_max for every row
         err_g = 2 * (math.sqrt(store.dim) + 4) * U32 * g_max
         inv = torch.minimum(inv_s2, LOGIT_CAP / g_max.clamp(min=1e-300))
         return cls(x64, xc, inv_s2, inv, err_g)
@@ -318,9 +381,9 @@ class Query:
         """The queries ``idx`` alone."""
         return Query(self.x64[idx], self.xc[idx], self.inv_s2[idx], self.inv[idx], self.err_g[idx])
 
-    def scaled32(self) -> torch.Tensor:
-        """(x - c) * inv as float32, with no subnormal entry."""
-        xs = (self.xc * self.inv[:, None]).float()
+    def scaled32(self, scale: float = 1.0) -> torch.Tensor:
+        """(x - c) * inv * scale as float32, with no subnormal entry."""
+        xs = (self.xc * (self.inv * scale)[:, None]).float()
         return xs.masked_fill_(xs.abs() < torch.finfo(torch.float32).tiny, 0.0)
 
 
@@ -373,7 +436,7 @@ def reference(store: Store, x64: torch.Tensor, inv_s2: torch.Tensor):
     b, dev = x64.shape[0], x64.device
     near = torch.full((b,), math.inf, dtype=torch.float64, device=dev)
     arg = torch.zeros(b, dtype=torch.long, device=dev)
-    for a, e in store.ranges():
+    for a, e in store.blocks64():
         d2 = torch.cdist(x64, store.rows64(a, e).to(dev), compute_mode="donot_use_mm_for_euclid_dist")
         cm, ci = d2.min(1)
         arg = torch.where(cm < near, ci + a, arg)
@@ -382,7 +445,7 @@ def reference(store: Store, x64: torch.Tensor, inv_s2: torch.Tensor):
     m = torch.full((b,), -math.inf, dtype=torch.float64, device=dev)
     z, z2 = torch.zeros_like(m), torch.zeros_like(m)
     s = torch.zeros_like(x64)
-    for a, e in store.ranges():
+    for a, e in store.blocks64():
         y = store.rows64(a, e).to(dev)
         l = torch.stack([anchored_logits(x64[i:i + 1], y.clone()[None], anchor[i:i + 1])[0] for i in range(b)])
         l.mul_(inv_s2[:, None])
@@ -432,20 +495,24 @@ class KDEDenoiser:
     measured < 1e-5 relative), or the float64 direct softmax itself (FULL64)) or "fast" (bfloat16
     matmuls, no re-scoring; its measured error is in benchmarks/results/kde_exactness.md).
     storage: "float32" | "float16" | "uint8" (default: the data's dtype; float64 -> float32);
-    uint8 data use y = scale * q + offset (default 2/255, -1: pixels to [-1, 1]).  In-memory
-    float32 data keep a centred float32 copy besides their own copy (2x the data's memory).
-    chunk_size: rows per streamed chunk (memory O(B C + C D), never O(B N)).
-    index: True or a dict of :meth:`KDEIndex.build <geosample.denoisers.kde_index.KDEIndex.build>`
-    options: exact results from a certified subset of the rows where the posterior is
-    concentrated (path INDEXED = 4, rows left out < 1e-12 of the weight; large sets take the pass);
-    the default rank 128 certifies image data up to sigma ~0.3, ``dict(rank=256)`` up to ~0.5.
+    uint8 data use y = scale * q + offset (default 2/255, -1: pixels to [-1, 1]).
+    chunk_size: rows per streamed chunk, at most (the pass reads blocks of at most STREAM_BYTES).
+    index: exact results from a certified subset of the rows where the posterior is concentrated
+    (path INDEXED = 4, rows left out < 1e-12 of the weight; large sets take the full pass), see
+    :class:`~geosample.denoisers.kde_index.KDEIndex`.  "auto" (default): for N >= INDEX_AUTO_N
+    rows (and D > INDEX_AUTO_MIN_D) built at the first call with a sigma <= 2 sigma_data
+    (sigma_data = the rows' RMS distance to their mean per coordinate), from the on-disk cache
+    when it holds one; about 4 (r + 7) + 2 (r_fine - r) + 12 = 808 bytes a row at the default
+    ranks (0.8 GB for 10^6 rows).  True, or a dict of :meth:`KDEIndex.build
+    <geosample.denoisers.kde_index.KDEIndex.build>` options (plus ``build_below``: a sigma, to
+    build at the first call at or below it instead of now): built now.  False: never.
     Call: ``D(x, sigma, return_stats=False)`` with x [B, ...] (data's trailing shape) and sigma a
     float or a [B] tensor; returns x's dtype and shape, and (D, KDEStats) with return_stats.
     """
 
     def __init__(self, data, backend: str = "auto", precision: str = "exact", chunk_size: int = 1024,
                  storage: str | None = None, scale: float | None = None, offset: float | None = None,
-                 refine_k: int = 16, threads: int | None = None, index: bool | dict = False):
+                 refine_k: int = 16, threads: int | None = None, index: bool | dict | str = "auto"):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if precision not in ("exact", "fast"):
@@ -458,10 +525,28 @@ class KDEDenoiser:
         self.shape = self.store.shape
         self.refine_k = min(refine_k, self.store.n)
         self.threads = threads or torch.get_num_threads()
-        self.index = None
-        if index is not False and index is not None:
-            from .kde_index import KDEIndex
-            self.index = KDEIndex.build(self.store, **({} if index is True else dict(index)))
+        self.configure_index(index)
+
+    def configure_index(self, index, n: int | None = None, sigma_data: float | None = None):
+        """Set up the index (``index`` as in the class docstring); ``n`` and ``sigma_data`` (default:
+        this store's) are what "auto" decides on (ShardedKDEDenoiser passes the whole dataset's)."""
+        self.index, self._index_options, self.index_below = None, None, None
+        if index == "auto":
+            if (n or self.store.n) >= INDEX_AUTO_N and self.store.dim > INDEX_AUTO_MIN_D:
+                self._index_options, self.index_below = {}, 2 * (sigma_data or self.store.sigma_data)
+        elif index is True or isinstance(index, dict):
+            options = {} if index is True else dict(index)
+            self.index_below = options.pop("build_below", math.inf)
+            self._index_options = options
+            if self.index_below == math.inf:
+                self._build_index()
+        elif index is not False and index is not None:
+            raise ValueError(f"index must be 'auto', True, False or a dict of options, got {index!r}")
+
+    def _build_index(self):
+        from .kde_index import KDEIndex
+        self.index = KDEIndex.build(self.store, **self._index_options)
+        self._index_options = None
 
     def __len__(self):
         return self.store.n
@@ -483,6 +568,8 @@ class KDEDenoiser:
         self.store.check_unchanged()
         x64, inv_s2 = xf.double(), sig ** -2
         backend = self.resolve_backend(x)
+        if self._index_options is not None and float(sig.min()) <= self.index_below:
+            self._build_index()                                            # lazily: the first small sigma
         if backend == "reference":
             out, stats = reference(self.store, x64, inv_s2)
         else:
@@ -492,22 +579,35 @@ class KDEDenoiser:
         return (out, stats) if return_stats else out
 
     def _partial(self, backend: str, q: Query, k: int) -> Partial:
-        xs, inv = q.scaled32(), q.inv.float()
+        """The streaming state of every row for the queries ``q``, relative to y - c (float64 m,
+        top_v, s; :func:`to_centred`)."""
+        st, inv = self.store, q.inv.float()
+        xs64 = q.xc * q.inv[:, None]                                       # (x - c) / sigma^2, capped
+        xs, w = q.scaled32(st.scale), st.w.to(xs64.device)
         mm_dtype = torch.bfloat16 if self.precision == "fast" else torch.float32
+
+        def rows(a, e):                                                    # the torch pass over rows a..e, in y'
+            return stream(st, xs, inv, a, e, k, mm_dtype)
         if backend == "triton":
             from ..kernels import triton_available
             if not triton_available():
                 raise RuntimeError("backend='triton' needs Triton and a CUDA device (or TRITON_INTERPRET=1)")
             from ..kernels.kde_triton import kde_partial
-            return kde_partial(self.store, xs, inv, k, self.precision,     # the torch path stands in for a failed kernel
-                               lambda a, e: stream(self.store, xs, inv, a, e, k, mm_dtype))
-        n, t = self.store.n, self.threads
+            # the kernels read y - c - wk: centred float32 copies, or scale q + shift (shift rounded to float32)
+            wk = torch.zeros_like(w) if st.storage == "float32" else (st.offset - st.center - st.shift("cpu").double())
+            wk = wk.to(w.device)
+
+            def fallback(a, e):                                            # the torch pass in the kernels' terms
+                return to_centred(rows(a, e), xs64 @ (w - wk), st.scale, w - wk)
+            return to_centred(kde_partial(st, q.scaled32(), inv, k, self.precision, fallback), xs64 @ wk, 1.0, wk)
+        n, t = st.n, self.threads
         if xs.shape[0] > 4 or t < 2 or xs.is_cuda or n < 2 * self.chunk_size:
-            return stream(self.store, xs, inv, 0, n, k, mm_dtype)
-        cut = [round(i * n / t) for i in range(t + 1)]                     # N-split for tiny batches
-        with ThreadPoolExecutor(t) as pool:
-            parts = list(pool.map(lambda i: stream(self.store, xs, inv, cut[i], cut[i + 1], k, mm_dtype), range(t)))
-        return merge(parts, k)
+            part = rows(0, n)
+        else:
+            cut = [round(i * n / t) for i in range(t + 1)]                 # N-split for tiny batches
+            with ThreadPoolExecutor(t) as pool:
+                part = merge(list(pool.map(lambda i: rows(cut[i], cut[i + 1]), range(t))), k)
+        return to_centred(part, xs64 @ w, st.scale, w)
 
     def _solve(self, backend: str, q: Query, use_index: bool = True):
         """(D [B, D] float64, KDEStats): the streaming pass, then the exact re-scoring; queries

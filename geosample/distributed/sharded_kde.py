@@ -1,10 +1,12 @@
 """The closed-form (KDE) denoiser of a dataset sharded across ranks, merged exactly by log-sum-exp."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
-from ..denoisers.kde import KDEDenoiser, check_query
+from ..denoisers.kde import INDEX_AUTO_MIN_D, INDEX_AUTO_N, KDEDenoiser, check_query
 from .collectives import _all_gather, _all_reduce, _reduce_scatter, shard
 from .group import rank, world_size
 
@@ -78,20 +80,29 @@ class ShardedKDEDenoiser:
         self.n = int(_all_reduce(torch.tensor([local_data.shape[0]], device=local_data.device), group))
         if self.n == 0:
             raise ValueError("every shard is empty: the dataset needs at least one row")
-        index = kde_options.get("index", False)
-        self.indexed = (index not in (False, None) and kde_options.get("precision", "exact") == "exact"
-                        and kde_options.get("backend", "auto") != "reference")
-        if self.indexed:
-            kde_options["index"] = {**({} if index is True else dict(index)), "n_total": self.n,
-                                    "reduce_min": lambda t: _all_reduce(t, group, "min")}
-        self.local = KDEDenoiser(local_data, **kde_options) if local_data.shape[0] else None
-        # the global mean c and radius R (max_i |y_i - c|): far queries merge on logZ relative to c
-        dim = int(torch.tensor(self.shape).prod())
-        c_r = self.local.store.center.to(local_data.device) if self.local else torch.zeros(dim, dtype=torch.float64,
-                                                                                            device=local_data.device)
+        index = kde_options.pop("index", "auto")
+        self.local = KDEDenoiser(local_data, index=False, **kde_options) if local_data.shape[0] else None
+        # the global mean c, radius R (max_i |y_i - c|) and sigma_data: far queries merge on logZ relative to c
+        dev, dim = local_data.device, int(torch.tensor(self.shape).prod())
+        c_r = self.local.store.center.to(dev) if self.local else torch.zeros(dim, dtype=torch.float64, device=dev)
         self.center = _all_reduce(c_r * local_data.shape[0], group) / self.n
-        r = (c_r - self.center).norm() + self.local.store.radius if self.local else torch.zeros((), dtype=torch.float64)
-        self.radius = float(_all_reduce(r.reshape(1).to(local_data.device, torch.float64), group, "max"))
+        st = self.local.store if self.local else None
+        r = (c_r - self.center).norm() + st.radius if st else torch.zeros((), dtype=torch.float64, device=dev)
+        self.radius = float(_all_reduce(r.reshape(1).to(dev, torch.float64), group, "max"))
+        ss = 2 * st.hy2.sum().to(dev) + st.n * (c_r - self.center).square().sum() if st else r.new_zeros(())
+        sigma_data = math.sqrt(float(_all_reduce(ss.reshape(1).to(dev, torch.float64), group)) / (self.n * dim))
+        # the index: on every shard or none, built at the same call (its collective runs on every rank)
+        exact = kde_options.get("precision", "exact") == "exact" and kde_options.get("backend", "auto") != "reference"
+        if index == "auto":
+            index = {"build_below": 2 * sigma_data} if self.n >= INDEX_AUTO_N and dim > INDEX_AUTO_MIN_D else False
+        self.indexed = index not in (False, None) and exact
+        self.index_below = None
+        if self.indexed:
+            index = {**({} if index is True else dict(index)), "n_total": self.n,
+                     "reduce_min": lambda t: _all_reduce(t, group, "min")}
+            self.index_below = index.get("build_below", math.inf)
+        if self.local is not None:
+            self.local.configure_index(index if self.indexed else False)
 
     def __len__(self) -> int:
         return self.n
@@ -107,8 +118,10 @@ class ShardedKDEDenoiser:
         |x - y_i|^2 is too large for float64 to resolve them (the choice is the same on every rank)."""
         xf = x64.flatten(1)
         far = (xf - self.center).norm(dim=1) > 3 * self.radius
+        if self.indexed and float(sig.min()) <= self.index_below:
+            self.index_below = math.inf                                # built now on every shard
         if self.local is None:
-            if self.indexed:                                           # the index's collective, on every rank
+            if self.indexed and self.index_below == math.inf:          # the index's collective, on every rank
                 _all_reduce(x64.new_full((x64.shape[0],), torch.inf), self.group, "min")
             return x64.new_full((x64.shape[0],), -torch.inf), torch.zeros_like(x64)
         out, stats = self.local(x64, sig, return_stats=True)
