@@ -14,8 +14,9 @@ points as the starting intermediate times).  Training (``gs.amed.train``): the t
 the 60-step polynomial grid (GITS's fine grid; one run on noise seed 0, the GITS warm-up stream,
 shared by every base grid it contains; time_uniform grids get their own), ``--num-samples`` noises,
 ``--epochs``; never the scored noise.  Per cell: the learned predictor (per sample), its mean
-predictions (what a diffusers pipeline runs), and the untrained start.  Studies at one setting:
-predictor features, teacher, training-set size; and the default ``gs.amed.train`` timed alone.
+predictions (what a diffusers pipeline runs), and the untrained start.  ``--bases`` picks base grids.
+Studies at one setting (``--studies``): predictor features, teacher, training-set size; and
+"budget", the default ``gs.amed.train`` timed alone.
 
 Resumable: every finished cell is saved in ``--work``; run it again (e.g. under ``flock``) to go on;
 ``--max-minutes`` stops after the cell that passes the limit.  Writes ``amed_network.json`` / ``.md``.
@@ -44,12 +45,19 @@ METHODS = ("amed", "ipndm", "dpmpp")
 BASES = {"amed": ("time_uniform", "gits"), "ipndm": ("polynomial", "gits"), "dpmpp": ("polynomial", "gits")}
 STUDY = {"nfe": 5, "method": "ipndm", "base": "gits"}
 TEACHER = {"solver": "ipndm", "steps": 60, "samples": 256}   # the shared teacher; cells use its first samples
+STUDIES = {"loss/interval": {"loss": "interval"}, "features/denoised": {"features": "denoised"},
+           "features/none": {"features": "none"}, "samples/64": {"num_samples": 64},
+           "samples/256": {"num_samples": 256}, "samples/256x2": {"num_samples": 256, "epochs": 8},
+           "teacher/heun-M1": {"teacher": None, "teacher_solver": "heun", "teacher_steps": 2 * 3},
+           "scale/0.1": {"scale_dir": 0.1, "scale_time": 0.1}}   # one setting changed against the STUDY cell
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--nfes", default=",".join(map(str, NFES)))
     p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--bases", default="time_uniform,polynomial,gits",
+                   help="base grids to train on (each method takes those of its own it names)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--seed", type=int, default=0, help="GITS warm-up and AMED training noise; scored noise is seed + 1")
     p.add_argument("--num-warmup", type=int, default=64, help="GITS teacher samples (default 64, as nfe_quality)")
@@ -64,7 +72,9 @@ def parse_args(argv=None):
                    help="resumable state (tensors and finished cells), outside the repository")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     p.add_argument("--max-minutes", type=float, default=None)
-    p.add_argument("--no-studies", action="store_true")
+    p.add_argument("--report-only", action="store_true", help="write the report from the cells in --work, run nothing")
+    p.add_argument("--studies", default=",".join((*STUDIES, "budget")),
+                   help="studies to run after the cells, and 'budget' (the default gs.amed.train timed); '' for none")
     return p.parse_args(argv)
 
 
@@ -118,20 +128,29 @@ def best_nonlearned(nfe: int) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    bases, studies = args.bases.split(","), [name for name in args.studies.split(",") if name]
+    if not set(bases) <= {b for m in BASES.values() for b in m}:
+        raise SystemExit(f"--bases: choose from time_uniform, polynomial, gits; got {args.bases!r}")
+    if not set(studies) <= {*STUDIES, "budget"}:
+        raise SystemExit(f"--studies: choose from {', '.join((*STUDIES, 'budget'))}; got {args.studies!r}")
     torch.set_num_threads(args.threads)
     os.environ.setdefault("GEOSAMPLE_CACHE", str(Path(args.work) / "cache"))
     settings = {k: getattr(args, k) for k in ("batch", "seed", "num_warmup", "num_samples", "epochs", "lr",
                                               "batch_size", "loss", "features")}
     state = State(Path(args.work), settings)
+    nfes, methods = [int(v) for v in args.nfes.split(",")], args.methods.split(",")
+    if args.report_only:
+        write_report(state, args, nfes, methods)
+        return 0
     deadline = None if args.max_minutes is None else time.time() + 60 * args.max_minutes
     net = gs.models.load("cifar10-tiny")
     shape = net.shape
     noise = torch.randn((args.batch, *shape), generator=torch.Generator().manual_seed(args.seed + 1))
 
     def timed(make):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = make()
-        return out, time.perf_counter() - t0
+        return out, time.perf_counter() - t0, time.process_time() - c0
 
     ref = state.tensor("reference", lambda: gs.metrics.reference_solve(net, noise, 100, "heun", progress=True))
     teacher_x = state.tensor("teacher", lambda: _teacher(net, shape, args, state))
@@ -141,7 +160,7 @@ def main(argv=None) -> int:
     def gits(solver: str, steps: int) -> list:
         key = f"gits/{solver}/{steps}"
         if state.get(key) is None:
-            found, secs = timed(lambda: gs.gits.search(net, shape, steps, gamma=gs.gits.GAMMAS, refine=True,
+            found, secs, _ = timed(lambda: gs.gits.search(net, shape, steps, gamma=gs.gits.GAMMAS, refine=True,
                                                        num_warmup=args.num_warmup, seed=args.seed, solver=solver,
                                                        use_cache=False))
             state.put(key, {"sigmas": found.sigmas.tolist(), "gamma": found.gamma, "search_s": secs})
@@ -153,8 +172,6 @@ def main(argv=None) -> int:
             return True
         return False
 
-    nfes = [int(v) for v in args.nfes.split(",")]
-    methods = args.methods.split(",")
     for nfe in nfes:   # the best non-learned cell, recomputed, and the GITS cells AMED starts from
         key = f"baseline/{nfe}"
         if state.get(key) is None:
@@ -191,17 +208,17 @@ def main(argv=None) -> int:
             n = options["num_samples"]
             options["teacher"] = gs.Trajectory(x=teacher.x[:, :n], denoised=teacher.x[:0], sigmas=fine,
                                                nfe=teacher.nfe)
-        pred, secs = timed(lambda: gs.amed.train(net, shape, sig, solver=method, afs=afs, init=init, **options))
+        pred, secs, cpu = timed(lambda: gs.amed.train(net, shape, sig, solver=method, afs=afs, init=init, **options))
         start = init or gs.amed.Fixed([0.5] * K)
         runs = {"learned": pred, "mean": pred.fixed(), "start": start}
         res = {name: rmse(gs.sample(net, noise, sig, solver=method, afs=afs, amed=p), ref) for name, p in runs.items()}
         return {"nfe": nfe, "method": method, "base": base, "afs": afs, "K": K, "sigmas": sig,
                 "features": pred.features, "rmse": res["learned"], "rmse_mean": res["mean"], "rmse_start": res["start"],
-                "train_s": secs, "teacher": "shared" if contained else "own",
+                "train_s": secs, "train_cpu_s": cpu, "load": os.getloadavg()[0], "teacher": "shared" if contained else "own",
                 "training": {k: pred.meta["training"][k] for k in ("loss", "denoiser_calls", "num_samples", "gradient")},
                 "mean": pred.meta["mean"], "options": {k: v for k, v in train_options.items()}}
 
-    todo = [(nfe, m, b) for nfe in nfes for m in methods for b in BASES[m]]
+    todo = [(nfe, m, b) for nfe in nfes for m in methods for b in bases if b in BASES[m]]   # in --bases order
     for nfe, method, base in todo:
         key = f"amed/{nfe}/{method}/{base}"
         if state.get(key) is None:
@@ -210,25 +227,20 @@ def main(argv=None) -> int:
         if out_of_time():
             return 0
 
-    if not args.no_studies:
-        s = STUDY
-        studies = {"loss/interval": {"loss": "interval"}, "features/denoised": {"features": "denoised"},
-                   "features/none": {"features": "none"}, "samples/64": {"num_samples": 64},
-                   "samples/256": {"num_samples": 256}, "samples/256x2": {"num_samples": 256, "epochs": 8},
-                   "teacher/heun-M1": {"teacher": None, "teacher_solver": "heun", "teacher_steps": 2 * 3},
-                   "scale/0.1": {"scale_dir": 0.1, "scale_time": 0.1}}
-        for name, options in studies.items():
-            key = f"study/{name}"
-            if state.get(key) is None:
-                state.put(key, cell(s["nfe"], s["method"], s["base"], **options))
-                print(key, state.get(key)["rmse"])
-            if out_of_time():
-                return 0
+    for name in (n for n in STUDIES if n in studies):
+        key = f"study/{name}"
+        if state.get(key) is None:
+            state.put(key, cell(STUDY["nfe"], STUDY["method"], STUDY["base"], **STUDIES[name]))
+            print(key, state.get(key)["rmse"])
+        if out_of_time():
+            return 0
+    if "budget" in studies:
         key = "budget/default"
         if state.get(key) is None:   # gs.amed.train with its defaults, alone (own teacher, no cache)
             sig = gs.schedules.polynomial(3)
-            pred, secs = timed(lambda: gs.amed.train(net, shape, sig, solver="ipndm", use_cache=False, progress=True))
-            state.put(key, {"seconds": secs, "load": os.getloadavg()[0], "threads": torch.get_num_threads(),
+            pred, secs, cpu = timed(lambda: gs.amed.train(net, shape, sig, solver="ipndm", use_cache=False,
+                                                          progress=True))
+            state.put(key, {"seconds": secs, "cpu_seconds": cpu, "load": os.getloadavg()[0], "threads": torch.get_num_threads(),
                             "rmse": rmse(gs.sample(net, noise, sig, solver="ipndm", amed=pred), ref),
                             "denoiser_calls": pred.meta["training"]["denoiser_calls"]})
 
@@ -246,6 +258,12 @@ def _teacher(net, shape, args, state) -> torch.Tensor:
         xs.append(gs.sample(net, noise, fine, solver=TEACHER["solver"], return_trajectory=True).x)
     state.put("teacher_s", time.perf_counter() - t0)
     return torch.cat(xs, dim=1)
+
+
+def _cost(c: dict) -> str:
+    """Training wall seconds, with CPU seconds and the load average where the cell recorded them."""
+    extra = f" ({c['train_cpu_s']:.0f}, {c['load']:.1f})" if "train_cpu_s" in c else ""
+    return f"{c['train_s']:.0f}{extra}"
 
 
 def write_report(state: State, args, nfes, methods) -> None:
@@ -282,31 +300,34 @@ def write_report(state: State, args, nfes, methods) -> None:
                      + f" | {', '.join(secs)} |")
     lines += ["", "Every cell: learned (per sample) / its mean predictions (a diffusers pipeline) / the untrained "
               "start (r = 1/2, or the GITS midpoints for the gits base):", "",
-              "| NFE | method | base | RMSE learned | mean | start | training s | teacher |", "|---|---|---|---|---|---|---|---|"]
+              "| NFE | method | base | RMSE learned | mean | start | training s (CPU s, load) | teacher |",
+              "|---|---|---|---|---|---|---|---|"]
     for key in sorted(k for k in cells if k.startswith("amed/")):
         c = cells[key]
         lines.append(f"| {c['nfe']} | {name[c['method']]} | {c['base']} | {c['rmse']:.4f} | {c['rmse_mean']:.4f} | "
-                     f"{c['rmse_start']:.4f} | {c['train_s']:.0f} | {c['teacher']} |")
+                     f"{c['rmse_start']:.4f} | {_cost(c)} | {c['teacher']} |")
     studies = sorted(k for k in cells if k.startswith("study/"))
     if studies:
         main = cells.get(f"amed/{STUDY['nfe']}/{STUDY['method']}/{STUDY['base']}")
         lines += ["", f"Studies at NFE {STUDY['nfe']}, {name[STUDY['method']]}, {STUDY['base']} base (as the main "
                   f"cells: {args.features} features, {args.loss} loss, {args.num_samples} samples, the shared iPNDM "
                   "60-step teacher; one setting changed per row):", "",
-                  "| study | RMSE learned | mean | start | training s |", "|---|---|---|---|---|"]
+                  "| study | RMSE learned | mean | start | training s (CPU s, load) |", "|---|---|---|---|---|"]
         if main is not None:
             lines.append(f"| (main cell) | {main['rmse']:.4f} | {main['rmse_mean']:.4f} | {main['rmse_start']:.4f} | "
-                         f"{main['train_s']:.0f} |")
+                         f"{_cost(main)} |")
         for key in studies:
             c = cells[key]
-            lines.append(f"| {key[6:]} | {c['rmse']:.4f} | {c['rmse_mean']:.4f} | {c['rmse_start']:.4f} | "
-                         f"{c['train_s']:.0f} |")
+            lines.append(f"| {key[6:]} | {c['rmse']:.4f} | {c['rmse_mean']:.4f} | {c['rmse_start']:.4f} | {_cost(c)} |")
     if "budget/default" in cells:
         b = cells["budget/default"]
         lines += ["", f"`gs.amed.train(net, net.shape, gs.schedules.polynomial(3), solver='ipndm')` with its defaults "
-                  f"(own teacher, {b['denoiser_calls']} batched denoiser calls): {b['seconds']:.0f} s on "
-                  f"{b['threads']} threads, load {b['load']:.1f} at the end; RMSE {b['rmse']:.4f}."]
+                  f"(own teacher, {b['denoiser_calls']} batched denoiser calls): {b['seconds']:.0f} s wall, "
+                  f"{b['cpu_seconds']:.0f} s CPU on {b['threads']} threads, load {b['load']:.1f} at the end "
+                  f"(budget: 600 s on 2 cores); RMSE {b['rmse']:.4f}."]
     m = report["machine"]
+    lines += ["", "Settings of every cell (the runs that made them resume from one --work folder): "
+              + ", ".join(f"{k}={v}" for k, v in cells["_config"].items()) + "."]
     lines += ["", f"Command: `{report['command']}` ({m['date']}, {m['cpus']} shared CPU cores, {m['torch_threads']} "
               f"torch threads, torch {m['torch']}, geosample {m['geosample']})."]
     atomic_write_text(stem.with_suffix(".md"), "\n".join(lines) + "\n")
