@@ -221,36 +221,25 @@ def _t_mid(t, tn, r):
     return (tn ** r) * (t ** (1 - r))
 
 
-def _midpoint(D, x, t, tn, r, first_afs):
-    """The reference's Euler step to t_mid: (d at t, t_mid, x at t_mid)."""
-    d = _d(D, x, t, first_afs)
-    tm = _t_mid(t, tn, r)
-    return d, tm, x + (tm - t) * d
+def _one_direction(update):
+    """The reference's one-step AMED loops: an Euler step to t_mid, the extra call there, then
+    ``update(x, x_m, d, d_m, t, t_mid, t_next, r, c)``."""
+    def run(D, x, ts, r, c, a, afs=False):
+        for i in range(len(ts) - 1):
+            t, tn = ts[i], ts[i + 1]
+            d = _d(D, x, t, afs and i == 0)
+            tm = _t_mid(t, tn, r[i])
+            xm = x + (tm - t) * d
+            dm = (xm - D(xm, a[i] * tm)) / tm
+            x = update(x, xm, d, dm, t, tm, tn, r[i], c[i])
+        return x
+    return run
 
 
-def amed_amed(D, x, ts, r, c, a, afs=False):
-    for i in range(len(ts) - 1):
-        t, tn = ts[i], ts[i + 1]
-        d, tm, xm = _midpoint(D, x, t, tn, r[i], afs and i == 0)
-        x = x + c[i] * (tn - t) * ((xm - D(xm, a[i] * tm)) / tm)
-    return x
-
-
-def amed_euler(D, x, ts, r, c, a, afs=False):
-    for i in range(len(ts) - 1):
-        t, tn = ts[i], ts[i + 1]
-        d, tm, xm = _midpoint(D, x, t, tn, r[i], afs and i == 0)
-        x = xm + c[i] * (tn - tm) * ((xm - D(xm, a[i] * tm)) / tm)
-    return x
-
-
-def amed_dpm2(D, x, ts, r, c, a, afs=False):
-    for i in range(len(ts) - 1):
-        t, tn = ts[i], ts[i + 1]
-        d, tm, xm = _midpoint(D, x, t, tn, r[i], afs and i == 0)
-        dm = (xm - D(xm, a[i] * tm)) / tm
-        x = x + c[i] * (tn - t) * ((1 / (2 * r[i])) * dm + (1 - 1 / (2 * r[i])) * d)
-    return x
+amed_amed = _one_direction(lambda x, xm, d, dm, t, tm, tn, r, c: x + c * (tn - t) * dm)
+amed_euler = _one_direction(lambda x, xm, d, dm, t, tm, tn, r, c: xm + c * (tn - tm) * dm)
+amed_dpm2 = _one_direction(lambda x, xm, d, dm, t, tm, tn, r, c:
+                           x + c * (tn - t) * ((1 / (2 * r)) * dm + (1 - 1 / (2 * r)) * d))
 
 
 def _ab(h, d, buf):
@@ -326,3 +315,10 @@ def amed_dpmpp(D, x, ts, r, c, a, afs=False, max_order=3, lower_order_final=True
 
 AMED_REFERENCE = {"amed": amed_amed, "euler": amed_euler, "dpm2": amed_dpm2, "ipndm": amed_ipndm,
                   "dpmpp": amed_dpmpp}
+
+
+def nfe_schedule(steps: int, to_zero: bool):
+    """The NFE-accounting tests' schedule: EDM's, with a trailing 0 (a final full denoise) if asked."""
+    import geosample as gs   # the only use of geosample here: the references above stay independent of it
+    sig = gs.schedules.polynomial(steps, 0.002, 80.0)
+    return torch.cat([sig, sig.new_zeros(1)]) if to_zero else sig

@@ -11,7 +11,7 @@ import geosample as gs
 from geosample.amed.run import PredictedRun
 from geosample.gits.cache import CacheWarning
 
-from reference_solvers import AMED_REFERENCE
+from reference_solvers import AMED_REFERENCE, nfe_schedule
 
 R = [0.3, 0.6, 0.45, 0.7, 0.52]
 C = [1.01, 0.99, 1.0, 1.02, 0.98]
@@ -40,9 +40,7 @@ def test_matches_reference_loops(gmm, noise, solver, options, afs):
 @pytest.mark.parametrize("afs", [False, True])
 @pytest.mark.parametrize("to_zero", [False, True])
 def test_nfe_accounting(gmm, noise, solver, steps, afs, to_zero):
-    sig = gs.schedules.polynomial(steps, 0.002, 80.0)
-    if to_zero:
-        sig = torch.cat([sig, sig.new_zeros(1)])
+    sig = nfe_schedule(steps, to_zero)
     calls = []
     fixed = gs.amed.Fixed([0.4] * steps)
     traj = gs.sample(lambda x, s: calls.append(s) or gmm(x, s), noise, sig, solver=solver, amed=fixed, afs=afs,

@@ -10,7 +10,7 @@ from geosample.solvers.base import X, Y, Op
 from geosample.solvers.adams import AB_COEFFS, deis_tab_coefficients, ipndm_v_coefficients
 from geosample.solvers.exponential import dpmpp_coefficients, unipc_coefficients
 
-from reference_solvers import REFERENCE, deis_coefficients_riemann
+from reference_solvers import REFERENCE, deis_coefficients_riemann, nfe_schedule
 
 SOLVERS = sorted(REFERENCE)
 TWO_EVAL = {"heun", "dpm2"}
@@ -60,9 +60,7 @@ def test_matches_reference_options(gmm, noise, solver, options):
 @pytest.mark.parametrize("afs", [False, True])
 @pytest.mark.parametrize("to_zero", [False, True])
 def test_nfe_accounting(gmm, noise, solver, steps, afs, to_zero):
-    sig = gs.schedules.polynomial(steps, 0.002, 80.0)
-    if to_zero:
-        sig = torch.cat([sig, sig.new_zeros(1)])
+    sig = nfe_schedule(steps, to_zero)
     den = Counting(gmm)
     traj = gs.sample(den, noise, sig, solver=solver, afs=afs, return_trajectory=True)
     n = gs.nfe(solver, sig.numel() - 1, afs=afs, denoise_to_zero=to_zero)
