@@ -342,6 +342,18 @@ def test_auto_index_is_built_at_the_first_small_sigma(monkeypatch, tmp_path):
     assert rel(out, off(x, 0.01)) < 1e-12
 
 
+def test_a_large_build_shows_progress(monkeypatch, tmp_path, capsys):
+    """An automatic build runs inside a denoiser call (tens of seconds at 10^6 rows): a bar from
+    PROGRESS_ROWS rows (lowered here), none below."""
+    import geosample.denoisers.kde_index as index_module
+    y = clustered(n=2000, d=300, k=20, spread=0.05)
+    KDEIndex.build(KDEDenoiser(y, index=False).store, cache=False)
+    assert "kde index" not in capsys.readouterr().err
+    monkeypatch.setattr(index_module, "PROGRESS_ROWS", 1000)
+    KDEIndex.build(KDEDenoiser(y, index=False).store, cache=False)
+    assert "kde index (2,000 rows)" in capsys.readouterr().err
+
+
 def test_rank_follows_the_data():
     """Rows on a 10-dimensional subspace get a rank-10 index (no fine level, 4 * 17 bytes a row),
     exact all the same; full-rank rows get the default ranks 128 / 256."""

@@ -62,6 +62,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .._io import atomic_write, cache_root
 from .kde_stats import INDEXED, KDEStats, anchored_stats, candidate_sq_dists, put_rows
@@ -72,6 +73,7 @@ U32 = 2.0 ** -24
 U64 = 2.0 ** -53
 FORMAT = 5                       # cache file layout version (and key scheme)
 BLOCK = 1 << 15                  # index rows per GEMM block of a pass
+PROGRESS_ROWS = 100_000          # a build over this many rows shows a progress bar (tens of seconds at 10^6)
 KEEP_BOUNDS = 1 << 28            # bytes of pass-1 bounds [B, N] kept for pass 2 (else recomputed)
 EXACT_BYTES = 1 << 21            # float64 bytes of (query, row) pairs per block of the exact evaluation (cache)
 BUILD_BYTES = 1 << 22            # float32 bytes of rows per block of the build pass
@@ -256,7 +258,8 @@ class KDEIndex:
 
         chunk = max(64, BUILD_BYTES // (4 * store.dim))                      # the converted block stays in cache
         buf = torch.empty(chunk, store.dim)                                  # reused: no page faults per chunk
-        for a, b in store.ranges(chunk=chunk):
+        blocks = store.ranges(chunk=chunk)
+        for a, b in tqdm(blocks, desc=f"kde index ({store.n:,} rows)", leave=False, disable=store.n < PROGRESS_ROWS):
             q = buf[: b - a].copy_(store._raw(a, b)).sub_(m32)               # centred in float32 (rounded)
             norm2 = 2 * store.hy2[a:b]                                         # hy2 = |y_i - c|^2 / 2
             vn = norm2.sqrt()
