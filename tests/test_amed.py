@@ -336,3 +336,27 @@ def test_trajectory_loss(gmm, noise):
     q = gs.amed.train(black_box, (6,), sig, **kw)   # "auto": the interval loss, forward differences
     assert q.meta["training"]["gradient"] == "difference" and q.meta["training"]["objective"] == "interval"
     assert p.meta["training"]["objective"] == "trajectory"
+
+
+def test_nan_in_training_is_an_error_naming_the_interval(gmm, tmp_path):
+    """A denoiser returning NaN near one interval's t_mid trained silently (gradients zeroed) and
+    the predictor was cached; now a FloatingPointError names the interval, and nothing is cached."""
+    sig = gs.schedules.polynomial(3, 0.01, 80.0)
+
+    def bad(x, s):
+        out = gmm(x, s)
+        return out + torch.where((s < 5) & (s > 0.2), float("nan"), 0.0).view(-1, *[1] * (x.dim() - 1))
+
+    with pytest.raises(FloatingPointError, match=r"interval \d \(sigma"):
+        gs.amed.train(bad, (6,), sig, solver="ipndm", num_samples=8, batch_size=8, epochs=1, teacher_steps=6,
+                      teacher=gs.sample(gmm, torch.randn(8, 6, generator=torch.Generator().manual_seed(0)),
+                                        gs.amed.teacher_grid(sig, 6), solver="ipndm", return_trajectory=True))
+    assert not list((tmp_path / "cache").rglob("*.pt"))
+
+
+def test_bad_scales_are_refused_before_any_denoiser_call(gmm):
+    calls = []
+    with pytest.raises(ValueError, match="scale_dir"):
+        gs.amed.train(lambda x, s: calls.append(s) or gmm(x, s), (6,), gs.schedules.polynomial(3, 0.01, 80.0),
+                      solver="ipndm", scale_dir=2.0)
+    assert calls == []

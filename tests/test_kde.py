@@ -187,3 +187,21 @@ def test_a_memmap_whose_file_changes_is_refused(tmp_path):
     rows.flush()
     with pytest.raises(ValueError, match="changed"):
         kde(x, 1.0)
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_a_memmap_whose_file_is_deleted_or_replaced_keeps_its_rows(tmp_path, how):
+    """The mapping keeps the old rows when the file is unlinked or renamed over (a new inode): the
+    denoiser stays right (before: FileNotFoundError / a refusal); an in-place rewrite is refused above."""
+    path = tmp_path / "y.npy"
+    y = np.random.default_rng(0).random((200, 8), dtype=np.float32)
+    np.save(path, y)
+    kde = KDEDenoiser(np.load(path, mmap_mode="r"))
+    x = torch.zeros(2, 8)
+    before = kde(x, 1.0)
+    if how == "deleted":
+        os.unlink(path)
+    else:
+        np.save(tmp_path / "z.npy", y + 3)
+        os.replace(tmp_path / "z.npy", path)
+    torch.testing.assert_close(kde(x, 1.0), before, rtol=0, atol=0)

@@ -366,3 +366,17 @@ def test_rank_follows_the_data():
     assert bool((st.path == INDEXED).all()) and rel(out, reference(kd.store, x, torch.full((4,), 1e4, dtype=torch.float64))[0]) < 1e-12
     full = KDEDenoiser(torch.rand(3000, 400, generator=g), index=dict(cache=False)).index
     assert (full.rank, full.fine_rank) == (128, 256)
+
+
+def test_data_without_spread_and_unused_auto_index(monkeypatch):
+    """One row (sigma_data = 0) divided by zero in the index's sigma test; "auto" built an index for
+    precision="fast" and the reference backend, which never use it."""
+    import geosample.denoisers.kde as kde_module
+    y = torch.randn(1, 16, generator=torch.Generator().manual_seed(0))
+    out = KDEDenoiser(y, index=dict(cache=False))(torch.randn(3, 16), 0.5)
+    torch.testing.assert_close(out, y.expand(3, -1))
+    monkeypatch.setattr(kde_module, "INDEX_AUTO_N", 100)
+    big = clustered(n=400, d=300, k=4)
+    assert KDEDenoiser(big)._index_options is not None
+    assert KDEDenoiser(big, precision="fast")._index_options is None
+    assert KDEDenoiser(big, backend="reference")._index_options is None

@@ -127,6 +127,9 @@ class PredictedRun:
         if features is None and not analytic:  # AFS: no evaluation, the predictor sees zeros
             features = self.features(denoised)
         r, c, a = (v.to(torch.float64) for v in self.predictor(features, i, x.shape[0]))
+        if not bool(torch.isfinite(torch.cat([r, c, a])).all()):
+            raise FloatingPointError(f"AMED predictions for interval {i} (sigma {self.grid[i]:.4g} -> "
+                                     f"{self.grid[i + 1]:.4g}) are not finite: the denoiser's output there has NaN or inf")
         first, second = self._ops(i, r, c, a)
         if self.on_step is not None:
             self.on_step(i, x, denoised)

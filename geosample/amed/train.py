@@ -197,8 +197,9 @@ def train(denoiser, shape, sigmas, *, solver: str, afs: bool = False, features: 
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
     kind = resolve(features, denoiser)
+    checked = Predictor(K, 0, hidden=hidden, scale_dir=scale_dir, scale_time=scale_time)  # before any work
     if init is not None:
-        Predictor(K, 0, scale_dir=scale_dir, scale_time=scale_time).start_from(init)  # checked before any work
+        checked.start_from(init)
     t_start = time.perf_counter()
     fp = fingerprint(denoiser, shape, device)
     X = None
@@ -281,13 +282,20 @@ def _loss(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (x - target).flatten(1).pow(2).sum(1).mean()
 
 
-def _optimize(opt, loss) -> float:
+def _interval(grid, i: int) -> str:
+    return f"interval {i} (sigma {grid[i]:.4g} -> {grid[i + 1]:.4g})"
+
+
+def _optimize(opt, loss, where: str) -> float:
+    """One Adam step on ``loss``; a non-finite loss or gradient (NaN from the denoiser, predictions
+    leaving the float range) is a FloatingPointError naming ``where``, never a step or a cached result."""
+    if not bool(torch.isfinite(loss)):
+        raise FloatingPointError(f"AMED training: the loss at {where} is not finite; check the denoiser there")
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    for group in opt.param_groups:
-        for p in group["params"]:
-            if p.grad is not None:
-                torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
+    grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
+    if not all(bool(torch.isfinite(g).all()) for g in grads):
+        raise FloatingPointError(f"AMED training: the gradient at {where} is not finite; check the denoiser there")
     opt.step()
     return float(loss.detach())
 
@@ -331,7 +339,7 @@ def _one_step(pred, opt, calls, variant, grid, afs, options, X, den, feats, sour
         if den[i] is not None:
             run.send(den[i][idx], features=None if feats[i] is None else feats[i][idx])
         calls.extra(run)
-        out.append(_optimize(opt, _loss(run.x, X[i + 1, idx])))
+        out.append(_optimize(opt, _loss(run.x, X[i + 1, idx]), _interval(grid, i)))
     return out
 
 
@@ -342,7 +350,7 @@ def _multistep(pred, opt, calls, variant, grid, afs, options, X, den, feats, sou
         if not run.in_interval:  # the interval's first call (with AFS, interval 0 has none)
             calls.first(run)
         calls.extra(run)
-        out.append(_optimize(opt, _loss(run.x, X[i + 1, idx])))
+        out.append(_optimize(opt, _loss(run.x, X[i + 1, idx]), _interval(grid, i)))
         run.detach()
     return out
 
@@ -356,7 +364,8 @@ def _whole_run(pred, opt, calls, variant, grid, afs, options, X, den, feats, sou
             calls.first(run, grad=True)
         calls.extra(run)
         losses.append(_loss(run.x, X[i + 1, idx]))
-    _optimize(opt, sum(losses))
+    bad = next((i for i, v in enumerate(losses) if not bool(torch.isfinite(v))), None)
+    _optimize(opt, sum(losses), "the whole run" if bad is None else _interval(grid, bad))
     return [float(v.detach()) for v in losses]
 
 

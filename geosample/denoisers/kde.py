@@ -141,9 +141,17 @@ class Store:
         return torch.empty(data.shape, dtype=getattr(torch, self.storage), device=data.device).copy_(data)
 
     def check_unchanged(self):
-        """ValueError when a memmapped file was rewritten since the store was built (its size,
-        modification time or inode changed): its means and norms would describe other rows."""
-        if self.file_id is not None and _file_id(self.data) != self.file_id:
+        """ValueError when a memmapped file was rewritten in place since the store was built (same
+        inode, another size or modification time): the mapping then shows other rows than its means
+        and norms describe.  A file deleted or replaced by another (a new inode) leaves the mapping
+        on the old rows: nothing to refuse."""
+        if self.file_id is None:
+            return
+        try:
+            now = _file_id(self.data)
+        except OSError:
+            return
+        if now[2:] == self.file_id[2:] and now != self.file_id:
             raise ValueError(f"the memmapped data file {self.data.filename} changed after the KDEDenoiser "
                              "was built; build a new denoiser for the new rows")
 
@@ -527,13 +535,14 @@ class KDEDenoiser:
         self.threads = threads or torch.get_num_threads()
         self.configure_index(index)
 
-    def configure_index(self, index, n: int | None = None, sigma_data: float | None = None):
-        """Set up the index (``index`` as in the class docstring); ``n`` and ``sigma_data`` (default:
-        this store's) are what "auto" decides on (ShardedKDEDenoiser passes the whole dataset's)."""
+    def configure_index(self, index):
+        """Set up the index (``index`` as in the class docstring).  "auto" builds none where no call
+        would use it: the fast precision and the reference backend never take the indexed path."""
         self.index, self._index_options, self.index_below = None, None, None
         if index == "auto":
-            if (n or self.store.n) >= INDEX_AUTO_N and self.store.dim > INDEX_AUTO_MIN_D:
-                self._index_options, self.index_below = {}, 2 * (sigma_data or self.store.sigma_data)
+            exact = self.precision == "exact" and self.backend != "reference"
+            if exact and self.store.n >= INDEX_AUTO_N and self.store.dim > INDEX_AUTO_MIN_D:
+                self._index_options, self.index_below = {}, 2 * self.store.sigma_data
         elif index is True or isinstance(index, dict):
             options = {} if index is True else dict(index)
             self.index_below = options.pop("build_below", math.inf)

@@ -364,7 +364,7 @@ class KDEIndex:
         b, dev = q.xc.shape[0], q.xc.device
         gap = 2.0 * math.log((self.n_total or store.n) / self.tol) / q.inv_s2       # [B] in |x - y|^2 units
         live = gap < (q.xc.norm(dim=1) + store.radius) ** 2                  # else every row would be kept
-        live &= q.inv_s2 >= (SIGMA_SKIP * store.sigma_data) ** -2             # else (measured) no set is small
+        live &= q.inv_s2 * (SIGMA_SKIP * store.sigma_data) ** 2 >= 1          # else (measured) no set is small
         rows, cols, big = self.certify(store, q, gap, live)
         self.queries += b
         self.hits += int((live & ~big).sum())

@@ -177,4 +177,4 @@ class GITSConfig:
                                                              "refine", "refine_paths"}
         return cls(grid=grid["family"], teacher_steps=grid["teacher_steps"], sigma_min=grid["sigma_min"],
                    sigma_max=grid["sigma_max"], rho=grid["rho"], refine=params.get("refine", False),
-                   refine_paths=params.get("refine_paths", 6), **{k: params[k] for k in names})
+                   refine_paths=params.get("refine_paths", cls.refine_paths), **{k: params[k] for k in names})
