@@ -82,6 +82,16 @@ def test_scheduler_takes_a_predictor_as_its_mean(unet, gmm):
     s = GITSScheduler()
     s.use_amed(p)
     assert s.config.solver == "dpmpp" and s.config.amed == p.fixed().to_dict()
+    q = gs.amed.train(gmm, (6,), sig, solver="dpmpp", num_samples=8, batch_size=8, epochs=1, teacher_steps=8,
+                      max_order=2)
+    s.use_amed(q)   # the predictor's own solver options (the scheduler's were dropped)
+    assert s.config.solver_options["max_order"] == 2
+    with pytest.raises(ValueError, match="trained for 'dpmpp', not 'ipndm'"):
+        s.use_amed(q, solver="ipndm")
+    a = gs.amed.train(gmm, (6,), sig, solver="dpmpp", num_samples=8, batch_size=8, epochs=1, teacher_steps=8,
+                      afs=True)
+    with pytest.raises(ValueError, match="afs=True"):
+        s.use_amed(a)
 
 
 def test_diffusers_unet_bottleneck_through_the_adapter(unet):

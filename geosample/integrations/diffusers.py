@@ -359,16 +359,23 @@ class GITSScheduler(SchedulerMixin, ConfigMixin):
         training samples (:meth:`~geosample.amed.Predictor.fixed`) are used, as the reference's
         diffusers plugin does: a pipeline gives one timestep per batch, so per-sample times cannot
         be passed (docs/amed.md measures the difference).  Sets ``amed`` in the config (kept by
-        ``save_pretrained``) and ``solver`` (the predictor's, or ``solver``); the schedule must have
+        ``save_pretrained``), ``solver`` and ``solver_options`` (a predictor's own; one trained with AFS is
+        refused); the schedule must have
         as many intervals as the predictions (``num_inference_steps`` = K + 1 with the final denoise),
         and a predictor needs the schedule it was trained on (pass ``sigmas=`` to ``set_timesteps``)."""
-        if hasattr(predictions, "fixed") and hasattr(predictions, "solver"):
-            solver = solver or predictions.solver
+        options = dict(self.config.solver_options or {})
+        if hasattr(predictions, "fixed") and hasattr(predictions, "solver"):  # a trained predictor: its own setup
+            if solver not in (None, predictions.solver):
+                raise ValueError(f"this predictor was trained for {predictions.solver!r}, not {solver!r}")
+            if predictions.afs:
+                raise ValueError("this predictor was trained with afs=True; the scheduler evaluates the model at "
+                                 "every step (no analytical first step): train one with afs=False")
+            solver, options = predictions.solver, dict(predictions.meta["options"])
             predictions = predictions.fixed()
         fixed = predictions if isinstance(predictions, _amed.Fixed) else _amed.Fixed.from_dict(predictions)
         solver = solver or self.config.solver
-        _amed.check_options(solver, dict(self.config.solver_options or {}))
-        self._set_config(amed=fixed.to_dict(), solver=solver)
+        options = _amed.check_options(solver, options)
+        self._set_config(amed=fixed.to_dict(), solver=solver, solver_options=options)
 
     def _set_config(self, **values) -> None:
         """register_to_config, and the values no longer count as defaults (which from_config would drop)."""
